@@ -1,0 +1,258 @@
+"""Miscellaneous utilities that do not depend on torch."""
+
+import contextlib
+import hashlib
+import importlib
+import io
+import os
+import re
+import sys
+import tempfile
+import time
+import urllib.parse
+
+#----------------------------------------------------------------------------
+
+class EasyDict(dict):
+    """A dict whose items can also be read and written as attributes."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def __delattr__(self, name):
+        try:
+            del self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+#----------------------------------------------------------------------------
+# Construction of objects from a `class_name` string, as used by every *_kwargs dict.
+
+def get_obj_by_name(name):
+    """Return the object at the fully qualified `name`, e.g. 'training.networks.EOTGenerator'."""
+    parts = name.split('.')
+    # Try the longest importable module prefix first, then walk attributes.
+    for i in range(len(parts) - 1, 0, -1):
+        module_name = '.'.join(parts[:i])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and not module_name.startswith(err.name):
+                raise # A genuine missing dependency inside the module.
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            raise ValueError(f'"{name}": module "{module_name}" has no attribute "{".".join(parts[i:])}"') from None
+        return obj
+    raise ValueError(f'Cannot resolve "{name}": give a fully qualified name such as "package.module.Name"')
+
+
+def call_func_by_name(*args, func_name=None, **kwargs):
+    """Call the function named `func_name` with the given arguments and return its result."""
+    assert func_name is not None, 'func_name is required'
+    func = get_obj_by_name(func_name)
+    if not callable(func):
+        raise TypeError(f'"{func_name}" is not callable')
+    return func(*args, **kwargs)
+
+
+def construct_class_by_name(*args, class_name=None, **kwargs):
+    """Construct an instance of the class named `class_name` with the given arguments."""
+    return call_func_by_name(*args, func_name=class_name, **kwargs)
+
+#----------------------------------------------------------------------------
+# Crash-safe writes.
+
+@contextlib.contextmanager
+def atomic_write(path, mode='wb'):
+    """Open a temporary file beside `path` for writing; on success, fsync and rename it over `path`.
+
+    A crash or exception at any point leaves `path` as it was (absent or the previous complete file)
+    and removes the temporary file. Yields the open file object.
+    """
+    assert mode in ('w', 'wb'), f'atomic_write supports modes "w" and "wb", not {mode!r}'
+    path = os.fspath(path)
+    dirname = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=dirname, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    # Make the rename itself durable.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(dirname, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+#----------------------------------------------------------------------------
+# Tee of stdout/stderr into a log file.
+
+class Logger:
+    """Redirect sys.stdout and sys.stderr so everything printed also goes to `file_name`.
+
+    Use as a context manager or call close(). Lines are flushed to the file as they are written.
+    """
+
+    def __init__(self, file_name=None, file_mode='a', should_flush=True):
+        self.file = open(file_name, file_mode, encoding='utf-8') if file_name is not None else None
+        self.should_flush = should_flush
+        self.stdout = sys.stdout
+        self.stderr = sys.stderr
+        sys.stdout = self
+        sys.stderr = self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def write(self, text):
+        if isinstance(text, bytes):
+            text = text.decode()
+        if not text:
+            return
+        if self.file is not None:
+            self.file.write(text)
+        self.stdout.write(text)
+        if self.should_flush:
+            self.flush()
+
+    def flush(self):
+        if self.file is not None:
+            self.file.flush()
+        self.stdout.flush()
+
+    def isatty(self):
+        return False
+
+    def close(self):
+        self.flush()
+        # Restore the streams only if they still point at us (nested loggers unwind in order).
+        if sys.stdout is self:
+            sys.stdout = self.stdout
+        if sys.stderr is self:
+            sys.stderr = self.stderr
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+#----------------------------------------------------------------------------
+# Opening local files and URLs, with an on-disk download cache.
+
+CACHE_DIR_ENV = 'EOT_CACHE_DIR'
+
+def make_cache_dir_path(*paths):
+    """Return a path inside the download cache: $EOT_CACHE_DIR, else ~/.cache/eot-toolkit."""
+    root = os.environ.get(CACHE_DIR_ENV)
+    if not root:
+        root = os.path.join(os.path.expanduser('~'), '.cache', 'eot-toolkit')
+    return os.path.join(root, *paths)
+
+
+class DownloadError(RuntimeError):
+    """A URL could not be fetched and no cached copy exists."""
+
+
+def is_url(obj, allow_file_urls=True):
+    """True if `obj` is an http(s):// URL (or a file:// URL when allowed)."""
+    if not isinstance(obj, str) or '://' not in obj:
+        return False
+    scheme = urllib.parse.urlparse(obj).scheme
+    return scheme in ('http', 'https') or (allow_file_urls and scheme == 'file')
+
+
+def _file_url_to_path(url):
+    parsed = urllib.parse.urlparse(url)
+    path = urllib.parse.unquote(parsed.path)
+    if os.name == 'nt' and re.match(r'^/[a-zA-Z]:', path):
+        path = path[1:]
+    return path
+
+
+def open_url(url, cache=True, cache_dir=None, num_attempts=3, timeout=30, verbose=True, return_filename=False):
+    """Open a local path, a file:// URL or an http(s):// URL and return a binary file object.
+
+    http(s) downloads are stored in the cache (`cache_dir`, default `make_cache_dir_path('downloads')`)
+    under a hash of the URL and reused afterwards. Failed downloads are retried `num_attempts` times.
+    When the URL cannot be reached and no cached copy exists, raises DownloadError naming the URL and
+    how to pass a local copy instead. With `return_filename=True`, returns the local path.
+    """
+    url = os.fspath(url)
+    if not is_url(url):
+        if not os.path.isfile(url):
+            raise FileNotFoundError(f'No such file: "{url}"')
+        return url if return_filename else open(url, 'rb')
+    if urllib.parse.urlparse(url).scheme == 'file':
+        path = _file_url_to_path(url)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'No such file: "{path}" (from URL "{url}")')
+        return path if return_filename else open(path, 'rb')
+
+    if cache_dir is None:
+        cache_dir = make_cache_dir_path('downloads')
+    url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
+    url_name = re.sub(r'[^0-9a-zA-Z._-]', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'download'
+    cache_path = os.path.join(cache_dir, f'{url_md5}_{url_name}')
+    if cache and os.path.isfile(cache_path):
+        return cache_path if return_filename else open(cache_path, 'rb')
+
+    import requests # Imported lazily: only downloads need it.
+    data = None
+    last_err = None
+    for attempt in range(num_attempts):
+        try:
+            if verbose:
+                print(f'Downloading {url} ...', file=sys.stderr, flush=True)
+            with requests.get(url, timeout=timeout) as res:
+                res.raise_for_status()
+                data = res.content
+            break
+        except (requests.RequestException, OSError) as err:
+            last_err = err
+            if attempt + 1 < num_attempts:
+                time.sleep(min(2 ** attempt, 4))
+    if data is None:
+        raise DownloadError(
+            f'Could not download "{url}" after {num_attempts} attempts ({type(last_err).__name__}: {last_err}), '
+            f'and there is no cached copy in "{cache_dir}". If this machine is offline, download the file '
+            f'elsewhere and pass its local path instead of the URL (or place it at "{cache_path}").')
+
+    if cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        with atomic_write(cache_path, 'wb') as f:
+            f.write(data)
+        return cache_path if return_filename else open(cache_path, 'rb')
+    if return_filename:
+        raise ValueError('return_filename=True needs cache=True for URLs')
+    return io.BytesIO(data)
+
+#----------------------------------------------------------------------------
+# Formatting helpers used by progress output.
+
+def format_time(seconds):
+    """Format seconds as a short human-readable string, e.g. '1h 02m 03s'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 3600:
+        return f'{s // 60}m {s % 60:02d}s'
+    if s < 24 * 3600:
+        return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
+    return f'{s // (24 * 3600)}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'

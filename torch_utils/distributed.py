@@ -1,0 +1,176 @@
+"""Everything about ranks, devices and process-group backends, in one place.
+
+The same code runs as a plain `python script.py` (one process, no process group, no environment
+variables needed) and under `torchrun --nproc_per_node=N` on CPUs (gloo) or GPUs (nccl, one device per
+local rank). Nothing here touches CUDA unless the chosen device is a CUDA device.
+"""
+
+import os
+
+import torch
+
+_state = dict(device=None, local_rank=0)
+
+#----------------------------------------------------------------------------
+
+def resolve_device(choice='auto', local_rank=0):
+    """Turn a --device choice ('auto', 'cpu', 'cuda' or 'cuda:N') into a torch.device.
+
+    'auto' picks CUDA when torch sees a GPU and the CPU otherwise. Under torchrun, 'cuda' means the
+    GPU of this process's local rank.
+    """
+    choice = str(choice).lower()
+    if choice == 'auto':
+        choice = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if choice == 'cpu':
+        return torch.device('cpu')
+    if choice.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f'--device={choice} was requested but torch sees no CUDA device; use --device=cpu or auto')
+        if choice == 'cuda':
+            return torch.device('cuda', local_rank % torch.cuda.device_count())
+        return torch.device(choice)
+    raise ValueError(f'Unknown device "{choice}": use auto, cpu, cuda or cuda:N')
+
+
+def init(device='auto', backend=None, timeout_s=1800):
+    """Set up this process: pick its device and, under torchrun, join the process group.
+
+    Args:
+        device: 'auto', 'cpu', 'cuda' or 'cuda:N'.
+        backend: None picks nccl for CUDA devices and gloo for the CPU.
+        timeout_s: collective-operation timeout.
+    Returns:
+        The torch.device of this process.
+    """
+    import datetime
+    import torch.distributed as dist
+
+    under_launcher = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    dev = resolve_device(device, local_rank)
+    if dev.type == 'cuda':
+        torch.cuda.set_device(dev)
+    if under_launcher and not dist.is_initialized():
+        if backend is None:
+            backend = 'nccl' if dev.type == 'cuda' else 'gloo'
+        kwargs = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if backend == 'nccl':
+            kwargs['device_id'] = dev
+        dist.init_process_group(**kwargs)
+    _state.update(device=dev, local_rank=local_rank)
+    return dev
+
+
+def shutdown():
+    """Leave the process group, if any (call at the end of a script)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+#----------------------------------------------------------------------------
+
+def is_distributed():
+    """True when a process group with more than zero peers is active."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def get_local_rank():
+    return _state['local_rank']
+
+
+def device():
+    """The device chosen by init(), or the CPU if init() has not been called."""
+    return _state['device'] if _state['device'] is not None else torch.device('cpu')
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only."""
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+
+def barrier():
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def all_reduce_(tensor, op='sum'):
+    """In-place all-reduce ('sum', 'max', 'min' or 'mean'); a no-op in a single process.
+
+    gloo cannot reduce every dtype on every device; tensors are reduced on their own device.
+    """
+    if not is_distributed():
+        return tensor
+    ops = dict(sum=torch.distributed.ReduceOp.SUM, max=torch.distributed.ReduceOp.MAX,
+               min=torch.distributed.ReduceOp.MIN, mean=torch.distributed.ReduceOp.SUM)
+    torch.distributed.all_reduce(tensor, op=ops[op])
+    if op == 'mean':
+        tensor /= get_world_size()
+    return tensor
+
+
+def broadcast_object(obj, src=0):
+    """Return rank `src`'s `obj` on every rank (a no-op in a single process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src, device=device() if device().type == 'cuda' else None)
+    return box[0]
+
+
+def all_gather_object(obj):
+    """Return the list of every rank's `obj`."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def agree_on_seed(seed=None):
+    """Rank 0's seed on every rank; a fresh random one when `seed` is None. No CUDA involved."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), 'little') & 0x7fffffff
+    return int(broadcast_object(int(seed)))
+
+#----------------------------------------------------------------------------
+
+def setup_precision(allow_tf32=False, verbose=True):
+    """Set matmul/cudnn precision flags once at start-up and report them.
+
+    TF32 is off by default so CPU and GPU results agree closely; bf16 autocast is chosen per run.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.backends.cudnn.benchmark = True
+    flags = dict(allow_tf32=allow_tf32, cudnn_benchmark=True, threads=torch.get_num_threads())
+    if verbose:
+        print0('Precision flags: ' + ', '.join(f'{k}={v}' for k, v in flags.items()))
+    return flags
+
+
+def memory_stats(dev=None):
+    """Peak memory in GiB: {'cpu_mem_gb': resident set size, 'gpu_mem_gb': peak CUDA allocation or 0}."""
+    import psutil
+    dev = device() if dev is None else dev
+    stats = dict(cpu_mem_gb=psutil.Process(os.getpid()).memory_info().rss / 2**30, gpu_mem_gb=0.0)
+    if dev.type == 'cuda':
+        stats['gpu_mem_gb'] = torch.cuda.max_memory_allocated(dev) / 2**30
+    return stats
+
+
+def reset_peak_memory(dev=None):
+    dev = device() if dev is None else dev
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev)
+

@@ -1,0 +1,132 @@
+"""Tests for dnnlib.util: EasyDict, construction by name, open_url, atomic_write, Logger."""
+
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import dnnlib
+from dnnlib import util
+
+
+def test_easydict_attribute_access():
+    d = dnnlib.EasyDict(a=1)
+    d.b = 2
+    assert d == {'a': 1, 'b': 2} and d.a == 1
+    del d.a
+    assert 'a' not in d
+    with pytest.raises(AttributeError):
+        _ = d.missing
+
+
+def test_construct_and_call_by_name():
+    od = util.construct_class_by_name([('x', 1)], class_name='collections.OrderedDict')
+    assert type(od).__name__ == 'OrderedDict' and od['x'] == 1
+    assert util.call_func_by_name(4.0, func_name='math.sqrt') == 2.0
+    assert util.construct_class_by_name(class_name='dnnlib.EasyDict', a=3).a == 3
+    with pytest.raises(ValueError, match='no attribute'):
+        util.call_func_by_name(func_name='math.no_such_function')
+    with pytest.raises(ValueError, match='fully qualified'):
+        util.call_func_by_name(func_name='no_such_module_xyz.f')
+
+
+def test_open_url_local_and_file_url(tmp_path):
+    p = tmp_path / 'a b.bin'
+    p.write_bytes(b'hello')
+    with util.open_url(str(p)) as f:
+        assert f.read() == b'hello'
+    with util.open_url(p.as_uri()) as f:
+        assert f.read() == b'hello'
+    with pytest.raises(FileNotFoundError, match='missing.bin'):
+        util.open_url(str(tmp_path / 'missing.bin'))
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    hits = 0
+
+    def do_GET(self): # noqa: N802 (http.server API)
+        type(self).hits += 1
+        body = b'payload:' + self.path.encode()
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_open_url_http_cache_and_offline_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(util.CACHE_DIR_ENV, str(tmp_path / 'cache'))
+    server = http.server.HTTPServer(('127.0.0.1', 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f'http://127.0.0.1:{server.server_address[1]}/weights.pkl'
+    try:
+        with util.open_url(url, verbose=False) as f:
+            assert f.read() == b'payload:/weights.pkl'
+        with util.open_url(url, verbose=False) as f: # Served from the cache.
+            assert f.read() == b'payload:/weights.pkl'
+        assert _Handler.hits == 1
+        assert os.path.isdir(tmp_path / 'cache' / 'downloads')
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The cached copy keeps working with the server gone.
+    with util.open_url(url, verbose=False) as f:
+        assert f.read() == b'payload:/weights.pkl'
+
+    # A port with nothing listening: retried, then a clear error naming the URL and the fix.
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    dead = f'http://127.0.0.1:{port}/detector.pkl'
+    with pytest.raises(util.DownloadError) as info:
+        util.open_url(dead, num_attempts=2, timeout=2, verbose=False)
+    msg = str(info.value)
+    assert dead in msg and 'local path' in msg and '2 attempts' in msg
+
+
+def test_atomic_write_keeps_old_file_on_error(tmp_path):
+    p = tmp_path / 'state.bin'
+    with util.atomic_write(p) as f:
+        f.write(b'first')
+    with pytest.raises(RuntimeError):
+        with util.atomic_write(p) as f:
+            f.write(b'second, partial')
+            raise RuntimeError('crash mid-write')
+    assert p.read_bytes() == b'first'
+    assert sorted(os.listdir(tmp_path)) == ['state.bin'] # No temporary left behind.
+
+
+def test_atomic_write_survives_sigkill(tmp_path):
+    p = tmp_path / 'state.bin'
+    p.write_bytes(b'previous')
+    code = ('import os, signal, sys; from dnnlib.util import atomic_write\n'
+            'with atomic_write(sys.argv[1]) as f:\n'
+            '    f.write(b"x" * 1000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n')
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, '-c', code, str(p)], cwd=repo, capture_output=True)
+    assert res.returncode != 0
+    assert p.read_bytes() == b'previous'
+
+
+def test_logger_tees_stdout_and_stderr(tmp_path, capsys):
+    log = tmp_path / 'log.txt'
+    with util.Logger(str(log), file_mode='w'):
+        print('to stdout')
+        print('to stderr', file=sys.stderr)
+    print('after close')
+    text = log.read_text()
+    assert 'to stdout' in text and 'to stderr' in text and 'after close' not in text
+    assert 'to stdout' in capsys.readouterr().out
+
+
+def test_format_time():
+    assert util.format_time(5) == '5s'
+    assert util.format_time(65) == '1m 05s'
+    assert util.format_time(3725) == '1h 02m 05s'

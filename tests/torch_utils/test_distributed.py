@@ -1,0 +1,44 @@
+"""torch_utils.distributed in one process and under torchrun with 2 gloo processes."""
+
+import os
+
+import pytest
+import torch
+
+from tests.launch import torchrun
+from torch_utils import distributed as dist
+
+
+def test_single_process_needs_no_environment(monkeypatch):
+    for var in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(var, raising=False)
+    dev = dist.init('cpu')
+    assert dev == torch.device('cpu') and dist.device() == dev
+    assert (dist.get_rank(), dist.get_world_size(), dist.is_distributed()) == (0, 1, False)
+    t = torch.ones(3)
+    assert torch.equal(dist.all_reduce_(t), torch.ones(3))
+    assert dist.broadcast_object({'a': 1}) == {'a': 1}
+    assert dist.all_gather_object(7) == [7]
+    assert isinstance(dist.agree_on_seed(None), int) and dist.agree_on_seed(5) == 5
+
+
+def test_resolve_device():
+    assert dist.resolve_device('cpu') == torch.device('cpu')
+    if not torch.cuda.is_available():
+        assert dist.resolve_device('auto') == torch.device('cpu')
+        with pytest.raises(RuntimeError, match='--device=cpu'):
+            dist.resolve_device('cuda')
+    with pytest.raises(ValueError, match='Unknown device'):
+        dist.resolve_device('tpu')
+
+
+def test_memory_stats_cpu():
+    stats = dist.memory_stats(torch.device('cpu'))
+    assert stats['cpu_mem_gb'] > 0 and stats['gpu_mem_gb'] == 0
+
+
+def test_torchrun_two_gloo_processes():
+    worker = os.path.join(os.path.dirname(__file__), '_dist_worker.py')
+    res = torchrun(worker, 2, nproc=2)
+    assert 'ALL OK' in res.stdout
+    assert res.stdout.count('caught: DDP consistency check failed') == 2

@@ -29,6 +29,7 @@ IMAGE_FORMATS = ('PNG', 'JPEG')
 MAX_IMAGE_PIXELS = 1 << 26      # refuse images that declare more pixels (decompression bombs)
 MAX_FILE_BYTES = 1 << 28        # refuse zip entries / files larger than this (256 MiB)
 LABELS_FILE = 'dataset.json'
+_PNG_END = b'IEND\xaeB`\x82'  # the IEND chunk type and its CRC
 
 # Pillow modes we accept, and the channel count each is converted to (see decode_image).
 _GREY_MODES = ('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
@@ -72,9 +73,11 @@ def _open_image(data, name, max_pixels):
     try:
         img = PIL.Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except PIL.UnidentifiedImageError:
+        if data[:8] == b'\x89PNG\r\n\x1a\n' or data[:2] == b'\xff\xd8':
+            raise DatasetError(f'{name}: corrupt or truncated image (its header cannot be read)') from None
         raise DatasetError(f'{name}: not a PNG or JPEG image (remove it, or convert it to PNG)') from None
     except Exception as e:  # Pillow raises many types on corrupt headers
-        raise DatasetError(f'{name}: cannot read image header: {type(e).__name__}: {e}') from e
+        raise DatasetError(f'{name}: corrupt or truncated image header ({type(e).__name__}: {e})') from e
     width, height = img.size
     if width < 1 or height < 1:
         raise DatasetError(f'{name}: image has an empty size {width}x{height}')
@@ -101,6 +104,9 @@ def decode_image(data, name, max_pixels=MAX_IMAGE_PIXELS):
         uint8 [H, W, C], C in {1, 3}. See _to_array for the mode conversions.
     """
     img = _open_image(data, name, max_pixels)
+    if img.format == 'PNG' and data.rfind(_PNG_END) < 0:
+        # Pillow decodes a PNG cut inside its last chunk without complaint; the end marker tells.
+        raise DatasetError(f'{name}: corrupt or truncated image (the PNG end chunk is missing)')
     try:
         with img:
             img.load()
@@ -108,7 +114,7 @@ def decode_image(data, name, max_pixels=MAX_IMAGE_PIXELS):
     except DatasetError:
         raise
     except Exception as e:  # truncated / corrupt data: OSError, SyntaxError, ValueError, struct.error, ...
-        raise DatasetError(f'{name}: cannot decode image: {type(e).__name__}: {e}') from e
+        raise DatasetError(f'{name}: corrupt or truncated image ({type(e).__name__}: {e})') from e
 
 #----------------------------------------------------------------------------
 # Raw files of a zip or a folder.

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import re
 import shutil
 import struct
@@ -144,8 +145,15 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_unpickle(data, source):
-    """Unpickle bytes with RestrictedUnpickler; DatasetError on any problem."""
+    """Unpickle bytes with RestrictedUnpickler; DatasetError on any problem.
+
+    The opcodes are scanned first (pickletools checks every declared length against the data), so a
+    corrupt length cannot make the unpickler allocate gigabytes; out-of-band buffers are refused.
+    """
     try:
+        for opcode, _arg, _pos in pickletools.genops(data):
+            if opcode.name in ('BYTEARRAY8', 'NEXT_BUFFER', 'READONLY_BUFFER'):
+                raise pickle.UnpicklingError(f'opcode {opcode.name} is not allowed in a data file')
         return RestrictedUnpickler(io.BytesIO(data), encoding='bytes').load()
     except Exception as e:
         raise DatasetError(f'{source}: not a plain CIFAR batch pickle ({type(e).__name__}: {e})') from e

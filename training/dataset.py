@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -71,7 +72,17 @@ def _to_array(img, name):
 def _open_image(data, name, max_pixels):
     """Open (header only) a PNG or JPEG from bytes; checks the declared size."""
     try:
-        img = PIL.Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        # Our own bound (below) replaces Pillow's decompression-bomb warning; other warnings pass through.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            img = PIL.Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        for w in caught:
+            if not issubclass(w.category, PIL.Image.DecompressionBombWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    except PIL.Image.DecompressionBombError:
+        raise DatasetError(f'{name}: image declares more than {2 * PIL.Image.MAX_IMAGE_PIXELS} pixels, over the limit '
+                           f'of {max_pixels} (a decompression bomb; if it is genuine, raise both max_pixels and '
+                           'PIL.Image.MAX_IMAGE_PIXELS)') from None
     except PIL.UnidentifiedImageError:
         if data[:8] == b'\x89PNG\r\n\x1a\n' or data[:2] == b'\xff\xd8':
             raise DatasetError(f'{name}: corrupt or truncated image (its header cannot be read)') from None
@@ -189,7 +200,7 @@ class RawFiles:
             # A handle inherited through fork shares its file offset with the parent: never reuse it.
             try:
                 self._zip = zipfile.ZipFile(self.path)
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError, UnicodeDecodeError, NotImplementedError) as e:
+            except Exception as e:  # BadZipFile, OSError, EOFError, UnicodeDecodeError (bad UTF-8 names), ...
                 raise DatasetError(f'{self.path}: not a readable zip archive ({type(e).__name__}: {e}); '
                                    'rebuild it, e.g. with dataset_tool.py') from e
             self._zip_pid = os.getpid()

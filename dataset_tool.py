@@ -679,7 +679,7 @@ EXAMPLES
                    'vectors (default 10000).')
 @click.option('--dim', type=click.IntRange(min=1), metavar='INT',
               help=f'toy:{"/".join(toy.DIM_SOURCES)}: dimension (default 2).')
-@click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True,
+@click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True, metavar='INT',
               help='Seed of --colorize, --split-fraction, synthetic digits and toy sources.')
 @click.option('--overwrite', is_flag=True, help='Replace an existing --dest.')
 def main(**opts):

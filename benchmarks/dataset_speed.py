@@ -81,7 +81,7 @@ def main(num, resolution, workers, batch):
         base = count / (time.perf_counter() - t0)
         print(f'{"decode-only loop":<38} {base:10.0f} img/s   1.00x')
 
-        rows = [(f'DataLoader workers=0', 0, 2, -1)]
+        rows = [('DataLoader workers=0', 0, 2, -1)]
         rows += [(f'DataLoader workers={workers} (1st epoch)', workers, 2, 0),
                  (f'DataLoader workers={workers} (steady)', workers, 2, 1)]
         cache = {}

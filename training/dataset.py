@@ -461,6 +461,11 @@ class ImageFolderDataset(Dataset):
         return list(self._image_shape)
 
     @property
+    def item_shape(self):
+        """[C, H, W], the shape of one item (as VectorDataset.item_shape is [D])."""
+        return list(self._image_shape)
+
+    @property
     def num_channels(self):
         return self._image_shape[0]
 

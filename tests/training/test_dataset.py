@@ -72,7 +72,7 @@ def test_images_and_labels_match_pil(tmp_path, kind):
     labels = [3, 0, 1, 1, 2, 0, 3]
     path = make_dataset_path(tmp_path, kind, image_files(images, labels))
     ds = ImageFolderDataset(path, use_labels=True)
-    assert len(ds) == 7 and ds.image_shape == [3, 8, 8] and ds.resolution == 8 and ds.num_channels == 3
+    assert len(ds) == 7 and ds.image_shape == ds.item_shape == [3, 8, 8] and ds.resolution == 8 and ds.num_channels == 3
     assert ds.label_dim == 4 and ds.has_labels and ds.name == 'data'
     for i in range(7):
         img, label = ds[i]
@@ -275,7 +275,7 @@ def test_vector_dataset(tmp_path):
     path = tmp_path / 'v.npz'
     np.savez(path, x=x, labels=labels, mean=np.ones(3))
     ds = open_dataset(str(path), use_labels=True)
-    assert isinstance(ds, VectorDataset) and len(ds) == 50 and ds.dim == 3 and ds.label_dim == 4
+    assert isinstance(ds, VectorDataset) and len(ds) == 50 and ds.dim == 3 and ds.item_shape == [3] and ds.label_dim == 4
     v, label = ds[7]
     assert v.dtype == np.float32
     np.testing.assert_array_equal(v, x[7])

@@ -1,0 +1,174 @@
+"""fid.py end to end with the seeded stand-in detector (never the real one: tests do not download)."""
+
+import io
+import json
+import os
+import re
+import socket
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import fid
+from metrics import detector as detector_lib
+from metrics import fid as fid_lib
+from tests.launch import REPO, torchrun
+from training.dataset import ImageFolderDataset
+
+STANDIN = 'standin:0'
+# 20 images < 2048 feature dimensions: every FID here takes the near-singular path, by design.
+pytestmark = pytest.mark.filterwarnings('ignore:FID.*near-singular:RuntimeWarning')
+COMMON = ['--detector', STANDIN, '--workers', '0', '--device', 'cpu', '--batch', '8']
+
+#----------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True, scope='module')
+def one_torch_thread():
+    # The 2048-d eigendecompositions run several times faster single-threaded on a busy shared CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def png_bytes(arr):
+    buf = io.BytesIO()
+    PIL.Image.fromarray(arr).save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def write_images(path, num, seed, low, high, kind):
+    """`num` random 16x16 RGB PNGs with pixel values in [low, high), as a folder or a zip."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(low, high, size=[num, 16, 16, 3], dtype=np.uint8)
+    if kind == 'dir':
+        os.makedirs(path)
+        for i, arr in enumerate(images):
+            with open(os.path.join(path, f'img{i:04d}.png'), 'wb') as f:
+                f.write(png_bytes(arr))
+    else:
+        with zipfile.ZipFile(path, 'w') as zf:
+            for i, arr in enumerate(images):
+                zf.writestr(f'img{i:04d}.png', png_bytes(arr))
+    return str(path)
+
+
+@pytest.fixture
+def image_sets(tmp_path):
+    return dict(a_dir=write_images(tmp_path / 'a', 20, seed=0, low=0, high=256, kind='dir'),
+                a_zip=write_images(tmp_path / 'a.zip', 20, seed=0, low=0, high=256, kind='zip'),
+                b_dir=write_images(tmp_path / 'b', 20, seed=1, low=60, high=120, kind='dir'))
+
+
+def invoke(*args, env=None):
+    result = CliRunner().invoke(fid.main, [str(a) for a in args], env=env, catch_exceptions=False)
+    return result
+
+
+def parse_metrics(output):
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r'\b(fid|precision|recall): (\S+)', output)}
+
+#----------------------------------------------------------------------------
+
+def test_ref_then_calc_same_and_different_sets(image_sets, tmp_path):
+    dest = tmp_path / 'out' / 'stats.npz'
+    res = invoke('ref', '--data', image_sets['a_dir'], '--dest', dest, *COMMON)
+    assert res.exit_code == 0, res.output
+    assert 'NOT FID' in res.output
+    # The file holds the stand-in features' mean and covariance, computed independently here.
+    mu, sigma, meta = fid_lib.load_ref_stats(str(dest), return_meta=True)
+    assert meta['detector'] == STANDIN and meta['num_images'] == 20
+    net = detector_lib.StandInDetector(seed=0)
+    images = torch.stack([torch.from_numpy(ImageFolderDataset(image_sets['a_dir'])[i][0]) for i in range(20)])
+    feats = net(images, return_features=True).double().numpy()
+    np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-4, atol=1e-7)
+
+    # The same images (from a zip) against these statistics: FID ~ 0. A different set: FID > 0.
+    same = invoke('calc', '--images', image_sets['a_zip'], '--ref', dest, *COMMON)
+    assert same.exit_code == 0, same.output
+    other = invoke('calc', '--images', image_sets['b_dir'], '--ref', dest, '--out', tmp_path / 'r.json', *COMMON)
+    assert other.exit_code == 0, other.output
+    fid_same, fid_other = parse_metrics(same.output)['fid'], parse_metrics(other.output)['fid']
+    assert fid_other > 1e-2 and abs(fid_same) < 1e-5 * fid_other
+    record = json.loads((tmp_path / 'r.json').read_text())
+    assert record['fid'] == pytest.approx(fid_other, rel=1e-5) and record['detector'] == STANDIN
+
+
+def test_calc_precision_recall_and_fid_from_reference_images(image_sets):
+    res = invoke('calc', '--images', image_sets['a_zip'], '--ref-data', image_sets['a_dir'],
+                 '--metrics', 'fid', '--pr', '--num', '12', '--ref-num', '12', *COMMON)
+    assert res.exit_code == 0, res.output
+    got = parse_metrics(res.output)
+    # Same 12 images (same seed, same order) on both sides: precision = recall = 1, FID ~ 0.
+    assert got['precision'] == 1.0 and got['recall'] == 1.0 and abs(got['fid']) < 1e-3
+
+
+def test_calc_usage_errors(image_sets, tmp_path):
+    res = CliRunner().invoke(fid.main, ['calc', '--images', image_sets['a_dir'], '--metrics', 'pr', *COMMON])
+    assert res.exit_code == 2 and '--ref-data' in res.output
+    res = CliRunner().invoke(fid.main, ['calc', '--images', image_sets['a_dir'], '--metrics', 'fid,kid', *COMMON])
+    assert res.exit_code == 2 and 'kid' in res.output
+    res = CliRunner().invoke(fid.main, ['calc', '--images', image_sets['a_dir'], '--num', '21', '--ref-data',
+                                        image_sets['a_dir'], *COMMON])
+    assert res.exit_code == 1 and 'only 20' in res.output
+    # Reference statistics from another detector are refused.
+    dest = tmp_path / 's.npz'
+    fid_lib.save_ref_stats(dest, np.zeros(2048), np.eye(2048), detector='standin:1')
+    res = CliRunner().invoke(fid.main, ['calc', '--images', image_sets['a_dir'], '--ref', str(dest), *COMMON])
+    assert res.exit_code == 1 and 'standin:1' in res.output and '--detector' in res.output
+
+
+def test_offline_detector_error_names_url_and_fix(image_sets, tmp_path):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    url = f'http://127.0.0.1:{port}/x.pkl'
+    env = {'EOT_CACHE_DIR': str(tmp_path / 'cache'), detector_lib.DETECTOR_ENV: url}
+    args = ['ref', '--data', image_sets['a_dir'], '--dest', str(tmp_path / 's.npz'), '--workers', '0', '--device', 'cpu']
+    res = CliRunner().invoke(fid.main, args, env=env) # The detector comes from the environment variable.
+    assert res.exit_code == 1
+    assert url in res.output and '--detector=' in res.output and 'Traceback' not in res.output
+    assert not (tmp_path / 's.npz').exists()
+
+
+def test_help_states_conventions():
+    res = invoke('calc', '--help')
+    assert 'standin:SEED' in res.output and 'NOT FID' in res.output
+    assert '299x299' in res.output and 'train split' in res.output
+
+
+def test_ref_two_processes_match_one(image_sets, tmp_path):
+    one, two = tmp_path / 'one.npz', tmp_path / 'two.npz'
+    assert invoke('ref', '--data', image_sets['a_zip'], '--dest', one, *COMMON).exit_code == 0
+    res = torchrun(os.path.join(REPO, 'fid.py'), 'ref', '--data', image_sets['a_zip'], '--dest', two, *COMMON,
+                   nproc=2, env={'EOT_CACHE_DIR': str(tmp_path / 'cache')})
+    assert res.stdout.count('Saved') == 1 # Only rank 0 writes.
+    mu1, sigma1, meta1 = fid_lib.load_ref_stats(str(one), return_meta=True)
+    mu2, sigma2, meta2 = fid_lib.load_ref_stats(str(two), return_meta=True)
+    assert meta1['num_images'] == meta2['num_images'] == 20
+    np.testing.assert_allclose(mu2, mu1, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(sigma2, sigma1, rtol=1e-5, atol=1e-8)
+
+
+def test_calc_with_precision_recall_two_processes_match_one(image_sets, tmp_path):
+    # Small --pr-chunk: the distance-matrix row blocks are split between the two ranks.
+    args = ['calc', '--images', image_sets['b_dir'], '--ref-data', image_sets['a_zip'], '--metrics', 'fid,pr',
+            '--pr-chunk', '3', *COMMON]
+    one = invoke(*args)
+    assert one.exit_code == 0, one.output
+    res = torchrun(os.path.join(REPO, 'fid.py'), *args, nproc=2, env={'EOT_CACHE_DIR': str(tmp_path / 'cache')})
+    got1, got2 = parse_metrics(one.output), parse_metrics(res.stdout)
+    assert res.stdout.count('fid: ') == 1 and set(got2) == {'fid', 'precision', 'recall'} # Rank 0 prints.
+    assert got2['precision'] == got1['precision'] and got2['recall'] == got1['recall']
+    assert got2['fid'] == pytest.approx(got1['fid'], rel=1e-4)
+
+
+def test_fid_script_reexports_the_distance():
+    assert fid.calculate_fid_from_inception_stats is fid_lib.calculate_fid_from_inception_stats
+
+#----------------------------------------------------------------------------

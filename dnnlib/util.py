@@ -82,7 +82,10 @@ def atomic_write(path, mode='wb'):
     path = os.fspath(path)
     dirname = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=dirname, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask) # mkstemp creates 0600 files; give the usual permissions.
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

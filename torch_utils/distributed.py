@@ -145,15 +145,15 @@ def agree_on_seed(seed=None):
 
 #----------------------------------------------------------------------------
 
-def setup_precision(allow_tf32=False, verbose=True):
+def setup_precision(allow_tf32=False, cudnn_benchmark=True, verbose=True):
     """Set matmul/cudnn precision flags once at start-up and report them.
 
     TF32 is off by default so CPU and GPU results agree closely; bf16 autocast is chosen per run.
     """
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
-    torch.backends.cudnn.benchmark = True
-    flags = dict(allow_tf32=allow_tf32, cudnn_benchmark=True, threads=torch.get_num_threads())
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    flags = dict(allow_tf32=allow_tf32, cudnn_benchmark=cudnn_benchmark, cpu_threads=torch.get_num_threads())
     if verbose:
         print0('Precision flags: ' + ', '.join(f'{k}={v}' for k, v in flags.items()))
     return flags

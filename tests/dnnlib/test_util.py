@@ -130,3 +130,12 @@ def test_format_time():
     assert util.format_time(5) == '5s'
     assert util.format_time(65) == '1m 05s'
     assert util.format_time(3725) == '1h 02m 05s'
+
+
+def test_atomic_write_gives_default_permissions(tmp_path):
+    p = tmp_path / 'x.bin'
+    with util.atomic_write(p) as f:
+        f.write(b'1')
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (os.stat(p).st_mode & 0o777) == (0o666 & ~umask)

@@ -1,0 +1,137 @@
+"""train.py end to end on tiny data: files of a run, vectors, resume equivalence, torchrun, errors."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import train
+from tests.conftest import write_image_zip
+from tests.launch import torchrun
+
+TINY_UNET = '{"num_blocks": 1, "attn_resolutions": [], "dropout": 0}'
+TINY_MLP = '{"depth": 2}'
+
+
+def _args(outdir, domains, *extra, batch=4, duration_iters=1):
+    tiny = TINY_MLP if domains['data1train'].endswith('.npz') else TINY_UNET
+    args = [f'--outdir={outdir}', '--name=test', f'--batch={batch}', '--model_channels=4', f'--net-opts={tiny}',
+            '--G_iters=1', '--f_iters=1', '--D_iters=1', '--gamma=0.5', '--lr-rampup=0', '--workers=0',
+            '--seed=1', '--device=cpu', '--no-tensorboard', f'--duration={batch * duration_iters / 1e6}']
+    args += [f'--{k}={v}' for k, v in domains.items()]
+    return args + list(extra)
+
+
+def _run(args):
+    res = CliRunner().invoke(train.main, args, catch_exceptions=False)
+    return res
+
+
+def _only_run_dir(outdir):
+    runs = sorted(os.listdir(outdir))
+    assert len(runs) == 1, runs
+    return os.path.join(outdir, runs[0])
+
+
+def test_one_tick_image_run_writes_every_file(tmp_path, image_domains):
+    res = _run(_args(tmp_path / 'runs', image_domains))
+    assert res.exit_code == 0, res.output
+    run_dir = _only_run_dir(tmp_path / 'runs')
+    files = set(os.listdir(run_dir))
+    for name in ('training_options.json', 'log.txt', 'stats.jsonl', 'fakes-000000.png',
+                 'network-snapshot-000000.pkl', 'training-state-000000.pt'):
+        assert name in files, (name, files)
+    assert not [f for f in files if f.endswith('.tmp')]
+    options = json.load(open(os.path.join(run_dir, 'training_options.json')))
+    assert options['task_kwargs']['gamma'] == 0.5 and options['batch_size'] == 4
+    log = open(os.path.join(run_dir, 'log.txt')).read()
+    assert 'tick 0' in log and 'loss_f' in log and 'sec/kimg' in log
+    stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    for key in ('Loss/G', 'Loss/f', 'Loss/D', 'Grad/nonfinite_G', 'Output/G_var', 'Output/SDE_var',
+                'Output/G_L2', 'Output/SDE_L2', 'Timing/sec_per_kimg', 'Resources/cpu_mem_gb'):
+        assert key in stats[0], key
+    with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
+        snap = pickle.load(f)
+    assert snap['kind'] == 'eot' and snap['gamma'] == 0.5 and snap['sde_steps'] == 10 and snap['data_shape'] == [3, 8, 8]
+    x = torch.zeros(2, 3, 8, 8)
+    assert snap['G'](x).shape == x.shape and snap['f'](x, torch.zeros(2)).shape == x.shape and snap['D'](x).shape == (2,)
+    state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
+    assert set(state['trainer']['nets']) == {'G', 'f', 'D'} and state['trainer']['cur_nimg'] == 4
+    import PIL.Image
+    assert PIL.Image.open(os.path.join(run_dir, 'fakes-000000.png')).size == (8 * 8, 3 * 8) # 8 test images, 3 rows.
+
+
+def test_vector_run_uses_mlps(tmp_path, vector_domains):
+    res = _run(_args(tmp_path / 'runs', vector_domains, batch=8, duration_iters=2))
+    assert res.exit_code == 0, res.output
+    run_dir = _only_run_dir(tmp_path / 'runs')
+    with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
+        snap = pickle.load(f)
+    assert type(snap['G']).__name__ == 'MLPGenerator' and snap['data_shape'] == [2]
+    assert os.path.isfile(os.path.join(run_dir, 'fakes-000000.png'))
+
+
+def _tick_losses(run_dir):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    return {int(r['Progress/tick']['mean']): [r[f'Loss/{n}']['mean'] for n in ('G', 'f', 'D')] for r in rows}
+
+
+def test_stop_and_resume_gives_the_same_losses(tmp_path, vector_domains):
+    # Dropout on, so the resumed RNG state matters too.
+    common = ['--tick=0.004', '--snap=100', '--dump=1', '--net-opts={"depth": 2, "dropout": 0.2}']
+    res = _run(_args(tmp_path / 'full', vector_domains, *common, duration_iters=4))
+    assert res.exit_code == 0, res.output
+    full = _tick_losses(_only_run_dir(tmp_path / 'full'))
+    res = _run(_args(tmp_path / 'part', vector_domains, *common, duration_iters=2))
+    assert res.exit_code == 0, res.output
+    part_dir = _only_run_dir(tmp_path / 'part')
+    res = _run(_args(tmp_path / 'part', vector_domains, *common, '--resume=auto', duration_iters=4))
+    assert res.exit_code == 0, res.output
+    assert _only_run_dir(tmp_path / 'part') == part_dir # auto continues in the same directory.
+    resumed = _tick_losses(part_dir)
+    assert sorted(full) == sorted(resumed) == [0, 1, 2, 3]
+    for tick in range(4):
+        assert resumed[tick] == pytest.approx(full[tick], rel=1e-5, abs=1e-7), tick
+
+
+def test_dry_run_prints_options_and_writes_nothing(tmp_path, image_domains):
+    res = _run(_args(tmp_path / 'runs', image_domains, '--dry-run'))
+    assert res.exit_code == 0 and 'Dry run; exiting.' in res.output and '"task_kwargs"' in res.output
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+@pytest.mark.parametrize('case', ['shape', 'batch', 'missing', 'resume', 'metrics'])
+def test_bad_input_fails_before_any_output(tmp_path, image_domains, case):
+    domains, extra = dict(image_domains), []
+    if case == 'shape':
+        domains['data2train'] = write_image_zip(tmp_path / 'big.zip', 4, resolution=16)
+        expect = 'same resolution'
+    elif case == 'batch':
+        extra = ['--batch-gpu=3']
+        expect = '--batch-gpu=3'
+    elif case == 'missing':
+        domains['data1train'] = str(tmp_path / 'nope.zip')
+        expect = 'no such file'
+    elif case == 'resume':
+        extra = ['--resume=' + str(tmp_path / 'training-state-000001.pt')]
+        expect = 'training-state-*.pt'
+    else:
+        extra = ['--metrics=fid_G']
+        expect = '--data2stats'
+    res = CliRunner().invoke(train.main, _args(tmp_path / 'runs', domains, *extra))
+    assert res.exit_code != 0 and expect in res.output, res.output
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_two_gloo_processes_train_and_stay_consistent(tmp_path, vector_domains):
+    args = _args(tmp_path / 'runs', vector_domains, '--batch-gpu=2', batch=8, duration_iters=2)
+    res = torchrun(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'train.py'), *args, nproc=2)
+    run_dir = _only_run_dir(tmp_path / 'runs')
+    assert 'gpus2' in run_dir and 'Batch: 8 = 2 process(es) x 2 x 2' in res.stdout
+    # The snapshot passed check_ddp_consistency for G, f, D and their EMAs on both ranks.
+    assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
+    state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
+    assert len(state['rng']) == 2 and state['world_size'] == 2

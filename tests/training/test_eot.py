@@ -1,0 +1,156 @@
+"""The one-step EOT method: losses against their formulas, the SDE sampler against the exact
+Euler-Maruyama moments, the optimisation phase against plain autograd, and the task's graph hygiene."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dnnlib
+from training import eot
+from training.training_loop import Trainer
+from torch_utils import training_stats
+
+
+def test_bridge_moments_match_closed_form():
+    loss = eot.EOTLoss(gamma=2.0)
+    n = 200_000
+    x0, xN = torch.full([n, 1], -1.0), torch.full([n, 1], 3.0)
+    t = torch.full([n], 0.3)
+    g = torch.Generator().manual_seed(0)
+    xt = loss.bridge(x0, xN, t, torch.randn(n, 1, generator=g))
+    assert abs(xt.mean().item() - (-1 + 0.3 * 4)) < 0.01
+    assert abs(xt.var().item() - 2.0 * 0.3 * 0.7) < 0.01
+    assert torch.equal(loss.bridge(x0, xN, torch.zeros(n), torch.randn(n, 1)), x0)
+    assert torch.equal(loss.bridge(x0, xN, torch.ones(n), torch.randn(n, 1)), xN)
+    with pytest.raises(ValueError, match='gamma'):
+        eot.EOTLoss(gamma=-1)
+
+
+class Affine(torch.nn.Module):
+    def __init__(self, dim, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.randn(dim, dim, generator=g) * 0.3)
+        self.b = torch.nn.Parameter(torch.randn(dim, generator=g))
+
+    def forward(self, x, t=None):
+        out = x @ self.w + self.b
+        return out if t is None else out * (1 + t[:, None])
+
+
+def test_losses_match_the_formulas():
+    torch.manual_seed(0)
+    n, d = 16, 5
+    f, D_lin = Affine(d, 1), torch.nn.Linear(d, 1)
+    D = lambda x: D_lin(x).squeeze(1)
+    x0, xN, x1 = torch.randn(n, d), torch.randn(n, d), torch.randn(n, d)
+    t, noise = torch.rand(n), torch.randn(n, d)
+    loss = eot.EOTLoss(gamma=0.7)
+    xt = x0 + t[:, None] * (xN - x0) + torch.sqrt(0.7 * t * (1 - t))[:, None] * noise
+    # ARCHITECTURE.md, written with whole-batch means.
+    f_ref = ((f(xt, t) - xN) ** 2).mean()
+    drift = f(xt, t) - xt
+    G_ref = 2 * ((drift * (xN - xt)).mean() - (drift ** 2).mean() / 2) - D(xN).mean()
+    D_ref = D(xN).mean() - D(x1).mean()
+    assert torch.allclose(loss.f_loss(f, x0, xN, t, noise).mean(), f_ref, atol=1e-6)
+    G_loss, transport = loss.G_loss(f, D, x0, xN, t, noise)
+    assert G_loss.shape == (n,) and torch.allclose(G_loss.mean(), G_ref, atol=1e-6)
+    assert torch.allclose(transport.mean(), G_ref + D(xN).mean(), atol=1e-6)
+    assert torch.allclose(loss.D_loss(D, xN, x1).mean(), D_ref, atol=1e-6)
+
+
+def test_sde_lands_on_the_target_and_matches_euler_maruyama_variance():
+    y = torch.tensor([[2.0, -1.0]])
+    f = lambda x, t: y.expand_as(x)    # The ideal drift network for a point target.
+    x0 = torch.zeros(100_000, 2)
+    g = torch.Generator().manual_seed(0)
+    randn_like = lambda x: torch.randn(x.shape, generator=g)
+    out, traj = eot.sample_sde(f, x0, gamma=1.5, num_steps=5, randn_like=randn_like, return_trajectory=True)
+    assert torch.allclose(out, y.expand_as(out)) # No noise on the last step.
+    # Exact moments of the Euler-Maruyama recursion u_{k+1} = u_k (1 - t_{k+1}) / (1 - t_k) + sqrt(g dt) n.
+    dt, var = 0.2, 0.0
+    for k in range(4):
+        var = var * ((1 - (k + 1) * dt) / (1 - k * dt)) ** 2 + 1.5 * dt
+        emp = traj[k + 1].var(dim=0)
+        assert torch.allclose(emp, torch.full_like(emp, var), rtol=0.03), (k, emp, var)
+        mean = traj[k + 1].mean(dim=0)
+        assert torch.allclose(mean, y[0] * (k + 1) * dt, atol=0.02)
+    assert torch.equal(eot.sample_sde(f, x0[:3], gamma=0.0, num_steps=3), y.expand(3, 2))
+    with pytest.raises(ValueError, match='num_steps'):
+        eot.sample_sde(f, x0, gamma=1.0, num_steps=0)
+
+
+def _trainer(batch_size, batch_gpu, **kwargs):
+    return Trainer(torch.device('cpu'), batch_size=batch_size, batch_gpu=batch_gpu, **kwargs)
+
+
+def test_run_phase_accumulates_clips_and_counts_nonfinite():
+    torch.manual_seed(0)
+    data = torch.randn(8, 3)
+    target_net = Affine(3, 2)
+    trainer = _trainer(8, 2, grad_clip=0.05, lr_rampup_kimg=0)
+    trainer.add_network('f', target_net, dict(class_name='torch.optim.SGD', lr=0.1))
+    batches = iter(data.split(2))
+    before = {k: v.detach().clone() for k, v in target_net.named_parameters()}
+    training_stats.reset()
+    trainer.run_phase('f', lambda net: (net(next(batches)) ** 2).sum(dim=1))
+    # Reference: the plain full-batch gradient, clipped element-wise, one SGD step.
+    ref = Affine(3, 2)
+    ((ref(data) ** 2).sum(dim=1).mean()).backward()
+    for name, p in ref.named_parameters():
+        expect = before[name] - 0.1 * p.grad.clamp(-0.05, 0.05)
+        assert torch.allclose(dict(target_net.named_parameters())[name], expect, atol=1e-6), name
+    # A non-finite gradient entry is counted, zeroed, and the step stays finite.
+    trainer2 = _trainer(4, 1, lr_rampup_kimg=0)
+    net2 = Affine(3, 3)
+    trainer2.add_network('D', net2, dict(class_name='torch.optim.SGD', lr=0.1))
+    # d/dw[0,0] is NaN; every other gradient entry is finite.
+    trainer2.run_phase('D', lambda net: (net.w[0, 0] * torch.tensor(float('nan')) + net.b.sum()).reshape(1))
+    stats = training_stats.Collector().update()
+    assert stats['Grad/nonfinite_D'].mean == 1 and all(torch.isfinite(p).all() for p in net2.parameters())
+    with pytest.raises(ValueError, match='batch-gpu'):
+        _trainer(8, 3)
+
+
+def test_lr_rampup_and_ema_follow_their_formulas():
+    trainer = _trainer(10, None, lr_rampup_kimg=1, ema_halflife_kimg=0.5, ema_rampup_ratio=None)
+    net = Affine(2, 0)
+    trainer.add_network('G', net, dict(class_name='torch.optim.SGD', lr=0.2))
+    trainer.cur_nimg = 250
+    assert trainer.lr_scale() == 0.25
+    with torch.no_grad():
+        net.b.fill_(1.0)
+    ema_before = trainer.ema['G'].b.clone()
+    trainer.update_ema()
+    beta = 0.5 ** (10 / 500)
+    assert torch.allclose(trainer.ema['G'].b, beta * ema_before + (1 - beta) * 1.0)
+
+
+def test_eot_task_keeps_g_out_of_the_graph_in_f_and_d_steps(vector_domains):
+    from training.networks import eot_network_kwargs
+    G_kw, f_kw, D_kw = eot_network_kwargs((2,), model_channels=4)
+    adam = dict(class_name='torch.optim.Adam', lr=1e-3)
+    task = eot.EOTTask(dnnlib.EasyDict(class_name='training.dataset.VectorDataset', path=vector_domains['data1train']),
+                       dnnlib.EasyDict(class_name='training.dataset.VectorDataset', path=vector_domains['data2train']),
+                       G_kwargs=G_kw, f_kwargs=f_kw, D_kwargs=D_kw, G_opt_kwargs=adam, f_opt_kwargs=adam,
+                       D_opt_kwargs=adam, gamma=0.5, G_iters=2, f_iters=2, D_iters=1)
+    trainer = _trainer(8, 4, lr_rampup_kimg=0)
+    task.setup(trainer, run_dir=None, seed=0)
+    calls = []
+    for name in ('G', 'f', 'D'):
+        trainer.nets[name].register_forward_hook(
+            lambda mod, inp, out, name=name: calls.append((name, torch.is_grad_enabled() and out.requires_grad)))
+    phases = []
+    orig = trainer.run_phase
+    trainer.run_phase = lambda name, fn: (phases.append(name), orig(name, fn))
+    task.iteration(trainer)
+    assert phases == ['f', 'f', 'G', 'f', 'f', 'G', 'D']
+    # Per phase: 2 accumulation rounds. G's output carries a graph only in G-steps.
+    G_calls = [flag for name, flag in calls if name == 'G']
+    assert G_calls == [False] * 4 + [True] * 2 + [False] * 4 + [True] * 2 + [False] * 2
+    # In G-steps f and D are evaluated with frozen parameters; their weights are trainable again after.
+    assert all(p.requires_grad for n in ('f', 'D') for p in trainer.nets[n].parameters())
+    # One D-step consumed a batch of domain 2 per round; domain 1 fed every step.
+    assert task.data2.consumed == 8 and task.data1.consumed == 7 * 8

@@ -1,0 +1,283 @@
+"""Train a one-step entropic OT model (default) or, with --kind=denoiser, a diffusion denoiser.
+
+    torchrun --standalone --nproc_per_node=4 train.py --name=mnist --outdir=runs \\
+        --data1train=datasets/2_train.zip --data2train=datasets/3_train.zip \\
+        --data1test=datasets/2_test.zip --data2test=datasets/3_test.zip --batch=64 --gamma=1.0
+
+Runs as a plain `python train.py ...` (one process) or under torchrun (gloo on CPUs, nccl on GPUs).
+The script only parses options into a config (`setup_training_config`) and launches the loop.
+"""
+
+import json
+import os
+import re
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+
+#----------------------------------------------------------------------------
+
+class Config(dnnlib.EasyDict):
+    """The resolved training options: exactly what goes to training_options.json and the loop."""
+
+
+def _dataset_kwargs(path, cache, option):
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        raise click.ClickException(f'{option}: no such file or directory: "{path}"')
+    if path.lower().endswith('.npz'):
+        return dnnlib.EasyDict(class_name='training.dataset.VectorDataset', path=path)
+    return dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=path, cache=cache)
+
+
+def _inspect_dataset(kwargs, option):
+    """Open a dataset once to check it and read its shape and size."""
+    from training.dataset import DatasetError
+    from training.eot import item_shape
+    try:
+        ds = dnnlib.util.construct_class_by_name(**kwargs)
+    except (DatasetError, OSError) as err:
+        raise click.ClickException(f'{option}: {err}') from None
+    shape, size = item_shape(ds), len(ds)
+    close = getattr(ds, 'close', None)
+    if close is not None:
+        close()
+    return shape, size
+
+
+def setup_training_config(opts):
+    """Turn parsed command-line options into the loop's config; raises ClickException on bad input.
+
+    Checks everything that can be checked (paths, shapes, batch sizes) before any output exists.
+    """
+    from training.networks import eot_network_kwargs
+    c = Config()
+    c.name = opts.name
+    world = dist.get_world_size()
+
+    # Batch.
+    if opts.batch % world != 0:
+        raise click.ClickException(f'--batch={opts.batch} is not divisible by the number of processes ({world}); '
+                                   f'use a multiple of {world}')
+    per_rank = opts.batch // world
+    if opts.batch_gpu is not None and opts.batch_gpu < per_rank and per_rank % opts.batch_gpu != 0:
+        raise click.ClickException(f'--batch={opts.batch} over {world} process(es) gives {per_rank} per process, '
+                                   f'which --batch-gpu={opts.batch_gpu} does not divide; choose a divisor of {per_rank}')
+    c.batch_size, c.batch_gpu = opts.batch, opts.batch_gpu
+
+    # Data.
+    if opts.kind != 'eot':
+        raise click.ClickException(f'--kind={opts.kind} is not available yet; use --kind=eot')
+    for option, value in (('--data1train', opts.data1train), ('--data2train', opts.data2train)):
+        if value is None:
+            raise click.ClickException(f'{option} is required for --kind=eot')
+    data = {}
+    for key, option in (('data1', '--data1train'), ('data2', '--data2train'), ('test1', '--data1test'), ('test2', '--data2test')):
+        path = opts[option[2:]]
+        kwargs = _dataset_kwargs(path, opts.cache, option)
+        if kwargs is not None:
+            shape, size = _inspect_dataset(kwargs, option)
+            data[key] = (kwargs, shape, size, option)
+    shape1 = data['data1'][1]
+    for key, (kwargs, shape, size, option) in data.items():
+        if shape != shape1:
+            raise click.ClickException(f'{option} holds items of shape {list(shape)} but --data1train holds '
+                                       f'{list(shape1)}: both domains need the same resolution, channels or dimension '
+                                       f'(rebuild one with dataset_tool.py --resolution / --colorize)')
+    for option, path in (('--data1stats', opts.data1stats), ('--data2stats', opts.data2stats)):
+        if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
+            raise click.ClickException(f'{option}: no such file: "{path}"')
+    metrics = [m for m in (opts.metrics or '').split(',') if m and m != 'none']
+    for m in metrics:
+        if m not in ('fid_G', 'fid_SDE'):
+            raise click.ClickException(f'--metrics: unknown metric "{m}"; choose from fid_G, fid_SDE or none')
+    if metrics and opts.data2stats is None:
+        raise click.ClickException(f'--metrics={opts.metrics} needs --data2stats (reference statistics of domain 2, '
+                                   'from `fid.py ref`)')
+    if metrics and 'test1' not in data:
+        raise click.ClickException('--metrics needs --data1test (the images translated for FID)')
+
+    # Networks, optimisers, task.
+    try:
+        net_opts = json.loads(opts.net_opts) if opts.net_opts else {}
+        if not isinstance(net_opts, dict):
+            raise ValueError('not a JSON object')
+        G_kwargs, f_kwargs, D_kwargs = eot_network_kwargs(shape1, model_channels=opts.model_channels, **net_opts)
+    except ValueError as err:
+        raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
+    adam = lambda lr: dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr, betas=[0.9, 0.999], eps=1e-8)
+    c.task_kwargs = dnnlib.EasyDict(
+        class_name='training.eot.EOTTask',
+        data1_kwargs=data['data1'][0], data2_kwargs=data['data2'][0],
+        test1_kwargs=data['test1'][0] if 'test1' in data else None,
+        loader_kwargs=dnnlib.EasyDict(num_workers=opts.workers, prefetch_factor=2 if opts.workers > 0 else None,
+                                      pin_memory=False),
+        G_kwargs=G_kwargs, f_kwargs=f_kwargs, D_kwargs=D_kwargs,
+        G_opt_kwargs=adam(opts.lr_g), f_opt_kwargs=adam(opts.lr_f), D_opt_kwargs=adam(opts.lr_d),
+        gamma=opts.gamma, G_iters=opts.g_iters, f_iters=opts.f_iters, D_iters=opts.d_iters, sde_steps=opts.sde_steps,
+        metrics=metrics, data2stats=opts.data2stats, detector=opts.detector,
+        samples_dir_G=opts.samples_dir_g, samples_dir_SDE=opts.samples_dir_sde)
+    c.data_paths = dnnlib.EasyDict(data1train=opts.data1train, data2train=opts.data2train, data1test=opts.data1test,
+                                   data2test=opts.data2test, data1stats=opts.data1stats, data2stats=opts.data2stats)
+
+    # Schedule, precision, I/O.
+    c.total_kimg = max(opts.duration * 1000, 1e-3)
+    c.ema_halflife_kimg = opts.ema * 1000
+    c.lr_rampup_kimg = opts.lr_rampup
+    c.grad_clip = opts.grad_clip
+    c.precision = opts.precision
+    c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
+    c.cudnn_benchmark = opts.bench
+    c.tensorboard = opts.tensorboard
+    c.seed = opts.seed
+    return c
+
+
+def _run_desc(opts, c):
+    desc = f'{opts.name}-{opts.kind}-gpus{dist.get_world_size()}-batch{c.batch_size}-gamma{opts.gamma:g}'
+    if opts.desc:
+        desc += f'-{opts.desc}'
+    return re.sub(r'[^0-9A-Za-z._-]', '_', desc)
+
+
+def _pick_run_dir(opts, desc):
+    """(run_dir, resume_state): a new NNNNN-<desc> directory, or for --resume=auto the newest matching one."""
+    from training.training_loop import find_latest_state
+    if opts.nosubdir:
+        candidates = [opts.outdir]
+    else:
+        runs = os.listdir(opts.outdir) if os.path.isdir(opts.outdir) else []
+        matching = sorted((r for r in runs if re.fullmatch(rf'\d{{5}}-{re.escape(desc)}', r)), reverse=True)
+        candidates = [os.path.join(opts.outdir, r) for r in matching]
+    if opts.resume == 'auto':
+        for run_dir in candidates:
+            state = find_latest_state(run_dir) if os.path.isdir(run_dir) else None
+            if state is not None:
+                return run_dir, state
+    resume = None if opts.resume in (None, 'auto') else opts.resume
+    if opts.nosubdir:
+        return opts.outdir, resume
+    ids = [int(m.group()) for r in (os.listdir(opts.outdir) if os.path.isdir(opts.outdir) else [])
+           if (m := re.match(r'^\d+', r)) is not None]
+    return os.path.join(opts.outdir, f'{max(ids, default=-1) + 1:05d}-{desc}'), resume
+
+#----------------------------------------------------------------------------
+
+@click.command(context_settings=dict(max_content_width=120))
+
+# Main options.
+@click.option('--name',            help='Run name (part of the run directory name)', metavar='STR', type=str, required=True)
+@click.option('--outdir',          help='Where to make the run directory', metavar='DIR', type=str, required=True)
+@click.option('--kind',            help='What to train: one-step EOT, or a diffusion denoiser for DPM-OT', type=click.Choice(['eot', 'denoiser']), default='eot', show_default=True)
+@click.option('--data1train',      help='Domain 1 (source) training data: image zip/folder or vector .npz', metavar='ZIP|DIR|NPZ', type=str)
+@click.option('--data2train',      help='Domain 2 (target) training data', metavar='ZIP|DIR|NPZ', type=str)
+@click.option('--data1test',       help='Domain 1 test data: translated for figures and FID  [default: --data1train]', metavar='ZIP|DIR|NPZ', type=str)
+@click.option('--data2test',       help='Domain 2 test data (checked for shape; recorded with the run)', metavar='ZIP|DIR|NPZ', type=str)
+@click.option('--data1stats',      help='FID reference statistics of domain 1 (fid.py ref); recorded only', metavar='NPZ|URL', type=str)
+@click.option('--data2stats',      help='FID reference statistics of domain 2; needed by --metrics', metavar='NPZ|URL', type=str)
+@click.option('--samples_dir_SDE', 'samples_dir_sde', help='Write the SDE translations of --data1test at each snapshot here (relative to the run directory)', metavar='DIR', type=str)
+@click.option('--samples_dir_G',   'samples_dir_g', help='Write the one-step G translations of --data1test at each snapshot here (relative to the run directory)', metavar='DIR', type=str)
+@click.option('--metrics',         help='Metrics at each snapshot: fid_G, fid_SDE (comma-separated) or none', metavar='LIST', type=str, default='none', show_default=True)
+@click.option('--detector',        help='FID feature detector: path or URL  [default: $EOT_FID_DETECTOR or the Inception-v3 URL]', metavar='PATH|URL', type=str)
+
+# Hyperparameters.
+@click.option('--duration',        help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
+@click.option('--batch',           help='Total batch size of one step, over all processes', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
+@click.option('--batch-gpu',       help='Limit the batch per process and accumulation round (gradient accumulation)', metavar='INT', type=click.IntRange(min=1))
+@click.option('--G_iters',         'g_iters', help='G-steps per outer iteration (each after --f_iters f-steps)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
+@click.option('--D_iters',         'd_iters', help='Critic steps per outer iteration', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
+@click.option('--f_iters',         'f_iters', help='f-steps before each G-step', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
+@click.option('--model_channels',  'model_channels', help='Base channels c of G and f (D uses (c//32+1)*32); MLP width is 8c for vectors', metavar='INT', type=click.IntRange(min=1), default=96, show_default=True)
+@click.option('--net-opts',        help='Network overrides as a JSON object, e.g. \'{"num_blocks": 1, "attn_resolutions": []}\' for all, or \'{"D": {"model_channels": 32}}\' for one', metavar='JSON', type=str)
+@click.option('--gamma',           help='Entropy: the bridge volatility is sqrt(gamma) (EOT with eps = gamma)', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option('--lr_g',            'lr_g', help='Learning rate of G', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr_D',            'lr_d', help='Learning rate of D', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr_f',            'lr_f', help='Learning rate of f', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)', metavar='KIMG', type=click.FloatRange(min=0), default=10000, show_default=True)
+@click.option('--ema',             help='EMA half-life of G, f and D', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option('--sde-steps',       help='Euler-Maruyama steps of the SDE sampler (figures, metrics, snapshots)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
+
+# Performance-related.
+@click.option('--device',          help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+@click.option('--precision',       help='Forward-pass precision (bf16 = autocast)', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True)
+@click.option('--bench',           help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--cache',           help='Cache decoded images in memory', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--workers',         help='DataLoader worker processes per process (0 = load in the main process)', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
+
+# I/O-related.
+@click.option('--desc',            help='String to include in the run directory name', metavar='STR', type=str)
+@click.option('--nosubdir',        help='Write into --outdir itself instead of a new NNNNN-<desc> subdirectory', is_flag=True)
+@click.option('--tick',            help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
+@click.option('--snap',            help='How often to save snapshots and figures', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--dump',            help='How often to save the training state', metavar='TICKS', type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--seed',            help='Random seed  [default: random]', metavar='INT', type=int)
+@click.option('--resume',          help='Resume from a training-state-*.pt, or "auto": the newest state of the newest matching run in --outdir (continues in that directory)', metavar='PT|auto', type=str)
+@click.option('--tensorboard/--no-tensorboard', help='Also write TensorBoard logs (when the package is installed)', default=True, show_default=True)
+@click.option('-n', '--dry-run',   help='Print the resolved training options and exit', is_flag=True)
+
+def main(**kwargs):
+    """Train a one-step entropic OT model, or (--kind=denoiser) a diffusion denoiser.
+
+    \b
+    Examples:
+    # Coloured digits 2 -> 3 on 4 GPUs (data from dataset_tool.py)
+    torchrun --standalone --nproc_per_node=4 train.py --name=mnist --outdir=runs \\
+        --data1train=datasets/2_train.zip --data2train=datasets/3_train.zip \\
+        --data1test=datasets/2_test.zip --data2test=datasets/3_test.zip \\
+        --batch=64 --batch-gpu=16 --G_iters=10 --D_iters=1 --f_iters=2 --gamma=1.0 --model_channels=32
+
+    \b
+    # A toy task on the CPU (vectors in .npz)
+    python train.py --name=moons --outdir=runs --data1train=gauss.npz --data2train=moons.npz --gamma=0.1
+    """
+    opts = dnnlib.EasyDict(kwargs)
+    device = dist.init(opts.device)
+    try:
+        c = setup_training_config(opts)
+        c.seed = dist.agree_on_seed(opts.seed)
+        desc = _run_desc(opts, c)
+        if opts.resume not in (None, 'auto') and not (os.path.isfile(opts.resume) and
+                                                      re.fullmatch(r'training-state-\d+\.pt', os.path.basename(opts.resume))):
+            raise click.ClickException(f'--resume="{opts.resume}" must be a training-state-*.pt file of an earlier run, or auto')
+        run_dir, resume = _pick_run_dir(opts, desc) if dist.get_rank() == 0 else (None, None)
+        run_dir, resume = dist.broadcast_object((run_dir, resume))
+        c.run_dir, c.resume_state = run_dir, resume
+        c.world_size = dist.get_world_size()
+
+        dist.print0()
+        dist.print0('Training options:')
+        dist.print0(json.dumps(c, indent=2))
+        dist.print0()
+        dist.print0(f'Output directory:   {run_dir}')
+        dist.print0(f'Processes:          {dist.get_world_size()} on {device.type}')
+        dist.print0(f'Resume from:        {resume or "-"}')
+        dist.print0()
+        if opts.dry_run:
+            dist.print0('Dry run; exiting.')
+            return
+
+        if dist.get_rank() == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            from training.training_loop import write_options
+            write_options(run_dir, c)
+            logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a')
+        dist.barrier()
+        dist.setup_precision(cudnn_benchmark=c.cudnn_benchmark)
+        from training.training_loop import training_loop
+        try:
+            training_loop(device=device, **c)
+        finally:
+            if dist.get_rank() == 0:
+                logger.close()
+    finally:
+        dist.shutdown()
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,270 @@
+"""One-step entropic optimal transport (ARCHITECTURE.md, "One-step EOT").
+
+A generator G maps a source sample x0 and fresh noise to xN in one call; a drift network f defines
+the Schrodinger-bridge SDE; a Wasserstein critic D pulls G's outputs onto the target set. `gamma`
+is the entropy: the bridge has volatility sqrt(gamma), i.e. EOT with cost |x - y|^2 / 2 and
+eps = gamma. This module holds the losses, the two samplers, and `EOTTask`, which plugs the method
+into the shared training loop (training/training_loop.py).
+"""
+
+import contextlib
+import math
+import os
+
+import numpy as np
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import misc
+from torch_utils import persistence
+from torch_utils import training_stats
+from training import visualize
+from training.training_loop import DataStream, cpu_copy, to_model_space
+
+#----------------------------------------------------------------------------
+# Losses.
+
+def _per_sample_mean(x):
+    return x.flatten(1).mean(dim=1)
+
+
+@persistence.persistent_class
+class EOTLoss:
+    """The three losses of one-step EOT, per sample (their batch means are the losses of ARCHITECTURE.md)."""
+
+    def __init__(self, gamma=1.0):
+        if not gamma >= 0:
+            raise ValueError(f'gamma must be >= 0 (it is the entropy eps of EOT); got {gamma}')
+        self.gamma = float(gamma)
+
+    def bridge(self, x0, xN, t, n):
+        """Brownian-bridge point x_t = x0 + t (xN - x0) + sqrt(gamma t (1 - t)) n, with t [N] in [0, 1]."""
+        t = t.reshape(-1, *([1] * (x0.ndim - 1)))
+        return x0 + t * (xN - x0) + (self.gamma * t * (1 - t)).sqrt() * n
+
+    def f_loss(self, f, x0, xN, t, n):
+        """|f(x_t, t) - xN|^2: f regresses the bridge's end point (xN must carry no graph to G)."""
+        xt = self.bridge(x0, xN, t, n)
+        return _per_sample_mean((f(xt, t).float() - xN).square())
+
+    def G_loss(self, f, D, x0, xN, t, n):
+        """2 ( <f(x_t,t) - x_t, xN - x_t> - |f(x_t,t) - x_t|^2 / 2 ) - D(xN).
+
+        Returns (loss, transport term), both per sample; gradients reach G through xN and x_t.
+        """
+        xt = self.bridge(x0, xN, t, n)
+        drift = f(xt, t).float() - xt
+        transport = 2 * (_per_sample_mean(drift * (xN - xt)) - _per_sample_mean(drift.square()) / 2)
+        return transport - D(xN).float(), transport
+
+    def D_loss(self, D, xN, x1):
+        """D(xN) - D(x1): a Wasserstein critic, low on targets and high on G's outputs."""
+        scores = D(torch.cat([xN, x1])).float() # One pass through D (and its DDP wrapper) for both.
+        return scores[:xN.shape[0]] - scores[xN.shape[0]:]
+
+#----------------------------------------------------------------------------
+# Samplers.
+
+@torch.no_grad()
+def translate_one_step(G, x0, z=None):
+    """The one-step map: G(x0, z), with z drawn by G when omitted."""
+    return G(x0, z)
+
+
+@torch.no_grad()
+def sample_sde(f, x0, gamma, num_steps=10, randn_like=torch.randn_like, return_trajectory=False):
+    """Euler-Maruyama for dx = (f(x, t) - x) / (1 - t) dt + sqrt(gamma) dW from t = 0 to 1.
+
+    No noise is added on the last step, which lands on f's end-point prediction. `randn_like` draws
+    the noise (pass a per-sample seeded one for reproducibility). Returns x1, or (x1, [x_0, ..., x_1]).
+    """
+    if num_steps < 1:
+        raise ValueError(f'the SDE needs at least one step; got num_steps={num_steps}')
+    x = x0
+    dt = 1.0 / num_steps
+    trajectory = [x0]
+    for k in range(num_steps):
+        t = k * dt
+        tt = torch.full([x.shape[0]], t, device=x.device, dtype=torch.float32)
+        x = x + dt * (f(x, tt).to(x.dtype) - x) / (1 - t)
+        if k < num_steps - 1 and gamma > 0:
+            x = x + math.sqrt(gamma * dt) * randn_like(x)
+        if return_trajectory:
+            trajectory.append(x)
+    return (x, trajectory) if return_trajectory else x
+
+#----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def frozen(*modules):
+    """Temporarily disable parameter gradients (for networks used but not trained in a phase)."""
+    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
+    for m in modules:
+        m.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, fl in zip(modules, flags):
+            for p, flag in zip(m.parameters(), fl):
+                p.requires_grad_(flag)
+
+
+def item_shape(dataset):
+    """(C, H, W) of an image dataset or (D,) of a vector dataset."""
+    shape = getattr(dataset, 'image_shape', None)
+    return tuple(shape) if shape is not None else tuple(dataset.item_shape)
+
+
+class EOTTask:
+    """One-step EOT in the shared training loop: datasets, networks G, f, D and one outer iteration.
+
+    One iteration: `G_iters` x (`f_iters` f-steps, one G-step), then `D_iters` D-steps; every step
+    draws fresh batches. G runs under no_grad in f- and D-steps (no graph through G there), and f and
+    D are called outside their DDP wrappers with frozen parameters in the G-step (they get no gradients).
+    """
+
+    def __init__(self, data1_kwargs, data2_kwargs, test1_kwargs=None, loader_kwargs=None,
+                 G_kwargs=None, f_kwargs=None, D_kwargs=None,
+                 G_opt_kwargs=None, f_opt_kwargs=None, D_opt_kwargs=None,
+                 gamma=1.0, G_iters=10, f_iters=2, D_iters=1, sde_steps=10, grid_size=None,
+                 metrics=(), data2stats=None, detector=None, samples_dir_G=None, samples_dir_SDE=None,
+                 provenance=None):
+        self.kwargs = dnnlib.EasyDict(data1_kwargs=data1_kwargs, data2_kwargs=data2_kwargs, test1_kwargs=test1_kwargs,
+                                      loader_kwargs=dict(loader_kwargs or {}))
+        self.net_kwargs = dict(G=G_kwargs, f=f_kwargs, D=D_kwargs)
+        self.opt_kwargs = dict(G=G_opt_kwargs, f=f_opt_kwargs, D=D_opt_kwargs)
+        self.loss = EOTLoss(gamma)
+        self.G_iters, self.f_iters, self.D_iters = int(G_iters), int(f_iters), int(D_iters)
+        self.sde_steps = int(sde_steps)
+        self.grid_size = grid_size
+        self.metrics = tuple(metrics)
+        self.data2stats = data2stats
+        self.detector = detector
+        self.samples_dir = dict(G=samples_dir_G, SDE=samples_dir_SDE)
+        self.provenance = dict(provenance or {})
+
+    # Set-up --------------------------------------------------------------
+
+    def setup(self, trainer, run_dir, seed):
+        self.run_dir = run_dir
+        dist.print0('Loading datasets...')
+        ds1 = dnnlib.util.construct_class_by_name(**self.kwargs.data1_kwargs)
+        ds2 = dnnlib.util.construct_class_by_name(**self.kwargs.data2_kwargs)
+        self.data_shape = item_shape(ds1)
+        if item_shape(ds2) != self.data_shape:
+            raise ValueError(f'The domains differ in shape: {list(self.data_shape)} vs {list(item_shape(ds2))}')
+        self.test1 = dnnlib.util.construct_class_by_name(**self.kwargs.test1_kwargs) if self.kwargs.test1_kwargs else ds1
+        loader = self.kwargs.loader_kwargs
+        self.data1 = DataStream(ds1, trainer.batch_gpu, trainer.device, seed=seed, loader_kwargs=loader)
+        self.data2 = DataStream(ds2, trainer.batch_gpu, trainer.device, seed=seed + 1, loader_kwargs=loader)
+        dist.print0(f'Domain 1: {len(ds1)} items, domain 2: {len(ds2)} items, shape {list(self.data_shape)}')
+
+        dist.print0('Constructing networks...')
+        for name in ('G', 'f', 'D'):
+            net = dnnlib.util.construct_class_by_name(**self.net_kwargs[name])
+            trainer.add_network(name, net, self.opt_kwargs[name])
+        # Fixed inputs and noise for figures and tick statistics (more points for vector scatter plots).
+        n = self.grid_size if self.grid_size is not None else (16 if len(self.data_shape) == 3 else 1024)
+        n = min(n, len(self.test1))
+        self.fixed_x0 = to_model_space(torch.as_tensor(np.stack([self.test1[i][0] for i in range(n)])), trainer.device)
+        self.fixed_x1 = to_model_space(torch.as_tensor(np.stack([ds2[i][0] for i in range(min(n, len(ds2)))])), 'cpu')
+        gen = torch.Generator().manual_seed(seed)
+        G = trainer.nets['G']
+        self.fixed_z = torch.randn([n, *G.z_shape], generator=gen).to(trainer.device)
+        if dist.get_rank() == 0:
+            for name in ('G', 'f', 'D'):
+                net = trainer.nets[name]
+                args = [self.fixed_x0[:2]] + ([self.fixed_z[:2]] if name == 'G' else []) + \
+                       ([torch.full([2], 0.5, device=trainer.device)] if name == 'f' else [])
+                print(f'{name}: {type(net).__name__}, {sum(p.numel() for p in net.parameters()):,} parameters')
+                if os.environ.get('EOT_PRINT_SUMMARY'):
+                    misc.print_module_summary(net, args)
+
+    # One outer iteration --------------------------------------------------
+
+    def iteration(self, trainer):
+        G, f, D = trainer.nets['G'], trainer.nets['f'], trainer.nets['D']
+        for _ in range(self.G_iters):
+            for _ in range(self.f_iters):
+                trainer.run_phase('f', lambda f_ddp: self._f_step(trainer, G, f_ddp))
+            # f and D are only evaluated in the G-step: their raw modules (no DDP hooks) with frozen weights.
+            with frozen(f, D):
+                trainer.run_phase('G', lambda G_ddp: self._G_step(trainer, G_ddp, f, D))
+        for _ in range(self.D_iters):
+            trainer.run_phase('D', lambda D_ddp: self._D_step(trainer, G, D_ddp))
+
+    def _bridge_noise(self, trainer, x0):
+        return trainer.rand([x0.shape[0]]), trainer.randn(x0.shape)
+
+    def _generate(self, trainer, G, x0):
+        z = trainer.randn([x0.shape[0], *trainer.nets['G'].z_shape]) # (G may be the DDP wrapper.)
+        with trainer.autocast():
+            return G(x0, z).float()
+
+    def _f_step(self, trainer, G, f_ddp):
+        x0 = self.data1.next()
+        with torch.no_grad(): # G's output is a fixed target here: no graph through G.
+            xN = self._generate(trainer, G, x0)
+        t, n = self._bridge_noise(trainer, x0)
+        with trainer.autocast():
+            return self.loss.f_loss(f_ddp, x0, xN, t, n)
+
+    def _G_step(self, trainer, G_ddp, f, D):
+        x0 = self.data1.next()
+        xN = self._generate(trainer, G_ddp, x0)
+        t, n = self._bridge_noise(trainer, x0)
+        with trainer.autocast():
+            loss, transport = self.loss.G_loss(f, D, x0, xN, t, n)
+        training_stats.report('Loss/G_transport', transport)
+        return loss
+
+    def _D_step(self, trainer, G, D_ddp):
+        x0, x1 = self.data1.next(), self.data2.next()
+        with torch.no_grad(): # No graph through G in the critic's step.
+            xN = self._generate(trainer, G, x0)
+        with trainer.autocast():
+            return self.loss.D_loss(D_ddp, xN, x1)
+
+    # Ticks and snapshots ---------------------------------------------------
+
+    @torch.no_grad()
+    def translate(self, trainer, x0, sampler, z=None, randn_like=torch.randn_like):
+        """Translate x0 with the EMA networks: sampler 'G' (one step) or 'SDE'."""
+        if sampler == 'G':
+            return translate_one_step(trainer.ema['G'], x0, z)
+        return sample_sde(trainer.ema['f'], x0, self.loss.gamma, self.sde_steps, randn_like=randn_like)
+
+    @torch.no_grad()
+    def report_tick_stats(self, trainer):
+        """Output variance over 2 noise draws and the RMS distance to the input, for G and the SDE."""
+        if dist.get_rank() != 0:
+            return
+        x0 = self.fixed_x0
+        for sampler in ('G', 'SDE'):
+            outs = torch.stack([self.translate(trainer, x0, sampler) for _ in range(2)])
+            training_stats.report(f'Output/{sampler}_var', outs.var(dim=0).mean()) # Unbiased over the draws.
+            training_stats.report(f'Output/{sampler}_L2', (outs[0] - x0).square().flatten(1).mean(1).sqrt())
+
+    def snapshot_data(self, trainer):
+        return dict(kind='eot', G=cpu_copy(trainer.ema['G']), f=cpu_copy(trainer.ema['f']),
+                    D=cpu_copy(trainer.ema['D']), loss=self.loss, gamma=self.loss.gamma, sde_steps=self.sde_steps,
+                    data_shape=list(self.data_shape), dataset_kwargs=dict(self.kwargs),
+                    provenance=dict(self.provenance), kimg=trainer.cur_nimg / 1000)
+
+    def on_snapshot(self, trainer, run_dir, kimg_str):
+        if dist.get_rank() == 0:
+            x0 = self.fixed_x0
+            gen = torch.Generator(device=x0.device).manual_seed(0)
+            sets = dict(source=x0, target=self.fixed_x1, G=self.translate(trainer, x0, 'G', z=self.fixed_z),
+                        SDE=self.translate(trainer, x0, 'SDE',
+                                           randn_like=lambda x: torch.randn(x.shape, generator=gen, device=x.device)))
+            visualize.save_translation_figure(sets, os.path.join(run_dir, f'fakes-{kimg_str}.png'))
+
+    def state_dict(self):
+        return dict(data1=self.data1.state_dict(), data2=self.data2.state_dict())
+
+    def load_state_dict(self, state):
+        self.data1.load_state_dict(state['data1'])
+        self.data2.load_state_dict(state['data2'])
+

@@ -37,12 +37,11 @@ def _dataset_kwargs(path, cache, option):
 def _inspect_dataset(kwargs, option):
     """Open a dataset once to check it and read its shape and size."""
     from training.dataset import DatasetError
-    from training.eot import item_shape
     try:
         ds = dnnlib.util.construct_class_by_name(**kwargs)
     except (DatasetError, OSError) as err:
         raise click.ClickException(f'{option}: {err}') from None
-    shape, size = item_shape(ds), len(ds)
+    shape, size = tuple(ds.item_shape), len(ds)
     close = getattr(ds, 'close', None)
     if close is not None:
         close()

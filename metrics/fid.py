@@ -11,19 +11,10 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist_utils
+from training.dataset import to_uint8 as quantize_images  # The one [-1, 1] -> uint8 convention.
 
 #----------------------------------------------------------------------------
 # Images.
-
-def quantize_images(x):
-    """Float images in [-1, 1] -> uint8 in [0, 255]: floor(127.5 x + 128) clipped.
-
-    This is round-half-up of 127.5 (x + 1), the exact inverse of the loader's u / 127.5 - 1 (EDM's
-    convention). Channels are left alone; the detector repeats 1-channel images to 3 channels.
-    """
-    x = torch.as_tensor(x)
-    return torch.floor(x.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-
 
 def select_indices(num_total, num=None, seed=0):
     """Sorted indices of `num` images drawn without replacement from `num_total` with `seed` (all if num is None)."""

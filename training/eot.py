@@ -20,7 +20,8 @@ from torch_utils import misc
 from torch_utils import persistence
 from torch_utils import training_stats
 from training import visualize
-from training.training_loop import DataStream, cpu_copy, to_model_space
+from training.dataset import to_model_space
+from training.training_loop import DataStream, cpu_copy
 
 #----------------------------------------------------------------------------
 # Losses.
@@ -110,12 +111,6 @@ def frozen(*modules):
                 p.requires_grad_(flag)
 
 
-def item_shape(dataset):
-    """(C, H, W) of an image dataset or (D,) of a vector dataset."""
-    shape = getattr(dataset, 'image_shape', None)
-    return tuple(shape) if shape is not None else tuple(dataset.item_shape)
-
-
 class EOTTask:
     """One-step EOT in the shared training loop: datasets, networks G, f, D and one outer iteration.
 
@@ -151,9 +146,9 @@ class EOTTask:
         dist.print0('Loading datasets...')
         ds1 = dnnlib.util.construct_class_by_name(**self.kwargs.data1_kwargs)
         ds2 = dnnlib.util.construct_class_by_name(**self.kwargs.data2_kwargs)
-        self.data_shape = item_shape(ds1)
-        if item_shape(ds2) != self.data_shape:
-            raise ValueError(f'The domains differ in shape: {list(self.data_shape)} vs {list(item_shape(ds2))}')
+        self.data_shape = tuple(ds1.item_shape)
+        if tuple(ds2.item_shape) != self.data_shape:
+            raise ValueError(f'The domains differ in shape: {list(self.data_shape)} vs {list(ds2.item_shape)}')
         self.test1 = dnnlib.util.construct_class_by_name(**self.kwargs.test1_kwargs) if self.kwargs.test1_kwargs else ds1
         loader = self.kwargs.loader_kwargs
         self.data1 = DataStream(ds1, trainer.batch_gpu, trainer.device, seed=seed, loader_kwargs=loader)

@@ -23,17 +23,10 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
+from training.dataset import to_model_space
 
 #----------------------------------------------------------------------------
 # Data streams.
-
-def to_model_space(batch, device):
-    """A collated data batch (uint8 images or float32 vectors) as float32 on `device`, images in [-1, 1]."""
-    batch = batch.to(device, non_blocking=True)
-    if batch.dtype == torch.uint8:
-        return batch.to(torch.float32) / 127.5 - 1
-    return batch.to(torch.float32)
-
 
 class DataStream:
     """Endless batches from a dataset for this rank, resumable at the exact sample.

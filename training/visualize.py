@@ -6,14 +6,10 @@ import PIL.ImageDraw
 import torch
 
 import dnnlib
+from training.dataset import to_uint8
 
 # Colours of the point sets in scatter plots, in order.
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def to_uint8(x):
-    """Images in [-1, 1] (float tensor [N, C, H, W]) -> uint8 [N, C, H, W]: round(127.5 x + 127.5), clipped."""
-    return (x.detach().float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def image_grid(rows):

@@ -135,3 +135,50 @@ def test_two_gloo_processes_train_and_stay_consistent(tmp_path, vector_domains):
     assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
     state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
     assert len(state['rng']) == 2 and state['world_size'] == 2
+
+
+def _standin_ref_stats(path, data):
+    from metrics import detector as detector_lib, fid as fid_lib
+    from training.dataset import ImageFolderDataset
+    det = detector_lib.load_detector('standin:0', device='cpu')
+    mu, sigma = fid_lib.compute_feature_stats(fid_lib.dataset_batches(ImageFolderDataset(data), batch_size=8), det)
+    fid_lib.save_ref_stats(path, mu, sigma, detector=det.name)
+    return str(path)
+
+
+def test_metrics_at_snapshots_and_samples_dirs(tmp_path, image_domains):
+    stats = _standin_ref_stats(tmp_path / 'ref.npz', image_domains['data2train'])
+    res = _run(_args(tmp_path / 'runs', image_domains, '--metrics=fid_G,fid_SDE', '--detector=standin:0',
+                     f'--data2stats={stats}', '--samples_dir_G=samples_G', '--samples_dir_SDE=samples_SDE',
+                     '--tick=0.004', duration_iters=2))
+    assert res.exit_code == 0, res.output
+    run_dir = _only_run_dir(tmp_path / 'runs')
+    for metric in ('fid_G', 'fid_SDE'):
+        rows = [json.loads(line) for line in open(os.path.join(run_dir, f'metric-{metric}.jsonl'))]
+        assert len(rows) == 2 # Snapshots at tick 0 and at the end.
+        values = [r['results'][metric] for r in rows]
+        assert all(v > 0 for v in values) and rows[-1]['best'][metric] == min(values)
+        assert rows[0]['snapshot_pkl'] == 'network-snapshot-000000.pkl'
+    # The translated test set (8 images) as PNGs; their stand-in FID equals the logged value.
+    files = sorted(os.listdir(os.path.join(run_dir, 'samples_G')))
+    assert files == [f'{i:06d}.png' for i in range(8)]
+    from metrics import detector as detector_lib, fid as fid_lib
+    from training.dataset import ImageFolderDataset
+    det = detector_lib.load_detector('standin:0', device='cpu')
+    mu, sigma = fid_lib.compute_feature_stats(
+        fid_lib.dataset_batches(ImageFolderDataset(os.path.join(run_dir, 'samples_G')), batch_size=8), det)
+    ref = fid_lib.load_ref_stats(stats)
+    from_disk = fid_lib.calculate_fid_from_inception_stats(mu, sigma, *ref)
+    logged = [json.loads(line) for line in open(os.path.join(run_dir, 'metric-fid_G.jsonl'))][-1]['results']['fid_G']
+    assert from_disk == pytest.approx(logged, rel=1e-4)
+
+
+def test_missing_detector_prints_one_line_and_trains_on(tmp_path, image_domains):
+    stats = _standin_ref_stats(tmp_path / 'ref.npz', image_domains['data2train'])
+    res = _run(_args(tmp_path / 'runs', image_domains, '--metrics=fid_G', f'--detector={tmp_path / "none.pkl"}',
+                     f'--data2stats={stats}'))
+    assert res.exit_code == 0, res.output
+    assert res.output.count('Metrics fid_G disabled (training goes on)') == 1
+    run_dir = _only_run_dir(tmp_path / 'runs')
+    assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
+    assert not os.path.exists(os.path.join(run_dir, 'metric-fid_G.jsonl'))

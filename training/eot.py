@@ -8,8 +8,10 @@ into the shared training loop (training/training_loop.py).
 """
 
 import contextlib
+import json
 import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ from torch_utils import misc
 from torch_utils import persistence
 from torch_utils import training_stats
 from training import visualize
-from training.dataset import to_model_space
+from training.dataset import to_model_space, to_uint8
 from training.training_loop import DataStream, cpu_copy
 
 #----------------------------------------------------------------------------
@@ -143,6 +145,8 @@ class EOTTask:
 
     def setup(self, trainer, run_dir, seed):
         self.run_dir = run_dir
+        self.seed = seed
+        self.best = {}
         dist.print0('Loading datasets...')
         ds1 = dnnlib.util.construct_class_by_name(**self.kwargs.data1_kwargs)
         ds2 = dnnlib.util.construct_class_by_name(**self.kwargs.data2_kwargs)
@@ -175,6 +179,21 @@ class EOTTask:
                 print(f'{name}: {type(net).__name__}, {sum(p.numel() for p in net.parameters()):,} parameters')
                 if os.environ.get('EOT_PRINT_SUMMARY'):
                     misc.print_module_summary(net, args)
+        self._setup_metrics(trainer)
+
+    def _setup_metrics(self, trainer):
+        """Load the FID detector and reference statistics; without them, say so once and train on."""
+        self.detector_net, self.ref_stats = None, None
+        if not self.metrics:
+            return
+        from metrics import detector as detector_lib
+        from metrics import fid as fid_lib
+        try:
+            self.detector_net = detector_lib.load_detector(self.detector, device=trainer.device)
+            self.ref_stats = fid_lib.load_ref_stats(self.data2stats)
+        except (detector_lib.DetectorUnavailable, OSError) as err:
+            self.detector_net = None
+            dist.print0(f'Metrics {",".join(self.metrics)} disabled (training goes on): {str(err).splitlines()[0]}')
 
     # One outer iteration --------------------------------------------------
 
@@ -255,11 +274,64 @@ class EOTTask:
                         SDE=self.translate(trainer, x0, 'SDE',
                                            randn_like=lambda x: torch.randn(x.shape, generator=gen, device=x.device)))
             visualize.save_translation_figure(sets, os.path.join(run_dir, f'fakes-{kimg_str}.png'))
+        self._evaluate(trainer, run_dir, kimg_str)
+
+    def _test_batches(self, trainer, sampler):
+        """This rank's share of the domain-1 test set (indices rank::world) translated by `sampler`:
+        (indices, outputs in model space). Noise is seeded per rank, so evaluations are repeatable."""
+        gen = torch.Generator(device=trainer.device).manual_seed(self.seed * 1000 + dist.get_rank())
+        randn_like = lambda x: torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        indices = np.arange(dist.get_rank(), len(self.test1), dist.get_world_size())
+        for chunk in np.array_split(indices, max(1, int(np.ceil(len(indices) / trainer.batch_gpu)))):
+            if len(chunk) == 0:
+                continue
+            x0 = to_model_space(np.stack([self.test1[int(i)][0] for i in chunk]), trainer.device)
+            z = randn_like(torch.empty([len(chunk), *trainer.ema['G'].z_shape], device=trainer.device))
+            yield chunk, self.translate(trainer, x0, sampler, z=z, randn_like=randn_like)
+
+    def _evaluate(self, trainer, run_dir, kimg_str):
+        """FID of G and SDE translations of the test set, and/or the translations as PNGs."""
+        from metrics import fid as fid_lib
+        for sampler in ('G', 'SDE'):
+            metric = f'fid_{sampler}'
+            want_fid = metric in self.metrics and self.detector_net is not None
+            out_dir = self.samples_dir[sampler]
+            if not want_fid and out_dir is None:
+                continue
+            if out_dir is not None:
+                out_dir = out_dir if os.path.isabs(out_dir) else os.path.join(self.run_dir or '.', out_dir)
+                os.makedirs(out_dir, exist_ok=True)
+
+            def images():
+                for chunk, out in self._test_batches(trainer, sampler):
+                    u8 = to_uint8(out)
+                    if out_dir is not None and len(self.data_shape) == 3:
+                        for i, img in zip(chunk, u8.cpu().numpy()):
+                            visualize.save_png(img.transpose(1, 2, 0).squeeze(2) if img.shape[0] == 1 else
+                                               img.transpose(1, 2, 0), os.path.join(out_dir, f'{int(i):06d}.png'))
+                    yield u8
+
+            if not want_fid:
+                for _ in images():
+                    pass
+                continue
+            mu, sigma = fid_lib.compute_feature_stats(images(), self.detector_net, batch_size=trainer.batch_gpu)
+            value = float(fid_lib.calculate_fid_from_inception_stats(mu, sigma, *self.ref_stats))
+            self.best[metric] = min(self.best.get(metric, float('inf')), value)
+            if dist.get_rank() == 0:
+                record = dict(results={metric: value}, best={metric: self.best[metric]}, kimg=trainer.cur_nimg / 1000,
+                              snapshot_pkl=f'network-snapshot-{kimg_str}.pkl', detector=self.detector_net.name,
+                              timestamp=time.time())
+                with open(os.path.join(run_dir, f'metric-{metric}.jsonl'), 'a', encoding='utf-8') as f:
+                    f.write(json.dumps(record) + '\n')
+                note = ' (new best)' if value == self.best[metric] else f' (best {self.best[metric]:g})'
+                dist.print0(f'{metric} {value:g}{note}')
 
     def state_dict(self):
-        return dict(data1=self.data1.state_dict(), data2=self.data2.state_dict())
+        return dict(data1=self.data1.state_dict(), data2=self.data2.state_dict(), best=dict(self.best))
 
     def load_state_dict(self, state):
         self.data1.load_state_dict(state['data1'])
         self.data2.load_state_dict(state['data2'])
+        self.best = dict(state.get('best', {}))
 

@@ -129,6 +129,7 @@ def setup_training_config(opts):
     c.lr_rampup_kimg = opts.lr_rampup
     c.grad_clip = opts.grad_clip
     c.precision = opts.precision
+    c.nan_policy = opts.nan_policy
     c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
     c.cudnn_benchmark = opts.bench
     c.tensorboard = opts.tensorboard
@@ -199,6 +200,7 @@ def _pick_run_dir(opts, desc):
 @click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)', metavar='KIMG', type=click.FloatRange(min=0), default=10000, show_default=True)
 @click.option('--ema',             help='EMA half-life of G, f and D', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option('--nan-policy',      help='On a non-finite loss: skip the step (counted in the tick line) or stop with the last good snapshot named', type=click.Choice(['skip', 'stop']), default='skip', show_default=True)
 @click.option('--sde-steps',       help='Euler-Maruyama steps of the SDE sampler (figures, metrics, snapshots)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
 
 # Performance-related.
@@ -267,9 +269,11 @@ def main(**kwargs):
             logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a')
         dist.barrier()
         dist.setup_precision(cudnn_benchmark=c.cudnn_benchmark)
-        from training.training_loop import training_loop
+        from training.training_loop import DivergenceError, training_loop
         try:
             training_loop(device=device, **c)
+        except DivergenceError as err:
+            raise click.ClickException(str(err)) from None
         finally:
             if dist.get_rank() == 0:
                 logger.close()

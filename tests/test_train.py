@@ -56,6 +56,8 @@ def test_one_tick_image_run_writes_every_file(tmp_path, image_domains):
     with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
         snap = pickle.load(f)
     assert snap['kind'] == 'eot' and snap['gamma'] == 0.5 and snap['sde_steps'] == 10 and snap['data_shape'] == [3, 8, 8]
+    from training.dataset import ImageFolderDataset
+    assert snap['provenance']['data1_sha256'] == ImageFolderDataset(image_domains['data1train']).data_hash()
     x = torch.zeros(2, 3, 8, 8)
     assert snap['G'](x).shape == x.shape and snap['f'](x, torch.zeros(2)).shape == x.shape and snap['D'](x).shape == (2,)
     state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
@@ -182,3 +184,68 @@ def test_missing_detector_prints_one_line_and_trains_on(tmp_path, image_domains)
     run_dir = _only_run_dir(tmp_path / 'runs')
     assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
     assert not os.path.exists(os.path.join(run_dir, 'metric-fid_G.jsonl'))
+
+
+def test_nan_parameters_never_replace_a_good_snapshot(tmp_path, vector_domains, monkeypatch):
+    from training.training_loop import Trainer
+    orig = Trainer.update_ema
+    calls = []
+
+    def poisoned_update_ema(self):
+        orig(self)
+        calls.append(1)
+        if len(calls) == 2: # After the tick-0 snapshot: the weights of G become NaN.
+            with torch.no_grad():
+                next(self.nets['G'].parameters()).fill_(float('nan'))
+
+    monkeypatch.setattr(Trainer, 'update_ema', poisoned_update_ema)
+    res = CliRunner().invoke(train.main, _args(tmp_path / 'runs', vector_domains, '--tick=0.004', batch=8, duration_iters=3))
+    assert res.exit_code != 0
+    assert 'Non-finite parameters in network G' in res.output and 'network-snapshot-000000.pkl' in res.output
+    run_dir = _only_run_dir(tmp_path / 'runs')
+    with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
+        snap = pickle.load(f)
+    assert all(torch.isfinite(p).all() for p in snap['G'].parameters())
+
+
+def test_torchrun_restarts_a_killed_rank_and_continues(tmp_path, vector_domains):
+    """Under torchrun --max-restarts, SIGKILL of one rank mid-run: the job restarts by itself and
+    continues from the newest training state (--resume=auto), in the same run directory."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import psutil
+    from tests.launch import REPO
+    outdir = tmp_path / 'runs'
+    args = _args(outdir, vector_domains, '--batch-gpu=4', '--tick=0.008', '--snap=1000', '--dump=1',
+                 '--resume=auto', batch=8, duration_iters=40)
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=1',
+           os.path.join(REPO, 'train.py'), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        killed = None
+        while time.time() < deadline and killed is None:
+            time.sleep(0.5)
+            runs = os.listdir(outdir) if os.path.isdir(outdir) else []
+            states = [f for r in runs for f in os.listdir(outdir / r) if f.startswith('training-state-')]
+            stats = [outdir / r / 'stats.jsonl' for r in runs if os.path.isfile(outdir / r / 'stats.jsonl')]
+            if states and stats and len(open(stats[0]).read().splitlines()) >= 3:
+                workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if 'train.py' in ' '.join(p.cmdline())]
+                assert len(workers) == 2, workers
+                killed = workers[-1].pid
+                os.kill(killed, signal.SIGKILL)
+        assert killed is not None, 'training never reached its third tick'
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    run_dir = _only_run_dir(outdir)
+    log = open(os.path.join(run_dir, 'log.txt')).read()
+    assert 'Resuming from' in log and log.count('Exiting...') == 1
+    ticks = [int(json.loads(line)['Progress/tick']['mean']) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert ticks[-1] == 39 and max(ticks) == 39 # 40 iterations of 8 samples, a tick each (0.008 kimg).
+    assert set(range(40)) <= set(ticks) # Nothing skipped; ticks after the last state were redone.

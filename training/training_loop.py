@@ -74,6 +74,10 @@ class DataStream:
 
 #----------------------------------------------------------------------------
 
+class DivergenceError(RuntimeError):
+    """Training produced non-finite losses (policy 'stop') or non-finite parameters."""
+
+
 class Trainer:
     """Networks with their DDP wrappers, optimisers and EMAs, and the optimisation-phase helper.
 
@@ -81,8 +85,12 @@ class Trainer:
     """
 
     def __init__(self, device, batch_size, batch_gpu=None, precision='fp32', grad_clip=1.0,
-                 lr_rampup_kimg=0, ema_halflife_kimg=500, ema_rampup_ratio=0.05, seed=0):
+                 lr_rampup_kimg=0, ema_halflife_kimg=500, ema_rampup_ratio=0.05, seed=0, nan_policy='skip'):
+        if nan_policy not in ('skip', 'stop'):
+            raise ValueError(f'nan_policy must be "skip" or "stop", not {nan_policy!r}')
         self.device = device
+        self.nan_policy = nan_policy
+        self.last_good = None  # Set by the loop: the newest snapshot / state written, for error messages.
         self.batch_size, self.batch_gpu, self.rounds = split_batch(batch_size, batch_gpu)
         self.precision = precision
         self.grad_clip = grad_clip
@@ -131,14 +139,27 @@ class Trainer:
         is the DDP wrapper, so gradients are averaged across ranks. The step accumulates over
         `rounds` (syncing only on the last), reports the loss, counts and zeroes non-finite gradient
         entries, clips element-wise to [-grad_clip, grad_clip], sets the ramped lr and steps.
+        A non-finite loss on any rank skips the step on every rank (counted as Divergence/skipped_<name>)
+        or, with nan_policy='stop', raises DivergenceError.
         """
         net, ddp, opt = self.nets[name], self.ddp[name], self.opt[name]
         opt.zero_grad(set_to_none=True)
+        loss_ok = torch.ones([], device=self.device)
         for r in range(self.rounds):
             with misc.ddp_sync(ddp, sync=(r == self.rounds - 1)):
                 loss = loss_fn(ddp)
                 training_stats.report(f'Loss/{name}', loss)
+                loss_ok = loss_ok * torch.isfinite(loss).all()
                 loss.float().mean().mul(1 / self.rounds).backward()
+        # One small collective so every rank takes the same decision.
+        if not bool(dist.all_reduce_(loss_ok, op='min')):
+            training_stats.report(f'Divergence/skipped_{name}', 1)
+            if self.nan_policy == 'stop':
+                raise DivergenceError(f'Non-finite loss of {name} at kimg {self.cur_nimg / 1000:.3f} '
+                                      f'(--nan-policy=stop). {self.last_good_message()}')
+            opt.zero_grad(set_to_none=True)
+            return
+        training_stats.report(f'Divergence/skipped_{name}', 0)
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -166,6 +187,23 @@ class Trainer:
                 p_ema.lerp_(p_net.detach(), 1 - beta)
             for b_ema, b_net in zip(ema.buffers(), net.buffers()):
                 b_ema.copy_(b_net)
+
+    def last_good_message(self):
+        if self.last_good is None:
+            return 'No snapshot has been written yet.'
+        return (f'The last good snapshot is {self.last_good["snapshot"]}' +
+                (f'; resume with --resume={self.last_good["state"]}' if self.last_good.get('state') else '') +
+                ' (try a lower learning rate or --grad-clip).')
+
+    @torch.no_grad()
+    def check_finite(self):
+        """Raise DivergenceError if a parameter of any network or EMA is not finite (same on every rank)."""
+        bad = [f'{kind} {name}' for kind, nets in (('network', self.nets), ('EMA of', self.ema))
+               for name, net in nets.items() if not all(torch.isfinite(p).all() for p in net.parameters())]
+        flag = dist.all_reduce_(torch.tensor([float(len(bad))], device=self.device), op='max')
+        if flag.item() > 0:
+            raise DivergenceError(f'Non-finite parameters in {", ".join(bad) or "another rank"} at kimg '
+                                  f'{self.cur_nimg / 1000:.3f}; nothing more was saved. {self.last_good_message()}')
 
     def check_consistency(self):
         """Fail loudly if any network or EMA differs across ranks."""
@@ -264,6 +302,7 @@ def training_loop(
     snapshot_ticks      = 50,       # Snapshot interval in ticks; None = only at the end.
     state_dump_ticks    = 500,      # Training-state interval in ticks; None = only at the end.
     resume_state        = None,     # training-state-*.pt to resume from.
+    nan_policy          = 'skip',   # Non-finite loss: 'skip' the step (counted) or 'stop'.
     device              = torch.device('cpu'),
     tensorboard         = True,     # Mirror stats to TensorBoard when installed.
     **_ignored,                     # Options recorded for reference only (e.g. the command line).
@@ -275,7 +314,7 @@ def training_loop(
 
     trainer = Trainer(device=device, batch_size=batch_size, batch_gpu=batch_gpu, precision=precision,
                       grad_clip=grad_clip, lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
-                      ema_rampup_ratio=ema_rampup_ratio, seed=seed)
+                      ema_rampup_ratio=ema_rampup_ratio, seed=seed, nan_policy=nan_policy)
     dist.print0(f'Batch: {batch_size} = {dist.get_world_size()} process(es) x {trainer.batch_gpu} x '
                 f'{trainer.rounds} accumulation round(s)')
     task = dnnlib.util.construct_class_by_name(**task_kwargs)
@@ -313,7 +352,9 @@ def training_loop(
         if not done and cur_tick != 0 and trainer.cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
             continue
 
-        # A tick: statistics, progress line, snapshot and state.
+        # A tick: statistics, progress line, snapshot and state. Non-finite weights stop here, before
+        # anything is written, so a NaN snapshot never replaces a good one.
+        trainer.check_finite()
         tick_end_time = time.time()
         kimg_str = f'{trainer.cur_nimg // 1000:06d}'
         task.report_tick_stats(trainer)
@@ -332,9 +373,11 @@ def training_loop(
                 f'sec/tick {collector.mean("Timing/sec_per_tick"):<7.2f}',
                 f'sec/kimg {collector.mean("Timing/sec_per_kimg"):<7.2f}']
         line += [f'loss_{name} {collector.mean("Loss/" + name):<9.4f}' for name in trainer.nets]
-        nonfinite = sum(collector.mean(f'Grad/nonfinite_{n}', 0) * collector.num(f'Grad/nonfinite_{n}') for n in trainer.nets)
-        if nonfinite:
-            line.append(f'nonfinite_grads {int(nonfinite)}')
+        total = lambda prefix: int(sum(collector.mean(f'{prefix}_{n}', 0) * collector.num(f'{prefix}_{n}') for n in trainer.nets))
+        if total('Grad/nonfinite'):
+            line.append(f'nonfinite_grads {total("Grad/nonfinite")}')
+        if total('Divergence/skipped'):
+            line.append(f'skipped_steps {total("Divergence/skipped")}')
         line += [f'cpumem {mem["cpu_mem_gb"]:<5.2f}', f'gpumem {mem["gpu_mem_gb"]:<5.2f}']
         dist.print0('  '.join(line))
         if writer is not None:
@@ -346,6 +389,8 @@ def training_loop(
             if rank == 0:
                 path = save_snapshot(run_dir, kimg_str, data)
                 dist.print0(f'Saved {os.path.basename(path)}')
+            trainer.last_good = dict(snapshot=os.path.join(run_dir, f'network-snapshot-{kimg_str}.pkl'),
+                                     state=(trainer.last_good or {}).get('state'))
             task.on_snapshot(trainer, run_dir, kimg_str)
         if done or (state_dump_ticks is not None and cur_tick % state_dump_ticks == 0 and cur_tick != 0):
             rng = dist.all_gather_object({k: v.cpu() if torch.is_tensor(v) else v for k, v in _rng_state(trainer).items()})
@@ -355,6 +400,8 @@ def training_loop(
                 path = save_training_state(run_dir, kimg_str, state)
                 dist.print0(f'Saved {os.path.basename(path)}')
             dist.barrier()
+            if trainer.last_good is not None:
+                trainer.last_good['state'] = os.path.join(run_dir, f'training-state-{kimg_str}.pt')
 
         cur_tick += 1
         tick_start_nimg = trainer.cur_nimg

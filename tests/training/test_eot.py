@@ -106,8 +106,8 @@ def test_run_phase_accumulates_clips_and_counts_nonfinite():
     trainer2 = _trainer(4, 1, lr_rampup_kimg=0)
     net2 = Affine(3, 3)
     trainer2.add_network('D', net2, dict(class_name='torch.optim.SGD', lr=0.1))
-    # d/dw[0,0] is NaN; every other gradient entry is finite.
-    trainer2.run_phase('D', lambda net: (net.w[0, 0] * torch.tensor(float('nan')) + net.b.sum()).reshape(1))
+    # A finite loss whose gradient d/dw[0,0] is NaN (0 * inf); every other gradient entry is finite.
+    trainer2.run_phase('D', lambda net: (torch.sqrt(net.w[0, 0] * 0) + net.b.sum()).reshape(1))
     stats = training_stats.Collector().update()
     assert stats['Grad/nonfinite_D'].mean == 1 and all(torch.isfinite(p).all() for p in net2.parameters())
     with pytest.raises(ValueError, match='batch-gpu'):
@@ -154,3 +154,29 @@ def test_eot_task_keeps_g_out_of_the_graph_in_f_and_d_steps(vector_domains):
     assert all(p.requires_grad for n in ('f', 'D') for p in trainer.nets[n].parameters())
     # One D-step consumed a batch of domain 2 per round; domain 1 fed every step.
     assert task.data2.consumed == 8 and task.data1.consumed == 7 * 8
+
+
+def test_nonfinite_loss_skips_or_stops():
+    from training.training_loop import DivergenceError
+    for policy in ('skip', 'stop'):
+        trainer = _trainer(4, 2, lr_rampup_kimg=0, nan_policy=policy)
+        net = Affine(2, 0)
+        trainer.add_network('G', net, dict(class_name='torch.optim.Adam', lr=0.1))
+        before = [p.detach().clone() for p in net.parameters()]
+        training_stats.reset()
+        nan_loss = lambda m: (m(torch.ones(2, 2)).sum(dim=1) * float('nan'))
+        if policy == 'skip':
+            trainer.run_phase('G', nan_loss)
+            assert all(torch.equal(a, b) for a, b in zip(before, net.parameters())) # Step skipped.
+            assert all(s == {} for s in [s for s in trainer.opt['G'].state.values()]) # Adam untouched.
+            trainer.run_phase('G', lambda m: m(torch.ones(2, 2)).sum(dim=1))
+            stats = training_stats.Collector().update()
+            assert stats['Divergence/skipped_G'].num == 2 and stats['Divergence/skipped_G'].mean == 0.5
+        else:
+            trainer.last_good = dict(snapshot='run/network-snapshot-000004.pkl', state='run/training-state-000004.pt')
+            with pytest.raises(DivergenceError, match='network-snapshot-000004.pkl.*--resume=run/training-state-000004.pt'):
+                trainer.run_phase('G', nan_loss)
+    with torch.no_grad():
+        net.w[0, 0] = float('inf')
+    with pytest.raises(DivergenceError, match='Non-finite parameters in network G'):
+        trainer.check_finite()

@@ -531,6 +531,7 @@ class Denoiser(torch.nn.Module):
             raise ValueError(f'precond must be "edm", "vp" or "ve"; got {precond!r}')
         self.precond = precond
         self.sigma_data = float(sigma_data)
+        self.label_dim = 0 # EDM's attribute: no class conditioning.
         self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
         default_min, default_max = dict(edm=(0.002, 80.0), ve=(0.02, 100.0),
                                         vp=(float(vp_sigma(epsilon_t, beta_d, beta_min)),
@@ -556,7 +557,11 @@ class Denoiser(torch.nn.Module):
         """Noise levels this denoiser supports nearest to `sigma` (continuous: `sigma` as a tensor)."""
         return torch.as_tensor(sigma)
 
-    def forward(self, x, sigma):
+    def forward(self, x, sigma, class_labels=None):
+        """Denoised x for noisy x [N, *data_shape] at noise level sigma ([N] or scalar). `class_labels`
+        exists for EDM-style samplers that pass None; this denoiser is unconditional."""
+        if class_labels is not None:
+            raise ValueError('This Denoiser is unconditional (label_dim=0); pass class_labels=None')
         _check_input(x, self.data_shape, 'Denoiser')
         x = x.to(torch.float32)
         sigma = per_sample(sigma, x.shape[0], 'sigma', x.device).reshape(-1, *([1] * len(self.data_shape)))

@@ -1,6 +1,7 @@
 """training.networks: shapes, gradients, time dependence, determinism, preconditioning against the
 paper's formulas, resampling against brute force, summaries, and snapshots that load without the code."""
 
+import copy
 import math
 import os
 import pickle
@@ -22,6 +23,15 @@ from training import networks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(num_blocks=1, G=dict(model_channels=8), f=dict(model_channels=8), D=dict(model_channels=8))
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    # Tiny networks: with several OpenMP threads on a shared CPU most time goes to spin-waiting.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def _build(kwargs, **extra):
@@ -240,6 +250,9 @@ def test_vp_sigma_roundtrip_and_denoiser_defaults():
         den = networks.Denoiser((2,), kind, 4)
         assert den.sigma_min == pytest.approx(lo, rel=1e-9) and den.sigma_max == pytest.approx(hi, rel=1e-9)
         assert den.sigma_data == 0.5 and torch.equal(den.round_sigma(0.7), torch.tensor(0.7))
+        assert den.label_dim == 0 and den(torch.zeros(2, 2), 1.0, None).shape == (2, 2)
+        with pytest.raises(ValueError, match='unconditional'):
+            den(torch.zeros(2, 2), 1.0, torch.zeros(2, 3))
 
 
 @pytest.mark.parametrize('kind', ['edm', 'vp', 've'])
@@ -357,6 +370,10 @@ def test_snapshot_loads_without_the_code(tmp_path):
                  den=('den', (xd, torch.tensor([0.5, 5.0]))))
     with torch.no_grad():
         expected = {k: nets[n](*a) for k, (n, a) in calls.items()}
+        # deepcopy (the training loop's EMA copies) goes through the same reduce path.
+        for k, (n, a) in calls.items():
+            twin = copy.deepcopy(nets[n])
+            assert type(twin) is type(nets[n]) and torch.equal(twin(*a), expected[k])
     assert all(e.abs().sum() > 0 for e in expected.values())
     pkl = tmp_path / 'snapshot.pkl'
     with open(pkl, 'wb') as fp:
@@ -364,7 +381,7 @@ def test_snapshot_loads_without_the_code(tmp_path):
                          init_kwargs={k: n.init_kwargs for k, n in nets.items()}), fp)
 
     def run(cwd, pythonpath):
-        env = dict(os.environ, PYTHONPATH=pythonpath)
+        env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS=str(torch.get_num_threads()))
         res = subprocess.run([sys.executable, '-c', LOAD_CODE, str(pkl), str(torch.get_num_threads())], cwd=cwd,
                              env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0 and 'OK 7' in res.stdout, res.stdout + res.stderr

@@ -221,7 +221,7 @@ def test_torchrun_restarts_a_killed_rank_and_continues(tmp_path, vector_domains)
     args = _args(outdir, vector_domains, '--batch-gpu=4', '--tick=0.008', '--snap=1000', '--dump=1',
                  '--resume=auto', batch=8, duration_iters=40)
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=1',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=3',
            os.path.join(REPO, 'train.py'), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

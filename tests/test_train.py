@@ -211,6 +211,7 @@ def test_nan_parameters_never_replace_a_good_snapshot(tmp_path, vector_domains, 
 def test_torchrun_restarts_a_killed_rank_and_continues(tmp_path, vector_domains):
     """Under torchrun --max-restarts, SIGKILL of one rank mid-run: the job restarts by itself and
     continues from the newest training state (--resume=auto), in the same run directory."""
+    import contextlib
     import signal
     import subprocess
     import sys
@@ -223,7 +224,8 @@ def test_torchrun_restarts_a_killed_rank_and_continues(tmp_path, vector_domains)
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=3',
            os.path.join(REPO, 'train.py'), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         deadline = time.time() + 180
         killed = None
@@ -240,8 +242,8 @@ def test_torchrun_restarts_a_killed_rank_and_continues(tmp_path, vector_domains)
         assert killed is not None, 'training never reached its third tick'
         out, _ = proc.communicate(timeout=300)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        with contextlib.suppress(ProcessLookupError): # The launcher and every worker it started.
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-4000:]
     run_dir = _only_run_dir(outdir)
     log = open(os.path.join(run_dir, 'log.txt')).read()

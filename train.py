@@ -69,8 +69,9 @@ def setup_training_config(opts):
     c.batch_size, c.batch_gpu = opts.batch, opts.batch_gpu
 
     # Data.
-    if opts.kind != 'eot':
-        raise click.ClickException(f'--kind={opts.kind} is not available yet; use --kind=eot')
+    if opts.kind == 'denoiser':
+        c.task_kwargs, c.data_paths = _denoiser_task_kwargs(opts)
+        return _schedule_config(c, opts)
     for option, value in (('--data1train', opts.data1train), ('--data2train', opts.data2train)):
         if value is None:
             raise click.ClickException(f'{option} is required for --kind=eot')
@@ -123,7 +124,11 @@ def setup_training_config(opts):
     c.data_paths = dnnlib.EasyDict(data1train=opts.data1train, data2train=opts.data2train, data1test=opts.data1test,
                                    data2test=opts.data2test, data1stats=opts.data1stats, data2stats=opts.data2stats)
 
-    # Schedule, precision, I/O.
+    return _schedule_config(c, opts)
+
+
+def _schedule_config(c, opts):
+    """Schedule, precision and I/O options, shared by every --kind."""
     c.total_kimg = max(opts.duration * 1000, 1e-3)
     c.ema_halflife_kimg = opts.ema * 1000
     c.lr_rampup_kimg = opts.lr_rampup
@@ -133,11 +138,49 @@ def setup_training_config(opts):
     c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
     c.cudnn_benchmark = opts.bench
     c.tensorboard = opts.tensorboard
+    c.wandb_project = opts.wandb
+    if opts.wandb:
+        from torch_utils.training_stats import wandb_module
+        try:
+            wandb_module()
+        except ImportError as err:
+            raise click.ClickException(str(err)) from None
     c.seed = opts.seed
     return c
 
 
+def _denoiser_task_kwargs(opts):
+    """(task_kwargs, data_paths) of --kind=denoiser: a preconditioned Denoiser trained with the loss of its
+    preconditioning (edm: EDMLoss, vp: VPLoss, ve: VELoss) on --data."""
+    from training.diffusion import LOSSES
+    from training.networks import denoiser_kwargs
+    if opts.data is None:
+        raise click.ClickException('--data is required for --kind=denoiser (image zip/folder or vector .npz)')
+    data_kwargs = _dataset_kwargs(opts.data, opts.cache, '--data')
+    shape, _size = _inspect_dataset(data_kwargs, '--data')
+    try:
+        net_opts = json.loads(opts.net_opts) if opts.net_opts else {}
+        if not isinstance(net_opts, dict):
+            raise ValueError('not a JSON object')
+        net_kwargs = denoiser_kwargs(shape, precond=opts.precond, model_channels=opts.model_channels, **net_opts)
+    except ValueError as err:
+        raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
+    loss_kwargs = dnnlib.EasyDict(class_name=LOSSES[opts.precond])
+    if opts.precond == 'edm':
+        loss_kwargs.sigma_data = float(net_kwargs.get('sigma_data', 0.5))
+    task_kwargs = dnnlib.EasyDict(
+        class_name='training.diffusion.DenoiserTask', data_kwargs=data_kwargs, network_kwargs=net_kwargs,
+        loss_kwargs=loss_kwargs,
+        optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8),
+        loader_kwargs=dnnlib.EasyDict(num_workers=opts.workers, prefetch_factor=2 if opts.workers > 0 else None,
+                                      pin_memory=False))
+    return task_kwargs, dnnlib.EasyDict(data=opts.data)
+
+
 def _run_desc(opts, c):
+    if opts.kind == 'denoiser':
+        desc = f'{opts.name}-denoiser-gpus{dist.get_world_size()}-batch{c.batch_size}-{opts.precond}'
+        return re.sub(r'[^0-9A-Za-z._-]', '_', desc + (f'-{opts.desc}' if opts.desc else ''))
     desc = f'{opts.name}-{opts.kind}-gpus{dist.get_world_size()}-batch{c.batch_size}-gamma{opts.gamma:g}'
     if opts.desc:
         desc += f'-{opts.desc}'
@@ -173,6 +216,8 @@ def _pick_run_dir(opts, desc):
 @click.option('--name',            help='Run name (part of the run directory name)', metavar='STR', type=str, required=True)
 @click.option('--outdir',          help='Where to make the run directory', metavar='DIR', type=str, required=True)
 @click.option('--kind',            help='What to train: one-step EOT, or a diffusion denoiser for DPM-OT', type=click.Choice(['eot', 'denoiser']), default='eot', show_default=True)
+@click.option('--data',            help='--kind=denoiser: the training data: image zip/folder or vector .npz', metavar='ZIP|DIR|NPZ', type=str)
+@click.option('--precond',         help='--kind=denoiser: preconditioning and loss (Karras et al. 2022, Table 1)', type=click.Choice(['edm', 'vp', 've']), default='edm', show_default=True)
 @click.option('--data1train',      help='Domain 1 (source) training data: image zip/folder or vector .npz', metavar='ZIP|DIR|NPZ', type=str)
 @click.option('--data2train',      help='Domain 2 (target) training data', metavar='ZIP|DIR|NPZ', type=str)
 @click.option('--data1test',       help='Domain 1 test data: translated for figures and FID  [default: --data1train]', metavar='ZIP|DIR|NPZ', type=str)
@@ -197,6 +242,7 @@ def _pick_run_dir(opts, desc):
 @click.option('--lr_g',            'lr_g', help='Learning rate of G', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option('--lr_D',            'lr_d', help='Learning rate of D', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option('--lr_f',            'lr_f', help='Learning rate of f', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr',              help='--kind=denoiser: learning rate of the denoiser', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)', metavar='KIMG', type=click.FloatRange(min=0), default=10000, show_default=True)
 @click.option('--ema',             help='EMA half-life of G, f and D', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=click.FloatRange(min=0), default=1.0, show_default=True)
@@ -219,6 +265,7 @@ def _pick_run_dir(opts, desc):
 @click.option('--seed',            help='Random seed  [default: random]', metavar='INT', type=int)
 @click.option('--resume',          help='Resume from a training-state-*.pt, or "auto": the newest state of the newest matching run in --outdir (continues in that directory)', metavar='PT|auto', type=str)
 @click.option('--tensorboard/--no-tensorboard', help='Also write TensorBoard logs (when the package is installed)', default=True, show_default=True)
+@click.option('--wandb',           help='Also log the tick statistics to this Weights & Biases project (needs `pip install wandb`)', metavar='PROJECT', type=str)
 @click.option('-n', '--dry-run',   help='Print the resolved training options and exit', is_flag=True)
 
 def main(**kwargs):
@@ -231,6 +278,11 @@ def main(**kwargs):
         --data1train=datasets/2_train.zip --data2train=datasets/3_train.zip \\
         --data1test=datasets/2_test.zip --data2test=datasets/3_test.zip \\
         --batch=64 --batch-gpu=16 --G_iters=10 --D_iters=1 --f_iters=2 --gamma=1.0 --model_channels=32
+
+    \b
+    # A diffusion denoiser for DPM-OT (EDM preconditioning and loss) on vectors, on the CPU
+    python train.py --kind=denoiser --name=gmm --outdir=runs --data=gmm.npz --precond=edm \\
+        --model_channels=32 --batch=512 --lr=1e-3 --lr-rampup=100 --duration=2 --ema=0.05
 
     \b
     # A toy task on the CPU (vectors in .npz)

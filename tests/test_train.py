@@ -251,3 +251,21 @@ def test_torchrun_restarts_a_killed_rank_and_continues(tmp_path, vector_domains)
     ticks = [int(json.loads(line)['Progress/tick']['mean']) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
     assert ticks[-1] == 39 and max(ticks) == 39 # 40 iterations of 8 samples, a tick each (0.008 kimg).
     assert set(range(40)) <= set(ticks) # Nothing skipped; ticks after the last state were redone.
+
+
+def test_wandb_without_the_package_is_a_clear_error(tmp_path, image_domains):
+    import importlib.util
+    if importlib.util.find_spec('wandb') is not None:
+        pytest.skip('wandb is installed here')
+    res = CliRunner().invoke(train.main, _args(tmp_path / 'runs', image_domains, '--wandb=myproject'))
+    assert res.exit_code != 0 and 'pip install wandb' in res.output
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_find_latest_state_ignores_unfinished_writes(tmp_path):
+    from training.training_loop import find_latest_state
+    assert find_latest_state(str(tmp_path)) is None
+    for name in ('training-state-000004.pt', 'training-state-000012.pt', '.training-state-000016.pt.abc.tmp',
+                 'training-state-000020.pt.tmp', 'network-snapshot-000024.pkl'):
+        (tmp_path / name).write_bytes(b'x')
+    assert find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-000012.pt')

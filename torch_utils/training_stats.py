@@ -96,17 +96,22 @@ def reset():
 #----------------------------------------------------------------------------
 
 class StatsWriter:
-    """Appends one JSON object per line to `stats.jsonl`; mirrors means to TensorBoard if installed."""
+    """Appends one JSON object per line to `stats.jsonl`; mirrors the means to TensorBoard when that
+    package is installed, and to Weights & Biases when a project is named (wandb must then be installed)."""
 
-    def __init__(self, run_dir, tensorboard=True):
+    def __init__(self, run_dir, tensorboard=True, wandb_project=None, run_name=None, config=None):
         self.path = os.path.join(run_dir, 'stats.jsonl')
         self._tb = None
+        self._wandb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(run_dir)
             except ImportError: # TensorBoard is optional.
                 self._tb = None
+        if wandb_project:
+            self._wandb = wandb_module()
+            self._wandb.init(project=wandb_project, name=run_name, dir=run_dir, config=config)
 
     def write(self, stats, step, timestamp=None, **extra):
         record = dict(stats, **extra)
@@ -120,7 +125,21 @@ class StatsWriter:
                 if isinstance(value, dict) and 'mean' in value and value.get('num', 1) > 0:
                     self._tb.add_scalar(name, value['mean'], global_step=step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({name: value['mean'] for name, value in stats.items()
+                             if isinstance(value, dict) and value.get('num', 1) > 0}, step=step)
 
     def close(self):
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def wandb_module():
+    """The wandb package, or a clear error saying how to get it (it is never required otherwise)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError('--wandb needs the optional package wandb: `pip install wandb` (or drop --wandb)') from None
+    return wandb

@@ -305,6 +305,7 @@ def training_loop(
     nan_policy          = 'skip',   # Non-finite loss: 'skip' the step (counted) or 'stop'.
     device              = torch.device('cpu'),
     tensorboard         = True,     # Mirror stats to TensorBoard when installed.
+    wandb_project       = None,     # Mirror stats to this Weights & Biases project (optional package).
     **_ignored,                     # Options recorded for reference only (e.g. the command line).
 ):
     """Train the task described by `task_kwargs`; see the module docstring."""
@@ -335,7 +336,10 @@ def training_loop(
                         f'{dist.get_world_size()}; random streams restart from the seed')
         del state
 
-    writer = training_stats.StatsWriter(run_dir, tensorboard=tensorboard) if rank == 0 else None
+    writer = None
+    if rank == 0:
+        writer = training_stats.StatsWriter(run_dir, tensorboard=tensorboard, wandb_project=wandb_project,
+                                            run_name=os.path.basename(run_dir))
     collector = training_stats.Collector()
     tick_start_nimg = trainer.cur_nimg
     tick_start_time = time.time()

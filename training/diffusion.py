@@ -317,7 +317,7 @@ class DenoiserTask:
         loss_kwargs: the loss (class_name + options), e.g. dict(class_name='training.diffusion.EDMLoss').
         optimizer_kwargs: the optimiser (class_name + options).
         sample_steps: Heun steps of the figures made at each snapshot.
-        num_figure_samples: samples in those figures (default 16 images or 2048 vectors).
+        num_figure_samples: samples in those figures (default 16 images or 1024 vectors).
     """
 
     def __init__(self, data_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs, loader_kwargs=None,
@@ -353,7 +353,7 @@ class DenoiserTask:
         trainer.add_network('denoiser', net, self.optimizer_kwargs)
         dist.print0(f'Denoiser: {type(net).__name__} ({net.precond}), '
                     f'{sum(p.numel() for p in net.parameters()):,} parameters')
-        n = self.num_figure_samples or (16 if len(self.data_shape) == 3 else 2048)
+        n = self.num_figure_samples or (16 if len(self.data_shape) == 3 else 1024)
         gen = torch.Generator().manual_seed(seed)
         self.fixed_noise = torch.randn([n, *self.data_shape], generator=gen)
         self.fixed_data = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(min(n, len(dataset)))])

@@ -125,8 +125,7 @@ class EOTTask:
                  G_kwargs=None, f_kwargs=None, D_kwargs=None,
                  G_opt_kwargs=None, f_opt_kwargs=None, D_opt_kwargs=None,
                  gamma=1.0, G_iters=10, f_iters=2, D_iters=1, sde_steps=10, grid_size=None,
-                 metrics=(), data2stats=None, detector=None, samples_dir_G=None, samples_dir_SDE=None,
-                 provenance=None):
+                 metrics=(), data2stats=None, detector=None, samples_dir_G=None, samples_dir_SDE=None):
         self.kwargs = dnnlib.EasyDict(data1_kwargs=data1_kwargs, data2_kwargs=data2_kwargs, test1_kwargs=test1_kwargs,
                                       loader_kwargs=dict(loader_kwargs or {}))
         self.net_kwargs = dict(G=G_kwargs, f=f_kwargs, D=D_kwargs)
@@ -139,7 +138,7 @@ class EOTTask:
         self.data2stats = data2stats
         self.detector = detector
         self.samples_dir = dict(G=samples_dir_G, SDE=samples_dir_SDE)
-        self.provenance = dict(provenance or {})
+        self.provenance = {}
 
     # Set-up --------------------------------------------------------------
 
@@ -174,13 +173,11 @@ class EOTTask:
         G = trainer.nets['G']
         self.fixed_z = torch.randn([n, *G.z_shape], generator=gen).to(trainer.device)
         if dist.get_rank() == 0:
-            for name in ('G', 'f', 'D'):
+            x, t = self.fixed_x0[:2], torch.full([2], 0.5, device=trainer.device)
+            for name, args in (('G', [x, self.fixed_z[:2]]), ('f', [x, t]), ('D', [x])):
                 net = trainer.nets[name]
-                args = [self.fixed_x0[:2]] + ([self.fixed_z[:2]] if name == 'G' else []) + \
-                       ([torch.full([2], 0.5, device=trainer.device)] if name == 'f' else [])
                 print(f'{name}: {type(net).__name__}, {sum(p.numel() for p in net.parameters()):,} parameters')
-                if os.environ.get('EOT_PRINT_SUMMARY'):
-                    misc.print_module_summary(net, args)
+                misc.print_module_summary(net, args, max_nesting=2)
         self._setup_metrics(trainer)
 
     def _setup_metrics(self, trainer):

@@ -16,7 +16,8 @@ precision). Options, combined with '+':
     tf32           TF32 matmuls and convolutions (CUDA only)
 
 Examples:
-    python benchmarks/network_speed.py                          # auto device, c = 32, 64; fp32, channels_last, bf16
+    python benchmarks/network_speed.py                          # auto device, c = 32, 64; fp32, channels_last, bf16, both
+    python benchmarks/network_speed.py --threads=1              # shared CPU: one thread, no OpenMP spin-waiting
     python benchmarks/network_speed.py --options=compile,compile+bf16 --channels=32 --rounds=3
     python benchmarks/network_speed.py --device=cuda --batch=256 --options=channels_last,bf16,channels_last+bf16,tf32,compile
 """
@@ -170,7 +171,7 @@ def _print_rows(rows):
 @click.option('--options', 'options', default='channels_last,bf16,channels_last+bf16', show_default=True,
               help=f'Comma-separated option sets to compare with fp32 ({", ".join(KNOWN_OPTIONS)}; combine with +)')
 @click.option('--warmup', type=click.IntRange(min=1), default=1, show_default=True, help='Untimed steps per option set')
-@click.option('--rounds', type=click.IntRange(min=1), default=5, show_default=True, help='Timed steps per option set (at least)')
+@click.option('--rounds', type=click.IntRange(min=1), default=3, show_default=True, help='Timed steps per option set (at least)')
 @click.option('--min-seconds', type=float, default=0.0, show_default=True, help='Keep timing rounds for at least this long')
 @click.option('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
 def main(device, net, channels, resolution, img_channels, batch, options, warmup, rounds, min_seconds, threads):
@@ -182,8 +183,11 @@ def main(device, net, channels, resolution, img_channels, batch, options, warmup
     option_names = ['fp32'] + [o.strip() for o in options.split(',') if o.strip() and o.strip() != 'fp32']
     data_shape = (img_channels, resolution, resolution)
     name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
     print(f'torch {torch.__version__}, device {dev} ({name}), {net} at {list(data_shape)}, batch {batch}, '
-          f'{rounds} timed rounds (interleaved), warmup {warmup}')
+          f'{rounds} timed rounds (interleaved), warmup {warmup}; load average {load:.1f} on {os.cpu_count()} CPUs')
+    if dev.type == 'cpu' and torch.get_num_threads() > 1 and load > os.cpu_count():
+        print('Note: the CPU is oversubscribed; OpenMP threads then mostly spin-wait. --threads=1 gives steadier figures.')
     rows = []
     for c in [int(s) for s in channels.split(',') if s.strip()]:
         new = run_channels(net, data_shape, c, option_names, batch, dev, warmup, rounds, min_seconds)

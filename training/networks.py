@@ -654,7 +654,10 @@ def denoiser_kwargs(data_shape, precond='edm', model_channels=None, **overrides)
         backbone = MLP
     valid = (_param_names(Denoiser) | _param_names(backbone)) - {'img_resolution', 'in_channels', 'out_channels',
                                                                  'in_dim', 'out_dim', 'width'}
-    _apply_overrides({'net': kwargs}, {'net': valid}, overrides)
+    bad = sorted(set(overrides) - valid)
+    if bad:
+        raise ValueError(f'Unknown Denoiser argument(s) {bad}; valid: {sorted(valid)}')
+    kwargs.update(overrides)
     return dnnlib.EasyDict(class_name='training.networks.Denoiser', data_shape=list(shape), precond=precond, **kwargs)
 
 #----------------------------------------------------------------------------

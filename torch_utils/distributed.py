@@ -145,11 +145,15 @@ def agree_on_seed(seed=None):
 
 #----------------------------------------------------------------------------
 
-def setup_precision(allow_tf32=False, cudnn_benchmark=True, verbose=True):
-    """Set matmul/cudnn precision flags once at start-up and report them.
+def setup_precision(allow_tf32=False, cudnn_benchmark=True, threads=None, verbose=True):
+    """Set matmul/cudnn precision flags and the CPU thread count once at start-up and report them.
 
     TF32 is off by default so CPU and GPU results agree closely; bf16 autocast is chosen per run.
+    `threads` sets torch's intra-op CPU threads (None keeps torch's default); on a busy or small
+    CPU, fewer threads than cores per process often run faster.
     """
+    if threads is not None:
+        torch.set_num_threads(int(threads))
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
     torch.backends.cudnn.benchmark = cudnn_benchmark

@@ -1,0 +1,283 @@
+"""Translate data with a one-step EOT snapshot, sample a denoiser snapshot, or export a snapshot safely.
+
+    python generate.py --network=runs/00000-demo/network-snapshot-000200.pkl --data=datasets/2_test.zip \\
+        --outdir=out/2to3 --grid
+    torchrun --standalone --nproc_per_node=4 generate.py --network=... --data=... --outdir=... --sampler=sde
+    python generate.py --network=DENOISER.pkl --potential=potential.pt --outdir=out/dpmot --seeds=0-99
+    python generate.py --network=snapshot.pkl --export-safe=snapshot-safe/
+
+The script parses options and writes files; the work is in training/generation.py.
+"""
+
+import os
+
+import click
+import numpy as np
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from training import generation
+from training.generation import GenerationError
+
+#----------------------------------------------------------------------------
+# Checking options against the snapshot's kind.
+
+_EOT_ONLY = ('data', 'max', 'repeats', 'gamma')
+_DENOISER_ONLY = ('potential', 'topk')
+
+
+def _option_name(key):
+    return '--' + key.replace('_', '-')
+
+
+def check_options(opts, model):
+    """Resolve the sampler and its defaults for the snapshot's kind; ClickException on misuse."""
+    kind = model.kind
+    sampler = opts.sampler or generation.DEFAULT_SAMPLER[kind]
+    if sampler not in generation.SAMPLERS[kind]:
+        other = 'denoiser' if kind == 'eot' else 'eot'
+        raise click.ClickException(f'--sampler={sampler} applies to snapshots of kind {other}, but "{opts.network}" is '
+                                   f'of kind {kind}; use --sampler={"|".join(generation.SAMPLERS[kind])}')
+    for key in (_DENOISER_ONLY if kind == 'eot' else _EOT_ONLY):
+        if opts[key] is not None:
+            raise click.ClickException(f'{_option_name(key)} does not apply to {kind} snapshots ("{opts.network}")')
+    if kind == 'eot':
+        if opts.data is None:
+            raise click.ClickException('--data is required for EOT snapshots: the inputs to translate (zip, folder or .npz)')
+        if sampler == 'G' and (opts.steps is not None or opts.gamma is not None):
+            raise click.ClickException('--steps and --gamma apply to --sampler=sde only; the one-step G takes neither')
+    return sampler
+
+
+def _seeds(opts):
+    if opts.seeds is None:
+        return None
+    try:
+        return generation.parse_int_list(opts.seeds)
+    except GenerationError as err:
+        raise click.ClickException(str(err)) from None
+
+#----------------------------------------------------------------------------
+# Writing.
+
+def _save_image(image, path):
+    """uint8 [C, H, W] -> PNG (atomic)."""
+    from training.visualize import save_png
+    array = image.cpu().numpy().transpose(1, 2, 0)
+    save_png(array[:, :, 0] if array.shape[2] == 1 else array, path)
+
+
+def _uint8_grid(rows):
+    """Rows of uint8 [N, C, H, W] tensors (rows may be shorter) -> one HWC (or HW) uint8 array."""
+    cols = max(len(r) for r in rows)
+    c, h, w = rows[0].shape[1:]
+    grid = np.zeros([len(rows) * h, cols * w, c], dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row.cpu().numpy()):
+            grid[i * h:(i + 1) * h, j * w:(j + 1) * w] = image.transpose(1, 2, 0)
+    return grid[:, :, 0] if c == 1 else grid
+
+
+def _gather_to_rank0(parts):
+    """Every rank's list of numpy items, concatenated on rank 0 (None elsewhere)."""
+    everything = dist.all_gather_object(parts)
+    return [item for rank_parts in everything for item in rank_parts] if dist.get_rank() == 0 else None
+
+
+def translate_dataset(opts, model, sampler, device):
+    """EOT: translate --data; PNGs per output (each rank its own), or samples.npz for vectors (rank 0)."""
+    dataset = generation.open_inputs(opts.data, model)
+    num = len(dataset) if opts.max is None else min(opts.max, len(dataset))
+    seeds = _seeds(opts)
+    repeats = opts.repeats or 1
+    if seeds is not None and len(seeds) != num:
+        raise click.ClickException(f'--seeds={opts.seeds} gives {len(seeds)} seeds for {num} inputs; give exactly '
+                                   f'one per input (e.g. --seeds=0-{num - 1}) or set --max={len(seeds)}')
+    images = len(model.data_shape) == 3
+    grid_inputs = min(num, 16) if images else num
+    grid_repeats = min(repeats, 7)
+    dist.print0(f'Translating {num} input(s) x {repeats} repeat(s) of "{opts.data}" with --sampler={sampler}'
+                + (f' ({opts.steps or model.sde_steps} steps, gamma={model.gamma if opts.gamma is None else opts.gamma:g})'
+                   if sampler == 'sde' else '') + f' on {dist.get_world_size()} process(es)')
+    if dist.get_rank() == 0:
+        os.makedirs(opts.outdir, exist_ok=True)
+    dist.barrier()
+    kept = [] # (index, repeat, output) kept for samples.npz or the grid.
+    for batch in generation.iterate_translations(model, dataset, seeds=seeds, num=num, sampler=sampler,
+                                                 steps=opts.steps, gamma=opts.gamma, repeats=repeats,
+                                                 batch_size=opts.batch, device=device, progress=True):
+        if images:
+            out = generation.to_images(batch.y)
+            for k, (i, r) in enumerate(zip(batch.index, batch.repeat)):
+                name = f'{i:06d}.png' if repeats == 1 else f'{i:06d}-{r:02d}.png'
+                _save_image(out[k], os.path.join(opts.outdir, name))
+                if opts.grid and i < grid_inputs and r < grid_repeats:
+                    kept.append((int(i), int(r), out[k].cpu()))
+        else:
+            kept.append((batch.index, batch.repeat, batch.y.cpu().numpy()))
+    kept = _gather_to_rank0(kept)
+    if dist.get_rank() != 0:
+        return
+    written = []
+    if not images:
+        dim = model.data_shape[0]
+        y = np.full([num, repeats, dim], np.nan, dtype=np.float32)
+        for index, repeat, out in kept:
+            y[index, repeat] = out
+        x = np.stack([dataset[i][0] for i in range(num)]).astype(np.float32)
+        seed_table = generation.repeat_seeds(list(range(num)) if seeds is None else seeds, repeats)
+        path = os.path.join(opts.outdir, 'samples.npz')
+        with dnnlib.util.atomic_write(path, 'wb') as f:
+            np.savez(f, x=x, y=y, seeds=seed_table)
+        written.append(f'{path} (x {list(x.shape)}, y {list(y.shape)})')
+    else:
+        written.append(f'{num * repeats} PNG(s) in {opts.outdir}')
+    if opts.grid:
+        path = os.path.join(opts.outdir, 'grid.png')
+        if images:
+            x = generation.to_images(generation.load_items(dataset, range(grid_inputs), 'cpu'))
+            rows = [x] + [torch.stack([img for i, r, img in sorted(kept) if r == rr]) for rr in range(grid_repeats)]
+            grid = _uint8_grid(rows)
+        else:
+            from training.visualize import scatter_plot
+            outputs = np.concatenate([out.reshape(-1, model.data_shape[0]) for _, _, out in kept])
+            grid = scatter_plot({'input': np.stack([dataset[i][0] for i in range(num)]), 'output': outputs})
+        from training.visualize import save_png
+        save_png(grid, path)
+        written.append(f'{path}')
+    dist.print0('Wrote ' + ', '.join(written))
+
+
+def sample_denoiser(opts, model, sampler, device):
+    """Denoiser: DPM-OT / plain sampling for --seeds; PNGs per seed, or samples.npz for vectors."""
+    seeds = _seeds(opts) or list(range(64))
+    steps = opts.steps
+    topk = 1 if opts.topk is None else opts.topk
+    if opts.potential is not None and not os.path.isfile(opts.potential):
+        raise click.ClickException(f'--potential: no such file: "{opts.potential}" (write one with potential.py)')
+    images = len(model.data_shape) == 3
+    dist.print0(f'Sampling {len(seeds)} seed(s) with --sampler={sampler}, {steps or "default"} steps'
+                + (f', potential "{opts.potential}", top-k {topk}' if opts.potential else '')
+                + f' on {dist.get_world_size()} process(es)')
+    if dist.get_rank() == 0:
+        os.makedirs(opts.outdir, exist_ok=True)
+    dist.barrier()
+    kept, nfe = [], None
+    grid_seeds = set(seeds[:64])
+    for batch_seeds, samples, info in generation.iterate_samples(
+            model, seeds, sampler=sampler, steps=steps, potential=opts.potential, topk=topk,
+            batch_size=opts.batch, device=device, progress=True):
+        nfe = info.get('nfe', nfe)
+        if images:
+            out = generation.to_images(samples)
+            for k, seed in enumerate(batch_seeds):
+                _save_image(out[k], os.path.join(opts.outdir, f'{seed:06d}.png'))
+                if opts.grid and int(seed) in grid_seeds:
+                    kept.append((int(seed), out[k].cpu()))
+        else:
+            kept += [(int(s), y) for s, y in zip(batch_seeds, samples.cpu().numpy())]
+    kept = _gather_to_rank0(kept)
+    nfe = dist.all_gather_object(nfe)[0]
+    if dist.get_rank() != 0:
+        return
+    order = {s: k for k, s in enumerate(seeds)}
+    kept = sorted(kept, key=lambda item: order[item[0]])
+    written = []
+    if images:
+        written.append(f'{len(seeds)} PNG(s) in {opts.outdir}')
+    else:
+        path = os.path.join(opts.outdir, 'samples.npz')
+        x = np.stack([y for _, y in kept]).astype(np.float32)
+        with dnnlib.util.atomic_write(path, 'wb') as f:
+            np.savez(f, x=x, seeds=np.asarray([s for s, _ in kept], dtype=np.int64))
+        written.append(f'{path} (x {list(x.shape)})')
+    if opts.grid:
+        from training.visualize import save_png, scatter_plot
+        path = os.path.join(opts.outdir, 'grid.png')
+        if images:
+            images_ = torch.stack([img for _, img in kept])
+            grid = _uint8_grid([images_[i:i + 8] for i in range(0, len(images_), 8)])
+        else:
+            grid = scatter_plot({'sample': np.stack([y for _, y in kept])})
+        save_png(grid, path)
+        written.append(path)
+    dist.print0(f'NFE per sample: {nfe}' if nfe is not None else 'NFE per sample: not reported')
+    dist.print0('Wrote ' + ', '.join(written))
+
+#----------------------------------------------------------------------------
+
+@click.command(context_settings=dict(max_content_width=120))
+@click.option('--network',     help='Snapshot: network-snapshot-*.pkl (path or URL; pickles run code: trusted files only), or a folder / network.json written by --export-safe', metavar='PKL|DIR|JSON', type=str, required=True)
+@click.option('--outdir',      help='Where to write the outputs (PNGs, samples.npz, grid.png)', metavar='DIR', type=str)
+@click.option('--data',        help='EOT: the inputs to translate (domain 1): image zip/folder or vector .npz', metavar='ZIP|DIR|NPZ', type=str)
+@click.option('--max', '--count', 'max', help='EOT: translate only the first N inputs (under torchrun write --count: torchrun mistakes --max for its --max-restarts)  [default: all]', metavar='N', type=click.IntRange(min=1))
+@click.option('--seeds',       help='Per-sample seeds, e.g. 0-99 or 1,5,10-19. EOT: one per input (input i uses seeds[i]; default 0, 1, 2, ...); denoiser: one per sample  [default: 0-63]', metavar='LIST', type=str)
+@click.option('--sampler',     help='EOT: G (one step) or sde (Euler-Maruyama of the f-SDE); denoiser: euler, heun or langevin  [default: G for EOT, heun for denoisers]', type=click.Choice(['G', 'sde', 'euler', 'heun', 'langevin'], case_sensitive=False))
+@click.option('--steps',       help="Sampler steps  [default: the snapshot's SDE steps for sde, 18 for denoisers]", metavar='INT', type=click.IntRange(min=1))
+@click.option('--gamma',       help="EOT, --sampler=sde: entropy of the SDE noise  [default: the snapshot's trained gamma]", metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--repeats',     help='EOT: outputs per input; repeat r of input i uses the seed seeds[i] * R + r  [default: 1]', metavar='R', type=click.IntRange(min=1))
+@click.option('--potential',   help='Denoiser: DPM-OT potential from potential.py (without it: the plain sampler from noise)', metavar='PT', type=str)
+@click.option('--topk',        help='Denoiser with --potential: interpolate between the targets of the best K cells  [default: 1]', metavar='K', type=click.IntRange(min=1))
+@click.option('--batch',       help='Batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--grid',        help='Also write grid.png: inputs and outputs (images) or a scatter plot (vectors)', is_flag=True)
+@click.option('--device',      help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+@click.option('--export-safe', 'export_safe', help='Instead of generating, write a code-free export of --network to DIR: weights.pt (state_dicts, loads with weights_only=True) and network.json (architecture)', metavar='DIR', type=str)
+def main(**kwargs):
+    """Translate with an EOT snapshot, sample a denoiser snapshot (DPM-OT), or export a snapshot safely.
+
+    Outputs do not depend on --batch or the number of processes: every random tensor of a sample
+    comes from a generator seeded with that sample's seed. Under torchrun the work is split across
+    processes; each writes its own PNGs, and rank 0 writes samples.npz and grid.png.
+
+    \b
+    Examples:
+    # Translate the test 2s to 3s with the one-step G, plus a grid
+    python generate.py --network=runs/00000-demo/network-snapshot-000200.pkl \\
+        --data=datasets/2_test.zip --outdir=out/2to3 --grid
+    # The SDE with 20 steps on 4 GPUs
+    torchrun --standalone --nproc_per_node=4 generate.py --network=snapshot.pkl \\
+        --data=datasets/2_test.zip --outdir=out/2to3-sde --sampler=sde --steps=20
+    # A conditional plan on a toy task: 16 outputs per input -> out/toy/samples.npz
+    python generate.py --network=snapshot.pkl --data=gauss.npz --outdir=out/toy --repeats=16
+    # DPM-OT sampling of a denoiser
+    python generate.py --network=denoiser.pkl --potential=potential.pt --outdir=out/dpmot --seeds=0-99
+    # Export weights + JSON (no code) and generate from the export
+    python generate.py --network=snapshot.pkl --export-safe=snapshot-safe
+    python generate.py --network=snapshot-safe --data=datasets/2_test.zip --outdir=out/2to3
+    """
+    opts = dnnlib.EasyDict(kwargs)
+    try:
+        device = dist.init(opts.device)
+    except (RuntimeError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    try:
+        if opts.export_safe is not None:
+            given = [_option_name(k) for k in ('outdir', 'data', 'max', 'seeds', 'sampler', 'steps', 'gamma',
+                                               'repeats', 'potential', 'topk') if opts[k] is not None]
+            if given:
+                raise click.ClickException(f'--export-safe only writes an export; drop {", ".join(given)} and generate '
+                                           'afterwards with --network=' + opts.export_safe)
+            model = generation.load_network(opts.network)
+            if dist.get_rank() == 0:
+                path = generation.export_safe(model, opts.export_safe)
+                print(f'Wrote a safe export of "{opts.network}" ({model.kind}: {", ".join(model.nets)}) to {path} '
+                      f'and {os.path.join(opts.export_safe, generation.EXPORT_WEIGHTS)}')
+            return
+        if opts.outdir is None:
+            raise click.ClickException('--outdir is required (where to write the outputs)')
+        model = generation.load_network(opts.network, device)
+        sampler = check_options(opts, model)
+        if model.kind == 'eot':
+            translate_dataset(opts, model, sampler, device)
+        else:
+            sample_denoiser(opts, model, sampler, device)
+    except GenerationError as err:
+        raise click.ClickException(str(err)) from None
+    finally:
+        dist.shutdown()
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()

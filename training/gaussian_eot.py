@@ -212,30 +212,15 @@ def plan_cbw2_uvp(plan, reference):
 WEIGHTS = ('uniform', 'kinetic')
 
 
-def _t_nodes(num, weight, t_max=1.0):
-    """Gauss-Legendre nodes and weights on (0, t_max), times w(t) (1 or 1 / (1 - t)^2)."""
-    z, w = np.polynomial.legendre.leggauss(num)
-    t = (z + 1) / 2 * t_max
-    w = w / 2 * t_max
-    if weight == 'kinetic':
-        w = w / (1 - t) ** 2
-    elif weight != 'uniform':
-        raise ValueError(f'weight must be one of {WEIGHTS}; got {weight!r}')
-    return torch.as_tensor(t), torch.as_tensor(w)
+def bridge_transport(cross, cov0, cov1, gamma, t):
+    """E |E[x1 | x_t] - x_t|^2 at times t [T] for the Gaussian plan with cross-covariance `cross` [D, D].
 
-
-def bridge_objective(cross, cov0, cov1, gamma, weight='uniform', nodes=96, t_max=1.0):
-    """int_0^t_max w(t) E |E[x1 | x_t] - x_t|^2 dt for the Gaussian plan with cross-covariance `cross`.
-
-    x_t = (1 - t) x0 + t x1 + sqrt(gamma t (1 - t)) n is the bridge point of ARCHITECTURE.md; E[x1 | x_t]
-    is the optimal f, so this is the population value of the G-step transport term (times the dimension:
-    the loss averages over coordinates), less the mean term (1 - t)^2 |m1 - m0|^2, which no plan changes.
-    weight 'uniform' is the stated algorithm (t ~ U(0, 1)); 'kinetic' weights by 1 / (1 - t)^2, which
-    makes it the kinetic energy int E |drift|^2 dt of the bridge's Markovian projection.
-    Torch tensors (float64) in and out, differentiable in `cross`.
+    x_t = (1 - t) x0 + t x1 + sqrt(gamma t (1 - t)) n is the bridge point of ARCHITECTURE.md and E[x1 | x_t]
+    the optimal f, so this is the population value of the G-step transport term at t (times D: the loss
+    averages over coordinates), less the mean term (1 - t)^2 |m1 - m0|^2, which no plan changes.
+    Torch tensors (float64); returns [T], differentiable in `cross`.
     """
-    t, w = _t_nodes(nodes, weight, t_max)
-    t = t.to(cross)[:, None, None]
+    t = torch.as_tensor(t).to(cross)[:, None, None]
     eye = torch.eye(cross.shape[0], dtype=cross.dtype)
     sym_c = cross + cross.T
     s = t * (1 - t)
@@ -243,11 +228,35 @@ def bridge_objective(cross, cov0, cov1, gamma, weight='uniform', nodes=96, t_max
     k_t = (1 - t) * cross.T + t * cov1                                          # Cov(x1, x_t)
     explained = (k_t * torch.linalg.solve(var_t, k_t.transpose(1, 2)).transpose(1, 2)).sum((1, 2))
     t = t[:, 0, 0]
-    dim = cross.shape[0]
     # E|x1 - x_t|^2 - E tr Var(x1 | x_t) = E|E[x1 | x_t] - x_t|^2 (less the mean term).
-    value = ((1 - t) ** 2 * torch.trace(cov0 + cov1 - sym_c) + gamma * t * (1 - t) * dim
-             - torch.trace(cov1) + explained)
-    return (w.to(value) * value).sum()
+    return ((1 - t) ** 2 * torch.trace(cov0 + cov1 - sym_c) + gamma * t * (1 - t) * cross.shape[0]
+            - torch.trace(cov1) + explained)
+
+
+def _t_nodes(num, weight, t_max=None):
+    """Gauss-Legendre nodes on (0, 1) and weights times w(t): 1 ('uniform') or 1 / (1 - min(t, t_max))^2
+    ('kinetic'; t_max=None: no clip). With a clip the two sides of t_max get `num` nodes each."""
+    if weight not in WEIGHTS:
+        raise ValueError(f'weight must be one of {WEIGHTS}; got {weight!r}')
+    z, w = np.polynomial.legendre.leggauss(num)
+    pieces = [(0.0, 1.0)] if weight == 'uniform' or t_max is None else [(0.0, t_max), (t_max, 1.0)]
+    t = np.concatenate([a + (z + 1) / 2 * (b - a) for a, b in pieces])
+    w = np.concatenate([w / 2 * (b - a) for a, b in pieces])
+    if weight == 'kinetic':
+        w = w / (1 - np.minimum(t, 1 if t_max is None else t_max)) ** 2
+    return torch.as_tensor(t), torch.as_tensor(w)
+
+
+def bridge_objective(cross, cov0, cov1, gamma, weight='uniform', nodes=96, t_max=None):
+    """int_0^1 w(t) bridge_transport(t) dt: the population G-step transport term of a Gaussian plan.
+
+    weight 'uniform' is the stated algorithm (t ~ U(0, 1), no weight); 'kinetic' weights by 1 / (1 - t)^2,
+    which makes it the kinetic energy int E |drift|^2 dt of the bridge's Markovian projection, whose minimiser
+    is the EOT plan with eps = gamma; t_max clips that weight at 1 / (1 - t_max)^2 (what a practical loss
+    must do: the per-sample variance grows like 1 / (1 - t)). Torch tensors in and out.
+    """
+    t, w = _t_nodes(nodes, weight, t_max)
+    return (w.to(cross) * bridge_transport(cross, cov0, cov1, gamma, t)).sum()
 
 
 def _contraction(w):
@@ -263,7 +272,7 @@ def _uncontraction(k):
     return k @ chol
 
 
-def bridge_objective_optimum(plan, gamma, weight='uniform', start=None, nodes=96, t_max=1.0, max_iter=500):
+def bridge_objective_optimum(plan, gamma, weight='uniform', start=None, nodes=96, t_max=None, max_iter=500):
     """Minimise bridge_objective over all Gaussian couplings of plan's marginals, by L-BFGS from the
     cross-covariance `start` (default plan.cross).
 
@@ -293,3 +302,26 @@ def bridge_objective_optimum(plan, gamma, weight='uniform', start=None, nodes=96
         cross = (h0t @ _contraction(w) @ h1t).numpy()
         value = float(objective())
     return GaussianPlan(plan.mean0, plan.cov0, plan.mean1, plan.cov1, cross, None), value
+
+
+def markovian_projection(plan, gamma, steps=2000):
+    """The coupling (X0, X1) of the SDE dX = (E[x1 | x_t = X] - X) / (1 - t) dt + sqrt(gamma) dW from X0 ~ plan's
+    source, where E[x1 | x_t] is taken under the bridge mixture of `plan` (what the f-SDE samples when f is
+    exact). The drift is linear, so E[X_t | X0] = mean + Phi_t (X0 - mean0) with dPhi/dt = (A_t - I) / (1 - t) Phi,
+    A_t = Cov(x1, x_t) Cov(x_t)^-1, integrated by the midpoint (RK2) rule; Cov(X0, X1) = S0 Phi_1^T. Returns a
+    GaussianPlan (its target law is plan's, in continuous time).
+    """
+    eye = np.eye(plan.dim)
+    sym_c = plan.cross + plan.cross.T
+
+    def rate(t):
+        var_t = (1 - t) ** 2 * plan.cov0 + t ** 2 * plan.cov1 + t * (1 - t) * (sym_c + gamma * eye)
+        a_t = np.linalg.solve(var_t, (1 - t) * plan.cross + t * plan.cov1).T   # Cov(x1, x_t) Cov(x_t)^-1
+        return (a_t - eye) / (1 - t)
+
+    phi = eye.copy()
+    h = 1.0 / steps
+    for k in range(steps):
+        half = phi + h / 2 * rate(k * h) @ phi
+        phi = phi + h * rate((k + 0.5) * h) @ half
+    return GaussianPlan(plan.mean0, plan.cov0, plan.mean1, plan.cov1, plan.cov0 @ phi.T, None)

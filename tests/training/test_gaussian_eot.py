@@ -158,9 +158,8 @@ def test_bridge_objective_matches_monte_carlo():
     var_t = np.cov(np.concatenate([x1, xt], 1).T)
     f = xt @ np.linalg.solve(var_t[2:, 2:], var_t[2:, :2])   # linear regression = E[x1 | x_t]
     mc = ((f - xt) ** 2).sum(1).mean()
-    exact = ge.bridge_objective(torch.as_tensor(plan.cross), torch.as_tensor(s0), torch.as_tensor(s1), gamma,
-                                'uniform', nodes=1, t_max=2 * t)   # one node at t, weight 2t
-    assert float(exact) / (2 * t) == pytest.approx(mc, rel=0.01)
+    exact = ge.bridge_transport(torch.as_tensor(plan.cross), torch.as_tensor(s0), torch.as_tensor(s1), gamma, [t])
+    assert float(exact[0]) == pytest.approx(mc, rel=0.01)
 
 #----------------------------------------------------------------------------
 # Bures-Wasserstein distances and UVP measures.
@@ -207,3 +206,27 @@ def test_cbw2_uvp_against_a_per_input_loop_and_the_population_value():
     assert population > 1 and ge.cbw2_uvp(x, y, plan) == pytest.approx(population, rel=0.1)
     assert ge.plan_cbw2_uvp(plan, plan) == pytest.approx(0, abs=1e-9)
     assert ge.plan_bw2_uvp(x, y[:, 0], other) < ge.plan_bw2_uvp(x, y[:, 0], plan)
+
+
+def test_markovian_projection_keeps_the_eot_plan_and_matches_a_simulated_sde():
+    _, s0, _, s1 = random_pair(2, seed=11)
+    gamma = 1.0
+    eot = ge.gaussian_eot_plan(None, s0, None, s1, gamma)
+    assert np.abs(ge.markovian_projection(eot, gamma).cross - eot.cross).max() < 1e-6   # the SB is Markov
+    indep = ge.GaussianPlan(eot.mean0, s0, eot.mean1, s1, np.zeros((2, 2)))
+    proj = ge.markovian_projection(indep, gamma)
+    # Euler-Maruyama of dX = (E[x1 | x_t = X] - X) / (1 - t) dt + sqrt(gamma) dW under the independent plan.
+    rng = np.random.default_rng(0)
+    n, steps = 40000, 400
+    x0 = rng.normal(size=(n, 2)) @ np.linalg.cholesky(s0).T
+    x = x0.copy()
+    for k in range(steps):
+        t = k / steps
+        var_t = (1 - t) ** 2 * s0 + t ** 2 * s1 + gamma * t * (1 - t) * np.eye(2)
+        a_t = np.linalg.solve(var_t, t * s1).T                 # Cov(x1, x_t) Cov(x_t)^-1 (zero means)
+        x = x + (x @ a_t.T - x) / steps / (1 - t)
+        if k < steps - 1:
+            x = x + np.sqrt(gamma / steps) * rng.normal(size=x.shape)
+    assert np.abs(x0.T @ x / n - proj.cross).max() < 0.05    # MC error ~ 1/sqrt(n) * O(1), Euler ~ 1/steps
+    assert np.abs(np.cov(x.T) - s1).max() < 0.06             # the projection keeps the target law
+    assert ge.plan_cbw2_uvp(proj, eot) < 0.1 * ge.plan_cbw2_uvp(indep, eot)

@@ -213,7 +213,7 @@ def sample_denoiser(opts, model, sampler, device):
 @click.option('--data',        help='EOT: the inputs to translate (domain 1): image zip/folder or vector .npz', metavar='ZIP|DIR|NPZ', type=str)
 @click.option('--max', '--count', 'max', help='EOT: translate only the first N inputs (under torchrun write --count: torchrun mistakes --max for its --max-restarts)  [default: all]', metavar='N', type=click.IntRange(min=1))
 @click.option('--seeds',       help='Per-sample seeds, e.g. 0-99 or 1,5,10-19. EOT: one per input (input i uses seeds[i]; default 0, 1, 2, ...); denoiser: one per sample  [default: 0-63]', metavar='LIST', type=str)
-@click.option('--sampler',     help='EOT: G (one step) or sde (Euler-Maruyama of the f-SDE); denoiser: euler, heun or langevin  [default: G for EOT, heun for denoisers]', type=click.Choice(['G', 'sde', 'euler', 'heun', 'langevin'], case_sensitive=False))
+@click.option('--sampler',     help='EOT: G (one step) or sde (Euler-Maruyama of the f-SDE); denoiser: euler, heun or langevin  [default: G for EOT, heun for denoisers]', type=click.Choice(['G', 'sde', 'euler', 'heun', 'langevin']))
 @click.option('--steps',       help="Sampler steps  [default: the snapshot's SDE steps for sde, 18 for denoisers]", metavar='INT', type=click.IntRange(min=1))
 @click.option('--gamma',       help="EOT, --sampler=sde: entropy of the SDE noise  [default: the snapshot's trained gamma]", metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--repeats',     help='EOT: outputs per input; repeat r of input i uses the seed seeds[i] * R + r  [default: 1]', metavar='R', type=click.IntRange(min=1))

@@ -108,6 +108,8 @@ def parse_int_list(text, what='--seeds'):
 
 def repeat_seeds(seeds, repeats):
     """[N, R] int64 seeds of repeat r of input i: seeds[i] * R + r."""
+    if len(seeds) and max(int(s) for s in seeds) >= (2**63 - 1) // int(repeats):
+        raise GenerationError(f'seed {max(seeds)} times --repeats={repeats} does not fit in 63 bits; use smaller seeds')
     seeds = np.asarray(seeds, dtype=np.int64).reshape(-1, 1)
     return seeds * int(repeats) + np.arange(int(repeats), dtype=np.int64)[None, :]
 
@@ -184,7 +186,9 @@ def load_network(path, device=torch.device('cpu')):
     try:
         with dnnlib.util.open_url(path) as f:
             data = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as err:
+    except (OSError, dnnlib.util.DownloadError) as err:
+        raise GenerationError(f'--network: cannot read "{path}": {err}') from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as err:
         raise GenerationError(f'{path}: cannot unpickle ({type(err).__name__}: {err}); is it a network-snapshot-*.pkl '
                               'from train.py? (training-state-*.pt files are for --resume, not generation)') from None
     kind = _snapshot_kind(data, path)

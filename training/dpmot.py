@@ -22,7 +22,8 @@ less noise than sigma (sum_j w_j n_j has std sqrt(sum w_j^2) sigma), so by defau
 std sigma sqrt(1 - sum w_j^2) is added back.
 
 Every random number of sample i comes from its own generator seeded with seeds[i] (source point, initial
-noise, sampler noise), so a seed gives the same sample whatever the batch size or the other seeds.
+noise, sampler noise), so a seed gives the same sample whatever the batch size or the other seeds (bit for bit
+with the same batch size; across batch sizes a network's batched matrix products may differ in the last bit).
 """
 
 import hashlib
@@ -500,7 +501,16 @@ def generate_samples(net, seeds, potential=None, sampler='heun', steps=None, top
                              f'(its latents are at sigma_(S-K) = {pot["sigma"]:.4g}); omit steps or recompute the '
                              f'potential with potential.py --steps={steps}')
         sigmas = pot['sigmas'][num_steps - back_steps:]
-        ot_map = OTMap(pot, device, topk, temperature, angle_threshold, angle_norm, angle_ref_samples, renoise)
+        # The prepared map (centred targets, the angle range) is kept in the potential dict, so callers that
+        # generate batch by batch with the same dict pay for it once.
+        key = (str(device), int(topk), float(temperature), float(angle_threshold), angle_norm, int(angle_ref_samples),
+               bool(renoise))
+        cache = pot.setdefault('_ot_maps', {})
+        if key not in cache:
+            cache.clear()   # one prepared map at a time (each holds a copy of the targets)
+            cache[key] = OTMap(pot, device, topk, temperature, angle_threshold, angle_norm, angle_ref_samples,
+                               renoise)
+        ot_map = cache[key]
     nfe_formula = diffusion.expected_nfe(sampler, sigmas, **opts)
 
     samples, latents_all, cells, kept, nfe = [], [], [], [], None

@@ -255,6 +255,8 @@ def test_same_seed_same_sample_whatever_the_batch(toy, use_pot, sampler, opts):
         assert torch.equal(dpmot.generate_samples(net, seeds, batch_size=bs, **kw)[0], full)
     part, _ = dpmot.generate_samples(net, seeds[3:7][::-1], **kw)          # other seeds, other order
     assert torch.equal(part, full[3:7].flip(0))
+    if use_pot:                                # the prepared map is kept in the potential dict and reused
+        assert len(pot['_ot_maps']) == 1
     assert not torch.equal(full[0], full[1])
 
 

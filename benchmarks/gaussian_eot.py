@@ -18,7 +18,7 @@ stated (t ~ U(0, 1), no weight; training.gaussian_eot.bridge_objective_optimum),
 with a perfect critic and f, and for the SDE the Markovian projection of that plan (what the f-SDE samples);
 `rank`: the least cBW2-UVP of G's conditionals when its noise has fewer dimensions than D. Wall times of
 training and sampling are printed per row. --loss=kinetic trains the 1/(1-t)^2-weighted variant instead
-(KineticEOTLoss below; in-process, since train.py has no switch for it).
+(training.gaussian_eot.KineticEOTTask; in-process, since train.py has no switch for it).
 
 Spectra: 'enot' draws S = W W^T with W = Q diag(exp(linspace(log 0.5, log 2, D))) (the ENOT notebook:
 eigenvalues 0.25..4, log-spaced); 'toy' uses training.toy.random_covariance (eigenvalues 0.5..2, linear).
@@ -43,32 +43,7 @@ sys.path.insert(0, ROOT)
 import dnnlib  # noqa: E402
 from training import gaussian_eot as ge  # noqa: E402
 from training import toy  # noqa: E402
-from training.eot import EOTLoss, EOTTask  # noqa: E402
-
-#----------------------------------------------------------------------------
-# The experimental variant of the G-step (--loss=kinetic): the transport term weighted by 1 / (1 - t)^2,
-# clipped at t_max, which makes its population minimiser the EOT plan (training.gaussian_eot.bridge_objective).
-# train.py has no switch for it, so this variant trains in-process with train.py's own config.
-
-class KineticEOTLoss(EOTLoss):
-    """EOTLoss whose G-step transport term is weighted by 1 / (1 - min(t, t_max))^2."""
-
-    def __init__(self, gamma=1.0, t_max=0.999):
-        super().__init__(gamma)
-        self.t_max = float(t_max)
-
-    def G_loss(self, f, D, x0, xN, t, n):
-        loss, transport = super().G_loss(f, D, x0, xN, t, n)   # loss = transport - D(xN)
-        weight = (1 - t.clamp(max=self.t_max)).square().reciprocal()
-        return loss + (weight - 1) * transport, weight * transport
-
-
-class KineticEOTTask(EOTTask):
-    """EOTTask with KineticEOTLoss."""
-
-    def __init__(self, *args, t_max=0.999, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.loss = KineticEOTLoss(self.loss.gamma, t_max)
+from training.gaussian_eot import U_MIN  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Problems and data.
@@ -129,23 +104,23 @@ def train_args(train_opts, noise_dim, dim):
     return rest + ['--net-opts=' + json.dumps(net_opts, separators=(',', ':'))]
 
 
-def train(paths, run_dir, eps, kimg, seed, args, threads, t_max=None):
+def train(paths, run_dir, eps, kimg, seed, args, threads, kinetic=False):
     """train.py into run_dir (no subdirectory) with extra options `args`; returns (last snapshot, seconds).
-    With t_max, trains KineticEOTTask in this process instead (train.py's config, other task class)."""
+    With `kinetic`, trains KineticEOTTask in this process instead (train.py's config, other task class)."""
     cmd = ['train.py', '--name=gauss', f'--outdir={run_dir}', '--nosubdir',
            f'--data1train={paths["source"]}', f'--data2train={paths["target"]}', f'--data1test={paths["test"]}',
            f'--gamma={eps}', f'--duration={kimg / 1000}', f'--tick={max(kimg / 10, 0.001)}', '--snap=100000',
            '--dump=100000', '--workers=0', '--device=cpu', '--no-tensorboard', f'--seed={seed}']
     cmd += args
-    if t_max is None:
+    if not kinetic:
         seconds = run([sys.executable] + cmd, os.path.join(run_dir + '.log'), threads)
     else:
-        seconds = train_kinetic(cmd[1:], run_dir, seed, t_max)
+        seconds = train_kinetic(cmd[1:], run_dir, seed)
     snaps = sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot-') and f.endswith('.pkl'))
     return os.path.join(run_dir, snaps[-1]), seconds
 
 
-def train_kinetic(args, run_dir, seed, t_max):
+def train_kinetic(args, run_dir, seed):
     """train.py's option parsing and config (setup_training_config), KineticEOTTask, the shared loop."""
     import train as train_script
     from torch_utils import distributed as dist
@@ -153,8 +128,7 @@ def train_kinetic(args, run_dir, seed, t_max):
     opts = dnnlib.EasyDict(train_script.main.make_context('train.py', list(args)).params)
     device = dist.init('cpu')
     c = train_script.setup_training_config(opts)
-    c.task_kwargs.class_name = 'benchmarks.gaussian_eot.KineticEOTTask'
-    c.task_kwargs.t_max = t_max
+    c.task_kwargs.class_name = 'training.gaussian_eot.KineticEOTTask'
     c.seed, c.run_dir, c.resume_state, c.world_size = seed, run_dir, None, 1
     os.makedirs(run_dir, exist_ok=True)
     write_options(run_dir, c)
@@ -206,12 +180,11 @@ def floor(plan, xm, xc, repeats, seed):
     return measures(plan, xm, plan.sample_conditional(xm, 1, rng)[:, 0], xc, plan.sample_conditional(xc, repeats, rng))
 
 
-def theory(plan, t_max=None):
+def theory(plan, weight='uniform'):
     """cBW2-UVP (%) against the EOT plan of (G) the population minimiser of the G-step transport term (as
-    stated: uniform t; with t_max: the kinetic weight clipped at t_max) and (SDE) its Markovian projection,
-    the plan of the f-SDE when f is exact."""
-    weight = 'uniform' if t_max is None else 'kinetic'
-    found, _ = ge.bridge_objective_optimum(plan, plan.eps, weight, t_max=t_max)
+    stated: 'uniform' t; or 'kinetic') and (SDE) its Markovian projection, the plan of the f-SDE when f is
+    exact."""
+    found, _ = ge.bridge_objective_optimum(plan, plan.eps, weight, t_max=1 - U_MIN ** 2 if weight == 'kinetic' else None)
     return dict(G=ge.plan_cbw2_uvp(found, plan),
                 sde=ge.plan_cbw2_uvp(ge.markovian_projection(found, plan.eps), plan))
 
@@ -245,16 +218,14 @@ def _floats(text):
 @click.option('--threads', help='OpenMP threads of each training / sampling process', type=int, default=1, show_default=True)
 @click.option('--seed', help='Seed of the problems, data and training', type=int, default=0, show_default=True)
 @click.option('--theory/--no-theory', 'theory_', help='Also compute the population optima (theory columns)', default=True, show_default=True)
-@click.option('--loss', help='G-step transport term: as stated (uniform t) or kinetic (1/(1-t)^2, clipped at --t-max; in-process)', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
-@click.option('--t-max', help='--loss=kinetic: clip of the weight 1/(1-t)^2', type=float, default=0.999, show_default=True)
+@click.option('--loss', help='G-step transport term: as stated (uniform t) or kinetic (1/(1-t)^2, importance-sampled; in-process)', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
 @click.option('--outdir', help='Work directory (data, runs, samples, results.jsonl)', metavar='DIR', required=True)
 def main(dims, eps_list, kimg, train_opts, noise_dim, num, eval_inputs, repeats, marginal_samples, spectrum, via, threads,
-         seed, theory_, loss, t_max, outdir):
+         seed, theory_, loss, outdir):
     """Train one-step EOT on Gaussian pairs and report (c)BW2-UVP of G and the SDE against the closed form."""
     torch.set_num_threads(threads)
     os.makedirs(outdir, exist_ok=True)
     results_path = os.path.join(outdir, 'results.jsonl')
-    t_max = t_max if loss == 'kinetic' else None
     print(f'{"D":>4} {"eps":>5} {"sampler":>7} {"BW2-UVP":>8} {"plan-UVP":>8} {"cBW2-UVP":>8} {"floors(b/p/c)":>17} '
           f'{"theory":>7} {"rank":>6} {"train_s":>8} {"sample_s":>8}')
     for dim in [int(d) for d in dims.split(',') if d]:
@@ -263,11 +234,11 @@ def main(dims, eps_list, kimg, train_opts, noise_dim, num, eval_inputs, repeats,
             folder = os.path.join(outdir, f'D{dim}-eps{eps:g}')
             paths = write_data(plan, os.path.join(folder, 'data'), num, max(eval_inputs, marginal_samples), seed)
             args = train_args(train_opts, noise_dim, dim)
-            snapshot, train_s = train(paths, os.path.join(folder, 'run'), eps, kimg, seed, args, threads, t_max)
+            snapshot, train_s = train(paths, os.path.join(folder, 'run'), eps, kimg, seed, args, threads, loss == 'kinetic')
             with open(snapshot, 'rb') as f:
                 g_noise = pickle.load(f)['G'].z_shape[0]
             nan = float('nan')
-            th = theory(plan, t_max) if theory_ else dict(G=nan, sde=nan)
+            th = theory(plan, 'uniform' if loss == 'stated' else 'kinetic') if theory_ else dict(G=nan, sde=nan)
             for sampler in ('G', 'sde'):
                 xm, ym, sm = sample(snapshot, paths['test'], os.path.join(folder, f'marginal-{sampler}'), sampler,
                                     1, marginal_samples, threads, via)
@@ -276,7 +247,7 @@ def main(dims, eps_list, kimg, train_opts, noise_dim, num, eval_inputs, repeats,
                 sample_s = sm + sc
                 m, fl = measures(plan, xm, ym[:, 0], xc, yc), floor(plan, xm, xc, repeats, seed)
                 rank = rank_floor(plan, g_noise) if sampler == 'G' else 0.0
-                row = dict(dim=dim, eps=eps, sampler=sampler, loss=loss, t_max=t_max, kimg=kimg, train_opts=shlex.join(args),
+                row = dict(dim=dim, eps=eps, sampler=sampler, loss=loss, kimg=kimg, train_opts=shlex.join(args),
                            spectrum=spectrum, eval_inputs=eval_inputs, repeats=repeats, marginal_samples=marginal_samples,
                            num=num, seed=seed,
                            train_s=train_s, sample_s=sample_s, theory_cbw2_uvp=th[sampler], rank_floor=rank, **m,

@@ -6,6 +6,17 @@ import zipfile
 import numpy as np
 import PIL.Image
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope='session')
+def one_torch_thread():
+    """One intra-op thread for the whole session: the tests use tiny tensors, for which torch's thread
+    pool mostly spin-waits (several times slower on a small or shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_image_zip(path, num, resolution=8, channels=3, seed=0, offset=0.0):

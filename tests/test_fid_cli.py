@@ -26,13 +26,6 @@ COMMON = ['--detector', STANDIN, '--workers', '0', '--device', 'cpu', '--batch',
 
 #----------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    # The 2048-d eigendecompositions run several times faster single-threaded on a busy shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def png_bytes(arr):

@@ -16,13 +16,6 @@ from metrics import fid as fid_lib
 #----------------------------------------------------------------------------
 # Helpers.
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    # The 2048-d eigendecompositions run several times faster single-threaded on a busy shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fid_sqrtm(mu1, s1, mu2, s2):

@@ -8,13 +8,6 @@ from metrics import precision_recall as pr_lib
 
 #----------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    # Tiny blocks: thread hand-offs cost more than they save on a busy shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def brute_force_radii(x, k):

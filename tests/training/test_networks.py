@@ -25,13 +25,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = dict(num_blocks=1, G=dict(model_channels=8), f=dict(model_channels=8), D=dict(model_channels=8))
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny networks: with several OpenMP threads on a shared CPU most time goes to spin-waiting.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _build(kwargs, **extra):

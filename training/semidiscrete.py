@@ -23,18 +23,25 @@ bfloat16 scoring is accurate enough to shortlist candidates. Every public functi
 the original, uncentred problem; `to_centred` / `from_centred` convert. h is defined up to a constant.
 
 The solver (see SemidiscreteSolver for the settings):
-1. Start: g_i = -sqrt(2 ln N) * s * |y_i - ybar| (s: the source's per-coordinate std). For near-independent
+1. Start ('auto': the better of the first two on a small pilot batch):
+   'norm': g_i = -sqrt(2 ln N) s |y_i - ybar| (s: the source's per-coordinate std). For near-independent
    scores <x - c, y_i - ybar> ~ N(0, s^2 |y_i - ybar|^2) this equalises the levels that the maximum of N
-   scores reaches, so all cells start near-equal (instead of h = 0, where most cells are empty).
-2. Every iteration draws fresh Monte Carlo (or scrambled Sobol) samples, finds each sample's exact best and
-   second-best cell, counts n_i and the mean top-1/top-2 score gap beta. Step ('log', the default):
-       g_i <- g_i - lr * beta * log((n_i + 1/2) / (M/N + 1/2)),
-   the Newton step of the logit model mu_i ~ exp(g_i / beta), which is what high-dimensional cells obey
-   (top-1/top-2 gaps of many near-independent scores are ~ Exp(beta), as for Gumbel maxima). Step 'adam':
-   Adam on the relative gradient r with learning rate lr * beta.
-3. When the fit-batch error stops improving (no new best for `patience` iterations), iterate averaging
-   starts (weights proportional to samples); every later stall multiplies the samples per iteration by
-   `grow_factor`. The averaged iterate reaches the statistical floor sqrt(N / samples averaged).
+   scores reaches, so all cells start near-equal (at h = 0 most cells are empty). Best in high dimension.
+   'voronoi': g_i = -t |y_i - ybar|^2 / 2, the Voronoi cells of the sites c + t (y_i - ybar), with t putting
+   every site inside the source's support: no cell starts empty. Best in low dimension.
+2. Every iteration draws fresh Monte Carlo (or scrambled Sobol) samples, finds each sample's best and
+   second-best cell, and counts n_i. beta_i is the mean top-1/top-2 score gap of the samples where cell i
+   is best or second (shrunk towards the global mean gap). Step ('log', the default):
+       g_i <- g_i - lr * m_i * beta_i * log((n_i + 1/2) / (M/N + 1/2)),     |change| <= 2 lr mean(beta),
+   the Newton step of the logit model mu_i ~ exp(g_i / beta_i), which is what high-dimensional cells obey
+   (top-1/top-2 gaps of many near-independent scores are ~ Exp(beta), as for Gumbel maxima). m_i in
+   [0.02, 1] halves when cell i's error changes sign while clearly above the noise (low dimension, where
+   the model misjudges the response) and otherwise grows back. Step 'adam': Adam on r, learning rate
+   lr * beta_i.
+3. When the fit-batch error stops improving (no 10% better value for `patience` iterations), iterate
+   averaging starts, with weights growing linearly in the samples drawn since (the transient fades); every
+   later stall multiplies the samples per iteration by `grow_factor`. The average reaches the statistical
+   floor ~ sqrt(N / samples averaged) where the plain iterate stalls at sqrt(lr N / M).
 4. Certification: once the averaged samples could support `tol`, the averaged heights are scored on fresh
    check samples that are never used for fitting; `converged` means their debiased rms relative cell-mass
    error is <= tol and no cell is empty.
@@ -191,10 +198,14 @@ class SemidiscreteProblem:
 class _Scorer:
     """Top-k of centred scores over targets [lo, hi), with a running top-k over target chunks.
 
-    Exact dtype: one addmm per chunk, then topk/max. Reduced dtype (bfloat16 / float16): scores in the reduced
-    dtype shortlist `k + rescore - 1` candidates, which are re-scored exactly (a gather of their rows and a
-    batched dot product), so the returned values and order are those of exact scoring unless the true winner
-    falls outside the shortlist (never seen with 4 candidates on centred image-like data).
+    Exact dtype: one matmul per chunk, then max/topk. Reduced dtype (bfloat16 / float16): reduced-precision
+    scores shortlist `k + rescore - 1` candidates per sample, which are re-scored exactly (a gather of their
+    rows and a row-wise dot product). In the solver's passes, only the shortlists of the samples whose
+    reduced-precision lead is within 2 E are re-scored, where E bounds one score's rounding error:
+    6 standard deviations of the input rounding,
+    u sqrt(2/3) |x|_4 max_j |y_j|_4 by Hoelder, plus the output and height rounding 2 u (|score| + max |g|),
+    with u the unit roundoff (6 standard deviations are exceeded with probability ~1e-9). So the best index
+    is exact unless the winner misses the shortlist (never seen with 4 candidates on centred image-like data).
     """
 
     def __init__(self, prob, dtype=None, chunk_size=4096, rescore=4, lo=0, hi=None):
@@ -211,28 +222,42 @@ class _Scorer:
         self.y = prob._yc[lo:hi]
         self.low = None if dtype in (torch.float32, torch.float64) else dtype
         self.y_low = None if self.low is None else self.y.to(self.low)
+        self.unit = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}.get(dtype, 0.0)
+        self.y4max = float(prob._yc.pow(4).sum(dim=1).pow(0.25).max())      # over all targets: rank-independent
 
-    def topk(self, xc, g, k):
+    def topk(self, xc, g, k, exact='all'):
         """Best k (values, global indices) of <xc, y_i> + g_i, i in [lo, hi); xc [m, d] exact, g [N] exact.
 
-        Returns ([m, kk], [m, kk]) with kk = min(k, hi - lo), best first.
+        Returns ([m, kk], [m, kk]) with kk = min(k, hi - lo), best first. In a reduced dtype, `exact` says what
+        is re-scored: 'all' (the whole shortlist: exact values and order), 'leaders' (the two leading values,
+        plus the shortlist of unsure samples) or 'winner' (only the shortlists of unsure samples: the best
+        index is exact, the other values are reduced-precision estimates).
         """
         g = g[self.lo:self.hi].to(self.exact)
         n = self.hi - self.lo
         if self.low is None:
             vals, idx = self._running_topk(xc, self.y, g, min(k, n))
-        else:
-            cand = min(k + self.rescore - 1, n)
-            _, idx = self._running_topk(xc.to(self.low), self.y_low, g.to(self.low), cand)
+            return vals, idx + self.lo
+        cand = min(k + self.rescore - 1, n)
+        v_low, idx = self._running_topk(xc.to(self.low), self.y_low, g.to(self.low), cand)
+        if exact == 'all' or cand < 2:
             vals = _rescore(xc, self.y, g, idx)
-            vals, j = vals.topk(min(k, n), dim=1)
-            idx = idx.gather(1, j)
-        return vals, idx + self.lo
+        else:
+            vals = v_low.to(self.exact)
+            err = (6 * math.sqrt(2 / 3) * self.unit * xc.pow(4).sum(dim=1).pow(0.25) * self.y4max
+                   + 2 * self.unit * (vals[:, 0].abs() + float(g.abs().max())))
+            unsure = (vals[:, 0] - vals[:, 1] <= 2 * err).nonzero()[:, 0]
+            if exact == 'leaders':
+                vals[:, :2] = _rescore(xc, self.y, g, idx[:, :2])
+            if unsure.numel():
+                vals[unsure] = _rescore(xc[unsure], self.y, g, idx[unsure])
+        vals, j = vals.topk(min(k, n), dim=1)
+        return vals, idx.gather(1, j) + self.lo
 
     def _running_topk(self, x, y, g, k):
         best_v = best_i = None
         for s in range(0, y.shape[0], self.chunk):
-            scores = torch.addmm(g[s:s + self.chunk], x, y[s:s + self.chunk].T)   # [m, chunk]
+            scores = (x @ y[s:s + self.chunk].T).add_(g[s:s + self.chunk])       # [m, chunk]
             if k == 1:
                 v, i = scores.max(dim=1, keepdim=True)
             else:
@@ -254,15 +279,17 @@ def _merge_topk(v1, i1, v2, i2, k):
     return v, torch.cat([i1, i2], dim=1).gather(1, j)
 
 
-def _rescore(xc, y, g, idx, rows_per_step=256):
-    """Exact scores <xc_m, y_idx[m, j]> + g_idx[m, j] for local indices idx [m, c]."""
-    m, c = idx.shape
-    out = torch.empty(m, c, dtype=xc.dtype, device=xc.device)
-    for s in range(0, m, rows_per_step):
-        sel = idx[s:s + rows_per_step]
-        rows = y.index_select(0, sel.reshape(-1)).view(sel.shape[0], c, -1)     # [m', c, d]
-        out[s:s + rows_per_step] = torch.bmm(rows, xc[s:s + rows_per_step, :, None])[..., 0]
+def _rescore(xc, y, g, idx):
+    """Exact scores <xc_m, y_idx[m, j]> + g_idx[m, j] for local indices idx [m, c].
+
+    One gather and one row-wise dot product per candidate column: far faster on the CPU than a batched
+    matrix-vector product over [m, c, d].
+    """
+    out = torch.empty(idx.shape, dtype=xc.dtype, device=xc.device)
+    for j in range(idx.shape[1]):
+        out[:, j] = torch.linalg.vecdot(y.index_select(0, idx[:, j]), xc)
     return out + g[idx]
+
 
 #----------------------------------------------------------------------------
 # Sample streams: the global stream is a function of (seed, stream, counter, block) only.
@@ -369,7 +396,8 @@ class _Engine:
                 xc = self.sampler.points(qmc_start + b * B, size)
             else:
                 xc = self.sampler.block(stream, counter, b, size)
-            vals, idx = self.scorer.topk(xc, g, k)
+            # Sample split: only the winner must be exact. Target shards: their leaders are compared.
+            vals, idx = self.scorer.topk(xc, g, k, exact='leaders' if self.shard else 'winner')
             if self.shard:
                 vals, idx = _combine_across_ranks(vals, idx, k)
             idx_parts.append(idx[:, [0, k - 1]])
@@ -547,7 +575,7 @@ class SemidiscreteSolver:
         step: 'log' (gap-scaled Newton step on log cell masses) or 'adam' (Adam on r, learning rate lr * gap).
         adam_betas: Adam's (beta1, beta2) for step='adam'.
         samples_per_iter: Monte Carlo samples per iteration at the start (default 10 N).
-        max_samples_per_iter: cap for growth (default 160 N).
+        max_samples_per_iter: cap for growth (default 32 N, at least samples_per_iter).
         grow_factor: growth of the samples per iteration at each stall after averaging has started.
         patience: iterations without a 10% better fit-batch error that count as a stall.
         qmc: scrambled Sobol points for fitting (checks always use i.i.d. samples, which the debiasing needs).
@@ -627,9 +655,9 @@ class SemidiscreteSolver:
         g = st['g'].to(dev)
         g_avg = st['g_avg'].to(dev) if st['g_avg'] is not None else None
         adam_m, adam_v = st['adam_m'].to(dev), st['adam_v'].to(dev)
-        for key in ('mult', 'prev_r'):
+        for key in ('mult', 'prev_r', 'loud'):
             st[key] = st[key].to(dev)
-        max_M = int(self.max_samples_per_iter or 160 * N)
+        max_M = max(int(self.max_samples_per_iter or 32 * N), st['num_samples'])
         check_M = int(self.check_samples or max(20 * N, math.ceil(4 * math.sqrt(2 * N) / max(self.tol, 1e-6)**2)))
         history, t0 = [], time.perf_counter()
 
@@ -650,7 +678,6 @@ class SemidiscreteSolver:
             g -= g.mean()
 
             # Stalls start iterate averaging, then grow the samples per iteration.
-            st['recent'] = (st['recent'] + [stats['rms']])[-self.patience:]
             if stats['r2_debiased'] < 0.9 * st['best']:
                 st['best'], st['bad'] = stats['r2_debiased'], 0
             else:
@@ -662,12 +689,15 @@ class SemidiscreteSolver:
                 else:
                     st['num_samples'] = min(max_M, math.ceil(M * self.grow_factor))
             if g_avg is not None:
-                st['avg_samples'] += M
-                g_avg += (M / st['avg_samples']) * (g - g_avg)     # weights proportional to samples
+                # Weights grow linearly with the samples drawn since averaging began, so what is left of the
+                # transient fades (uniform weights would keep it for good).
+                prev, st['avg_samples'] = st['avg_samples'], st['avg_samples'] + M
+                g_avg += (1.0 - (prev / st['avg_samples']) ** 2) * (g - g_avg)
 
             # Certify the averaged heights on fresh samples once they could support tol.
             check = None
-            if (g_avg is not None and self.tol > 0 and N / st['avg_samples'] <= (0.7 * self.tol)**2
+            # (Linear averaging weights keep 3/4 of the samples' worth of noise reduction.)
+            if (g_avg is not None and self.tol > 0 and N / (0.75 * st['avg_samples']) <= (0.7 * self.tol)**2
                     and st['avg_samples'] >= 1.5 * st['avg_samples_at_check']):
                 st['avg_samples_at_check'] = st['avg_samples']
                 c_counts, _ = check_engine.batch(g_avg.to(prob._exact), _CHECK, st['num_checks'], check_M)
@@ -676,10 +706,6 @@ class SemidiscreteSolver:
                 check = mass_error_stats(c_counts, check_M)
                 st['check'] = check
                 st['converged'] = check['rms'] <= self.tol and check['empty'] == 0
-                # An average worse than the recent iterates themselves still carries the transient: restart.
-                if not st['converged'] and check['rms'] > sorted(st['recent'])[len(st['recent']) // 2]:
-                    g_avg.copy_(g)
-                    st['avg_samples'], st['avg_samples_at_check'] = M, 0
 
             row = dict(iter=st['iter'], num_samples=M, grad_norm=grad_norm, rms=stats['rms'],
                        max_rel_err=stats['max_abs'], empty=stats['empty'], gap=gap, averaging=g_avg is not None,
@@ -693,7 +719,8 @@ class SemidiscreteSolver:
                 break
 
         st.update(g=g.cpu(), g_avg=None if g_avg is None else g_avg.cpu(), adam_m=adam_m.cpu(),
-                  adam_v=adam_v.cpu(), mult=st['mult'].cpu(), prev_r=st['prev_r'].cpu())
+                  adam_v=adam_v.cpu(), mult=st['mult'].cpu(),
+                  prev_r=st['prev_r'].cpu(), loud=st['loud'].cpu())
         h = prob.from_centred((g if g_avg is None else g_avg).to(dev))
         return SemidiscreteOutput(h=h, converged=bool(st['converged']), history=history, num_iters=st['iter'],
                                   num_samples_used=st['samples_used'], check=st['check'], state=dict(st))
@@ -703,12 +730,15 @@ class SemidiscreteSolver:
         N = counts.numel()
         n = counts.to(torch.float64)
         if self.step == 'log':
-            # Per-cell step multipliers: halved when a cell's error changes sign (overshoot), else
-            # grown back towards 1, so the step also holds where the logit model overstates the mass change.
+            # In low dimension the logit model can misjudge how strongly a cell's mass reacts, and the step
+            # oscillates. A cell whose error changes sign while clearly above the noise (3 standard
+            # deviations, twice in a row) halves its step; otherwise its step grows back towards lr. No cell
+            # moves by more than 2 lr mean gaps per iteration.
             r = n * (N / M) - 1.0
-            flip = (r * st['prev_r'] < 0)
+            loud = r.abs() > 3.0 * torch.sqrt(n + 1.0) * (N / M)      # std of r_i is sqrt(n_i) N / M
+            flip = loud & st['loud'] & (r * st['prev_r'] < 0)
             st['mult'] = torch.where(flip, st['mult'] * 0.5, st['mult'] * 1.25).clamp(0.02, 1.0)
-            st['prev_r'] = r
+            st['prev_r'], st['loud'] = r, loud
             step = -self.lr * st['mult'] * beta * torch.log((n + 0.5) / (M / N + 0.5))
             cap = 2.0 * self.lr * float(beta.mean())
             return step.clamp(-cap, cap)
@@ -746,9 +776,8 @@ class SemidiscreteSolver:
                     seed=_seed_from(generator, use_dist), iter=0, g=g, g_avg=None, avg_samples=0,
                     avg_samples_at_check=0, num_samples=M0, samples_used=0, qmc_offset=0, best=math.inf, bad=0,
                     adam_m=torch.zeros(N, dtype=torch.float64), adam_v=torch.zeros(N, dtype=torch.float64),
-                    adam_t=0, mult=torch.ones(N, dtype=torch.float64),
-                    prev_r=torch.zeros(N, dtype=torch.float64), num_checks=0, check=None, converged=False,
-                    recent=[])
+                    adam_t=0, mult=torch.ones(N, dtype=torch.float64), prev_r=torch.zeros(N, dtype=torch.float64),
+                    loud=torch.zeros(N, dtype=torch.bool), num_checks=0, check=None, converged=False)
 
     def _load_state(self, prob, resume):
         if not isinstance(resume, dict) or resume.get('version') != _STATE_VERSION:
@@ -759,7 +788,7 @@ class SemidiscreteSolver:
         if got != want:
             raise ValueError(f'resume state is for a different problem: {got} vs this problem {want}')
         st = dict(resume)
-        for k in ('g', 'g_avg', 'adam_m', 'adam_v', 'mult', 'prev_r'):
+        for k in ('g', 'g_avg', 'adam_m', 'adam_v', 'mult', 'prev_r', 'loud'):
             if st[k] is not None:
                 st[k] = st[k].clone()
         st['converged'] = False         # re-run continues (e.g. with a smaller tol) until the next check

@@ -15,8 +15,7 @@ from tests.launch import torchrun
 from training import dpmot
 from training.networks import Denoiser
 
-# The solver's default step rule is still being tuned (training/semidiscrete.py); the tests pin one.
-SOLVER = ['--solver-step=adam']
+SOLVER = []  # the solver's defaults; one test passes --solver-step=adam
 
 
 @pytest.fixture
@@ -82,13 +81,14 @@ def test_images_with_sigma_and_separate_latents(tmp_path):
     data = write_image_zip(tmp_path / 'img.zip', 12, resolution=8)
     out = tmp_path / 'pot'
     res = _run(f'--network={tmp_path / "net.pkl"}', f'--data={data}', '--sigma=1.5', '--back-steps=2',
-               '--num-targets=8', '--separate-targets', '--source=normal', f'--outdir={out}')
+               '--num-targets=8', '--separate-targets', '--source=normal', '--solver-step=adam', f'--outdir={out}')
     assert res.exit_code == 0, res.output
     assert os.path.isfile(out / 'targets.pt')
     pot = dpmot.load_potential(out / 'potential.pt')
     from training.diffusion import edm_sigma_schedule
     torch.testing.assert_close(pot['sigmas'], edm_sigma_schedule(2, 0.002, 1.5))
     assert pot['targets'].shape == (8, 3, 8, 8) and pot['source'] == 'normal' and pot['sigma'] == 1.5
+    assert pot['solver']['settings']['step'] == 'adam'
     x, info = dpmot.generate_samples(net, range(3), pot, sampler='euler', topk=2)
     assert x.shape == (3, 3, 8, 8) and info['nfe'] == 2 and torch.isfinite(x).all()
 

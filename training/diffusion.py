@@ -351,7 +351,7 @@ class DenoiserTask:
             raise ValueError(f'The network is built for data of shape {list(net.data_shape)} but the data set holds '
                              f'{list(self.data_shape)}; build it with data_shape={list(self.data_shape)}')
         trainer.add_network('denoiser', net, self.optimizer_kwargs)
-        dist.print0(f'Denoiser: {type(net).__name__} ({net.precond}), '
+        dist.print0(f'Denoiser: {type(net).__name__} ({getattr(net, "precond", "-")}), '
                     f'{sum(p.numel() for p in net.parameters()):,} parameters')
         n = self.num_figure_samples or (16 if len(self.data_shape) == 3 else 1024)
         gen = torch.Generator().manual_seed(seed)

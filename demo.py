@@ -1,0 +1,353 @@
+"""The main job on the embedded default data: coloured digits 2 -> 3, one-step EOT, trained on the CPU.
+
+    python3 dev.py demo                     # runs this file in .venv; about 5 minutes on 2 CPU cores
+    python demo.py --outdir=demo-run --minutes=5
+    python demo.py --quick                  # a tiny smoke version (seconds; used by tests/test_demo.py)
+
+It uses the toolkit's own command-line tools, so it also shows how to use them:
+
+ 1. dataset_tool.py: coloured synthetic digits (Pillow's font, no download), 2s and 3s, train and test.
+ 2. A small digit classifier, trained here on freshly rendered digits of all ten classes with the same
+    colouring (training.digits): the judge of the quality figure. It trains while step 3 runs.
+ 3. train.py: a small one-step EOT model 2 -> 3, within the time budget: a short first run measures the
+    speed of this machine, then the run continues (--resume=auto) for as long as the budget allows.
+ 4. generate.py: translates the test 2s with the tick-0 snapshot (untrained) and with the last one.
+ 5. Prints the quality figures of both (transport cost mean |x - G(x)|^2, share of outputs read as a 3)
+    and writes demo.png (inputs, untrained and trained outputs).
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import click
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MARKER = '.made-by-demo'
+
+# Everything the demo's numbers depend on. `minutes` only sets how long training may run.
+FULL = dict(
+    resolution=16, num_train=2000, num_test=500,               # data: per class; test 2s are translated
+    classifier_images=6000, classifier_epochs=3,              # the judge
+    batch=64, model_channels=8, gamma=0.1, G_iters=1, f_iters=1, D_iters=1, lr_g=1e-3, lr_f=1e-3, lr_D=1e-3,
+    net_opts={'num_blocks': 1, 'attn_resolutions': [], 'dropout': 0, 'channel_mult': [1, 2, 2],
+              'G': {'residual': True}, 'D': {'model_channels': 16}},
+    tick_kimg=4, first_kimg=2, max_kimg=120, ema=0.002,
+)
+QUICK = dict(FULL, num_train=48, num_test=24, classifier_images=400, classifier_epochs=1, batch=16,
+             model_channels=4, tick_kimg=0.032, first_kimg=0.048, max_kimg=0.048)
+
+#----------------------------------------------------------------------------
+# Small helpers.
+
+def _stage(num, text):
+    click.echo(f'\n[{num}/5] {text}', err=False)
+
+
+def _run_tool(args, log_path=None, echo=None):
+    """Run one of the toolkit's scripts with this Python; on failure raise with the tail of its output."""
+    cmd = [sys.executable, *args]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if echo is not None and echo(line):
+            click.echo('      ' + line.rstrip())
+    proc.wait()
+    if log_path is not None:
+        with open(log_path, 'a', encoding='utf-8') as f:
+            f.writelines(lines)
+    if proc.returncode != 0:
+        tail = ''.join(lines[-25:])
+        raise click.ClickException(f'{os.path.basename(args[0])} failed (exit status {proc.returncode}):\n{tail}')
+    return ''.join(lines)
+
+
+def _prepare_outdir(outdir):
+    """Use `outdir` for a fresh demo run: it must be new, empty, or an earlier demo run (which is replaced)."""
+    if os.path.isdir(outdir) and os.listdir(outdir):
+        if not os.path.isfile(os.path.join(outdir, MARKER)):
+            raise click.ClickException(f'--outdir="{outdir}" exists and was not made by demo.py; choose a new '
+                                       'directory (nothing there was changed)')
+        for name in ('data', 'train', 'generated', 'demo.png', 'results.json', 'classifier.pt', 'train-console.txt'):
+            path = os.path.join(outdir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    os.makedirs(outdir, exist_ok=True)
+    open(os.path.join(outdir, MARKER), 'w').close()
+
+#----------------------------------------------------------------------------
+# 1. Data.
+
+def build_data(outdir, cfg):
+    """The four image sets, with dataset_tool.py (its click command, in this process). Returns their paths."""
+    import dataset_tool
+    data_dir = os.path.join(outdir, 'data')
+    os.makedirs(data_dir, exist_ok=True)
+    paths = {}
+    for digit in (2, 3):
+        for split, num in (('train', cfg['num_train']), ('test', cfg['num_test'])):
+            dest = os.path.join(data_dir, f'{digit}_{split}.zip')
+            args = ['--source=synthetic-digits', f'--classes={digit}', '--colorize', f'--split={split}',
+                    f'--num={num}', f'--resolution={cfg["resolution"]}x{cfg["resolution"]}', f'--dest={dest}']
+            try:
+                dataset_tool.main(args, standalone_mode=False)
+            except click.ClickException as err:
+                raise click.ClickException(f'dataset_tool.py {" ".join(args)}: {err.message}') from None
+            paths[f'{digit}_{split}'] = dest
+    return paths
+
+#----------------------------------------------------------------------------
+# 2. The judge: a digit classifier.
+
+def render_coloured_digits(num, seed, resolution):
+    """`num` digits of random classes 0..9, tinted with random saturated colours as dataset_tool.py --colorize
+    does: (images float32 [num, 3, R, R] in [-1, 1], labels int64 [num])."""
+    from training import digits
+    rng = np.random.default_rng([seed, 2024])
+    labels = rng.integers(0, 10, size=num)
+    grey = digits.render_digits(labels, seed=seed, resolution=resolution)
+    colours = digits.hue_colors(rng.random(num))
+    images = np.stack([digits.colorize(g, c) for g, c in zip(grey, colours)]).transpose(0, 3, 1, 2)
+    return torch.as_tensor(images).float() / 127.5 - 1, torch.as_tensor(labels)
+
+
+def make_classifier(resolution):
+    """A small CNN: two conv-ReLU-maxpool stages and a two-layer head, 10 classes."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(64 * (resolution // 4) ** 2, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+
+def train_classifier(cfg, seed=0):
+    """Train the judge on freshly rendered digits; returns (classifier in eval mode, held-out accuracy)."""
+    res = cfg['resolution']
+    x, y = render_coloured_digits(cfg['classifier_images'], seed + 100, res)
+    x_test, y_test = render_coloured_digits(max(cfg['classifier_images'] // 5, 100), seed + 101, res)
+    torch.manual_seed(seed)
+    net = make_classifier(res)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(cfg['classifier_epochs']):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 128):
+            idx = perm[i:i + 128]
+            loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    net.eval().requires_grad_(False)
+    accuracy = float((classify(net, x_test) == y_test).float().mean())
+    return net, accuracy
+
+
+@torch.no_grad()
+def classify(net, images):
+    return torch.cat([net(images[i:i + 500]).argmax(dim=1) for i in range(0, len(images), 500)])
+
+
+class Background(threading.Thread):
+    """Run fn() in a thread (torch ops release the GIL); .result() re-raises its exception."""
+
+    def __init__(self, fn):
+        super().__init__(daemon=True)
+        self.fn, self.value, self.error = fn, None, None
+
+    def run(self):
+        try:
+            self.value = self.fn()
+        except BaseException as err: # Re-raised in the main thread.
+            self.error = err
+
+    def result(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+#----------------------------------------------------------------------------
+# 3. Training within the budget.
+
+def _train_args(cfg, paths, run_dir, kimg, threads, resume):
+    args = ['train.py', '--name=demo', f'--outdir={run_dir}', '--nosubdir', '--device=cpu', f'--threads={threads}',
+            f'--data1train={paths["2_train"]}', f'--data2train={paths["3_train"]}',
+            f'--data1test={paths["2_test"]}', f'--data2test={paths["3_test"]}',
+            f'--batch={cfg["batch"]}', f'--model_channels={cfg["model_channels"]}',
+            f'--net-opts={json.dumps(cfg["net_opts"])}', f'--gamma={cfg["gamma"]}',
+            f'--G_iters={cfg["G_iters"]}', f'--f_iters={cfg["f_iters"]}', f'--D_iters={cfg["D_iters"]}',
+            f'--lr_g={cfg["lr_g"]}', f'--lr_f={cfg["lr_f"]}', f'--lr_D={cfg["lr_D"]}', '--lr-rampup=0',
+            f'--ema={cfg["ema"]}', f'--duration={kimg / 1000:.6f}', f'--tick={cfg["tick_kimg"]}', '--snap=1',
+            '--dump=100000', '--workers=0', '--seed=0', '--no-tensorboard']
+    return args + (['--resume=auto'] if resume else [])
+
+
+def train_within_budget(cfg, paths, run_dir, deadline, threads, quick=False):
+    """Run train.py in up to four chunks (each continuing the last with --resume=auto) until about
+    `deadline` or cfg['max_kimg']. The first chunk measures this machine's speed. Returns kimg trained."""
+    is_tick = lambda line: line.startswith(('tick ', 'Resuming'))
+    log = os.path.join(os.path.dirname(run_dir), 'train-console.txt')
+    target = cfg['first_kimg']
+    done, chunk = 0.0, 0
+    while True:
+        t0 = time.time()
+        _run_tool(_train_args(cfg, paths, run_dir, target, threads, resume=chunk > 0), log_path=log, echo=is_tick)
+        wall = time.time() - t0
+        stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+        now_kimg = stats[-1]['Progress/kimg']['mean']
+        sec_per_kimg = wall / max(now_kimg - done, 1e-3) # Start-up included: a safe estimate.
+        done, chunk = now_kimg, chunk + 1
+        left = deadline - time.time()
+        if quick or done >= cfg['max_kimg'] or chunk >= 4 or left < 20:
+            return done
+        more = 0.9 * left / sec_per_kimg
+        if more < cfg['tick_kimg'] / 2:
+            return done
+        target = min(cfg['max_kimg'], done + more)
+        click.echo(f'      {sec_per_kimg:.1f} s/kimg here; continuing to {target:.0f} kimg '
+                   f'(about {(target - done) * sec_per_kimg / 60:.1f} min)')
+
+#----------------------------------------------------------------------------
+# 4.-5. Generation, figures.
+
+def snapshots(run_dir):
+    names = [n for n in os.listdir(run_dir) if re.fullmatch(r'network-snapshot-\d+\.pkl', n)]
+    return [os.path.join(run_dir, n) for n in sorted(names)]
+
+
+def generate(snapshot, data, outdir):
+    """generate.py with the one-step G on every input of `data` (input i with seed i), plus grid.png."""
+    _run_tool(['generate.py', f'--network={snapshot}', f'--data={data}', f'--outdir={outdir}', '--device=cpu',
+               '--grid', '--batch=100'], echo=lambda line: line.startswith('Wrote'))
+
+
+def load_dataset(path):
+    """Every item of an image dataset as float [N, C, H, W] in [-1, 1]."""
+    from training.dataset import open_dataset
+    ds = open_dataset(path)
+    return torch.as_tensor(np.stack([ds[i][0] for i in range(len(ds))])).float() / 127.5 - 1
+
+
+def load_images(paths):
+    arrays = [np.asarray(PIL.Image.open(p).convert('RGB')) for p in paths]
+    return torch.as_tensor(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def quality(classifier, x, y):
+    """(transport cost: mean over images and pixels of (x - y)^2 in [-1, 1] units, share of y read as 3)."""
+    cost = float((x - y).square().flatten(1).mean(1).mean())
+    return cost, float((classify(classifier, y) == 3).float().mean())
+
+
+def summary_figure(rows, labels, path, scale=4, columns=12):
+    """Rows of images (uint8-exact float [-1, 1]) side by side with a label column, upscaled."""
+    res = rows[0].shape[-1]
+    cell = res * scale
+    label_w = 110
+    img = PIL.Image.new('RGB', (label_w + columns * cell, len(rows) * cell), (255, 255, 255))
+    draw = PIL.ImageDraw.Draw(img)
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        draw.text((6, r * cell + cell // 2 - 6), label, fill=(0, 0, 0))
+        for c in range(min(columns, len(row))):
+            arr = ((row[c].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+            tile = PIL.Image.fromarray(arr).resize((cell, cell), PIL.Image.NEAREST)
+            img.paste(tile, (label_w + c * cell, r * cell))
+    img.save(path)
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--outdir',  help='Where to write everything (replaced if it holds an earlier demo run)', metavar='DIR', type=str, default='demo-run', show_default=True)
+@click.option('--minutes', help='Wall-clock budget of the whole demo; training gets what the other steps leave', metavar='FLOAT', type=click.FloatRange(min=1), default=5.0, show_default=True)
+@click.option('--quick',   help='A tiny smoke version (a few training steps; the numbers mean nothing)', is_flag=True)
+@click.option('--threads', help='CPU threads per process (1 is fastest on a busy machine)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+def main(outdir, minutes, quick, threads):
+    """Coloured digits 2 -> 3 with one-step EOT on the CPU: data, training, generation, quality figures."""
+    start = time.time()
+    cfg = QUICK if quick else FULL
+    torch.set_num_threads(threads)
+    os.environ['OMP_NUM_THREADS'] = str(threads)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    outdir = os.path.abspath(outdir)
+    _prepare_outdir(outdir)
+    click.echo(f'Demo: coloured digits 2 -> 3 ({cfg["resolution"]}x{cfg["resolution"]}), budget {minutes:g} min, '
+               f'output in {outdir}' + (' [quick smoke version]' if quick else ''))
+
+    _stage(1, 'Building the data with dataset_tool.py (synthetic digits, coloured)')
+    paths = build_data(outdir, cfg)
+
+    _stage(2, 'Training a digit classifier (the judge) in the background')
+    judge = Background(lambda: train_classifier(cfg))
+    judge.start()
+
+    _stage(3, 'Training one-step EOT with train.py')
+    run_dir = os.path.join(outdir, 'train')
+    reserve = 15 if quick else max(50.0, 0.12 * minutes * 60) # Generation, evaluation, figures.
+    kimg = train_within_budget(cfg, paths, run_dir, start + minutes * 60 - reserve, threads, quick)
+    snaps = snapshots(run_dir)
+    untrained, trained = snaps[0], snaps[-1]
+
+    _stage(4, 'Translating the test 2s with generate.py (tick-0 snapshot and last snapshot)')
+    gen_dirs = dict(untrained=os.path.join(outdir, 'generated', 'untrained'),
+                    trained=os.path.join(outdir, 'generated', 'trained'))
+    runs = [Background(lambda s=s, d=d: generate(s, paths['2_test'], d))
+            for s, d in ((untrained, gen_dirs['untrained']), (trained, gen_dirs['trained']))]
+    for run in runs: # Both at once: two processes for two cores.
+        run.start()
+    for run in runs:
+        run.result()
+
+    _stage(5, 'Quality figures')
+    classifier, accuracy = judge.result()
+    torch.save(classifier.state_dict(), os.path.join(outdir, 'classifier.pt'))
+    x, targets = load_dataset(paths['2_test']), load_dataset(paths['3_test'])
+    n = len(x)
+    outputs = {k: load_images([os.path.join(d, f'{i:06d}.png') for i in range(n)]) for k, d in gen_dirs.items()}
+    results = dict(untrained=quality(classifier, x, outputs['untrained']), trained=quality(classifier, x, outputs['trained']))
+    real3 = float((classify(classifier, targets) == 3).float().mean())
+    real2 = float((classify(classifier, x) == 3).float().mean())
+    figure = os.path.join(outdir, 'demo.png')
+    summary_figure([x, outputs['untrained'], outputs['trained']],
+                   ['input 2s', 'untrained G', f'trained G ({kimg:.0f} kimg)'], figure)
+    report = dict(
+        test_inputs=n, classifier_accuracy=accuracy, kimg=kimg, minutes=(time.time() - start) / 60,
+        untrained=dict(snapshot=untrained, transport_cost=results['untrained'][0], read_as_3=results['untrained'][1]),
+        trained=dict(snapshot=trained, transport_cost=results['trained'][0], read_as_3=results['trained'][1]),
+        reference=dict(real_3s_read_as_3=real3, input_2s_read_as_3=real2,
+                       cost_2s_to_random_3s=float((x - targets).square().flatten(1).mean(1).mean())))
+    with open(os.path.join(outdir, 'results.json'), 'w', encoding='utf-8') as f:
+        json.dump(report, f, indent=2)
+
+    click.echo(f'\n{n} test 2s translated by the one-step G. Judge: a CNN trained on rendered digits of all ten '
+               f'classes ({100 * accuracy:.1f}% held-out accuracy).')
+    click.echo(f'  {"":34s}{"transport cost":>16s}{"read as a 3":>14s}')
+    click.echo(f'  {"untrained G (tick-0 snapshot)":34s}{results["untrained"][0]:>16.4f}{100 * results["untrained"][1]:>13.1f}%')
+    click.echo(f'  {f"trained G ({kimg:.0f} kimg)":34s}{results["trained"][0]:>16.4f}{100 * results["trained"][1]:>13.1f}%')
+    click.echo(f'  {"reference: the real test 3s":34s}{"":>16s}{100 * real3:>13.1f}%')
+    click.echo(f'  {"reference: 2s paired with random 3s":34s}{report["reference"]["cost_2s_to_random_3s"]:>16.4f}{"":>14s}')
+    click.echo('  (transport cost: mean over images and pixels of (x - G(x))^2, pixels in [-1, 1])')
+    click.echo(f'\nResults in {outdir}:')
+    click.echo(f'  demo.png                 inputs, untrained and trained outputs')
+    click.echo(f'  generated/trained/       {n} translated PNGs and grid.png (generated/untrained/: the same for tick 0)')
+    click.echo(f'  train/                   the run: snapshots, fakes-*.png per tick, log.txt, stats.jsonl')
+    click.echo(f'  results.json             the figures above')
+    click.echo(f'Done in {(time.time() - start) / 60:.1f} min.')
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()

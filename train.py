@@ -244,7 +244,7 @@ def _pick_run_dir(opts, desc):
 @click.option('--lr_f',            'lr_f', help='Learning rate of f', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option('--lr',              help='--kind=denoiser: learning rate of the denoiser', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)', metavar='KIMG', type=click.FloatRange(min=0), default=10000, show_default=True)
-@click.option('--ema',             help='EMA half-life of G, f and D', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=click.FloatRange(min=0), default=1.0, show_default=True)
 @click.option('--nan-policy',      help='On a non-finite loss: skip the step (counted in the tick line) or stop with the last good snapshot named', type=click.Choice(['skip', 'stop']), default='skip', show_default=True)
 @click.option('--sde-steps',       help='Euler-Maruyama steps of the SDE sampler (figures, metrics, snapshots)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)

@@ -23,7 +23,7 @@ bfloat16 scoring is accurate enough to shortlist candidates. Every public functi
 the original, uncentred problem; `to_centred` / `from_centred` convert. h is defined up to a constant.
 
 The solver (see SemidiscreteSolver for the settings):
-1. Start ('auto': the better of the first two on a small pilot batch):
+1. Start ('auto': the best of these and g = 0 on a small pilot batch):
    'norm': g_i = -sqrt(2 ln N) s |y_i - ybar| (s: the source's per-coordinate std). For near-independent
    scores <x - c, y_i - ybar> ~ N(0, s^2 |y_i - ybar|^2) this equalises the levels that the maximum of N
    scores reaches, so all cells start near-equal (at h = 0 most cells are empty). Best in high dimension.
@@ -38,10 +38,11 @@ The solver (see SemidiscreteSolver for the settings):
    [0.02, 1] halves when cell i's error changes sign while clearly above the noise (low dimension, where
    the model misjudges the response) and otherwise grows back. Step 'adam': Adam on r, learning rate
    lr * beta_i.
-3. When the fit-batch error stops improving (no 10% better value for `patience` iterations), iterate
-   averaging starts, with weights growing linearly in the samples drawn since (the transient fades); every
-   later stall multiplies the samples per iteration by `grow_factor`. The average reaches the statistical
-   floor ~ sqrt(N / samples averaged) where the plain iterate stalls at sqrt(lr N / M).
+3. When the fit-batch error stops improving (no 10% better value for `patience` iterations) or reaches
+   the iterate's noise floor, iterate averaging starts, with weights growing linearly in the samples drawn
+   since (the transient fades); every later stall multiplies the samples per iteration by `grow_factor`.
+   The average reaches the statistical floor ~ sqrt(N / samples averaged) where the plain iterate stalls at
+   sqrt(lr / (2 - lr) N / M).
 4. Certification: once the averaged samples could support `tol`, the averaged heights are scored on fresh
    check samples that are never used for fitting; `converged` means their debiased rms relative cell-mass
    error is <= tol and no cell is empty.
@@ -198,14 +199,16 @@ class SemidiscreteProblem:
 class _Scorer:
     """Top-k of centred scores over targets [lo, hi), with a running top-k over target chunks.
 
-    Exact dtype: one matmul per chunk, then max/topk. Reduced dtype (bfloat16 / float16): reduced-precision
-    scores shortlist `k + rescore - 1` candidates per sample, which are re-scored exactly (a gather of their
-    rows and a row-wise dot product). In the solver's passes, only the shortlists of the samples whose
-    reduced-precision lead is within 2 E are re-scored, where E bounds one score's rounding error:
-    6 standard deviations of the input rounding,
-    u sqrt(2/3) |x|_4 max_j |y_j|_4 by Hoelder, plus the output and height rounding 2 u (|score| + max |g|),
-    with u the unit roundoff (6 standard deviations are exceeded with probability ~1e-9). So the best index
-    is exact unless the winner misses the shortlist (never seen with 4 candidates on centred image-like data).
+    Exact dtype: one matmul per chunk, then max/topk. Reduced dtype (bfloat16 / float16): the heights ride in
+    the matmul as two extra columns (a high and a low part, so they lose nothing to rounding) with a shift c0
+    that brings the best scores near 0, where the rounding of the output is smallest. These scores shortlist
+    `k + rescore - 1` candidates per sample, and candidates are re-scored exactly (gathered rows, row-wise dot
+    products) where needed: 'all' re-scores every shortlisted pair; the solver's passes re-score only the
+    pairs (best, j) whose reduced-precision lead is within E, the bound on the rounding error of a score
+    difference: 6 sqrt(2) standard deviations of the input rounding, u sqrt(2/3) sqrt(sum_k x_k^2 y_ik^2)
+    (exceeded with probability ~1e-9; the root is bounded by |x|_inf |y_i|_2 or |x|_2 |y_i|_inf), plus the
+    output rounding u (|s_best - c0| + |s_j - c0|), with u the unit roundoff. So the best index is exact
+    unless the winner misses the shortlist (never seen with 4 candidates on centred image-like data).
     """
 
     def __init__(self, prob, dtype=None, chunk_size=4096, rescore=4, lo=0, hi=None):
@@ -218,46 +221,79 @@ class _Scorer:
             raise ValueError(f'chunk_size={chunk_size} and rescore={rescore} must both be >= 1')
         hi = prob.num_targets if hi is None else hi
         self.lo, self.hi, self.chunk, self.rescore = lo, hi, int(chunk_size), int(rescore)
-        self.exact = exact
+        self.exact, self.prob = exact, prob
         self.y = prob._yc[lo:hi]
         self.low = None if dtype in (torch.float32, torch.float64) else dtype
-        self.y_low = None if self.low is None else self.y.to(self.low)
-        self.unit = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}.get(dtype, 0.0)
-        self.y4max = float(prob._yc.pow(4).sum(dim=1).pow(0.25).max())      # over all targets: rank-independent
+        if self.low is not None:
+            d = prob.dim
+            self.width = d + 2 + (-(d + 2)) % 8                         # room for the heights, aligned
+            self.y_low = torch.zeros(hi - lo, self.width, dtype=self.low, device=prob.device)
+            self.y_low[:, :d] = self.y
+            self.unit = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+            # For the rounding bound, over all targets (rank-independent): max |y_i|_2 and max |y_i|_inf.
+            self.y2max = float(prob._norms.max())
+            self.yinf = float(prob._yc.abs().max())
 
     def topk(self, xc, g, k, exact='all'):
         """Best k (values, global indices) of <xc, y_i> + g_i, i in [lo, hi); xc [m, d] exact, g [N] exact.
 
         Returns ([m, kk], [m, kk]) with kk = min(k, hi - lo), best first. In a reduced dtype, `exact` says what
-        is re-scored: 'all' (the whole shortlist: exact values and order), 'leaders' (the two leading values,
-        plus the shortlist of unsure samples) or 'winner' (only the shortlists of unsure samples: the best
-        index is exact, the other values are reduced-precision estimates).
+        is re-scored: 'all' (the whole shortlist: exact values and order), 'leaders' (the two leading pairs and
+        the unsure ones) or 'winner' (the unsure pairs only: the best index is exact, the values of pairs not
+        re-scored are reduced-precision estimates).
         """
-        g = g[self.lo:self.hi].to(self.exact)
         n = self.hi - self.lo
         if self.low is None:
-            vals, idx = self._running_topk(xc, self.y, g, min(k, n))
+            gl = g[self.lo:self.hi].to(self.exact)
+            vals, idx = self._running_topk(xc, self.y, gl, min(k, n))
             return vals, idx + self.lo
+        # Shift: the best score of a sample is about max_i g_i + (its typical <x, y_i>), the same on all ranks.
+        _, s = _source_moments(self.prob.source)
+        c0 = float((g.to(torch.float64) + s * self.prob._norms.to(g.device) * math.sqrt(2 * math.log(max(
+            self.prob.num_targets, 2)))).max())
+        gs = g[self.lo:self.hi].to(torch.float64) - c0
+        g_hi = gs.to(self.low)
+        d = self.prob.dim
+        self.y_low[:, d] = g_hi
+        self.y_low[:, d + 1] = (gs - g_hi.to(torch.float64)).to(self.low)
+        x_low = torch.empty(xc.shape[0], self.width, dtype=self.low, device=xc.device)
+        x_low[:, :d] = xc
+        x_low[:, d:d + 2] = 1
+        x_low[:, d + 2:] = 0
         cand = min(k + self.rescore - 1, n)
-        v_low, idx = self._running_topk(xc.to(self.low), self.y_low, g.to(self.low), cand)
+        v_low, idx = self._running_topk(x_low, self.y_low, None, cand)
+        vals = v_low.to(self.exact)
+        gl = g[self.lo:self.hi].to(self.exact)
         if exact == 'all' or cand < 2:
-            vals = _rescore(xc, self.y, g, idx)
+            redo = torch.ones_like(idx, dtype=torch.bool)
         else:
-            vals = v_low.to(self.exact)
-            err = (6 * math.sqrt(2 / 3) * self.unit * xc.pow(4).sum(dim=1).pow(0.25) * self.y4max
-                   + 2 * self.unit * (vals[:, 0].abs() + float(g.abs().max())))
-            unsure = (vals[:, 0] - vals[:, 1] <= 2 * err).nonzero()[:, 0]
+            # sqrt(sum_k x_k^2 y_ik^2) <= |x|_inf |y_i|_2 <= |y_i|_2 / 2 for the uniform source (no pass over
+            # x needed), else <= |x|_2 |y_i|_inf.
+            if self.prob.source == 'uniform':
+                spread = 0.5 * self.y2max
+            else:
+                spread = torch.linalg.vector_norm(xc, 2, dim=1)[:, None] * self.yinf
+            sigma = math.sqrt(2 / 3) * self.unit * spread
+            bound = (6 * math.sqrt(2)) * sigma + self.unit * (vals[:, :1].abs() + vals.abs())
+            redo = vals[:, :1] - vals <= bound
+            redo[:, 0] = redo[:, 1:].any(dim=1)
             if exact == 'leaders':
-                vals[:, :2] = _rescore(xc, self.y, g, idx[:, :2])
-            if unsure.numel():
-                vals[unsure] = _rescore(xc[unsure], self.y, g, idx[unsure])
+                redo[:, :2] = True
+        rows, cols = redo.nonzero(as_tuple=True)
+        vals += c0
+        if rows.numel():
+            t = idx[rows, cols]
+            vals[rows, cols] = torch.linalg.vecdot(self.y.index_select(0, t), xc.index_select(0, rows)) + gl[t]
         vals, j = vals.topk(min(k, n), dim=1)
         return vals, idx.gather(1, j) + self.lo
 
     def _running_topk(self, x, y, g, k):
+        """Running top-k over target chunks of x @ y.T (+ g when given)."""
         best_v = best_i = None
         for s in range(0, y.shape[0], self.chunk):
-            scores = (x @ y[s:s + self.chunk].T).add_(g[s:s + self.chunk])       # [m, chunk]
+            scores = x @ y[s:s + self.chunk].T                                  # [m, chunk]
+            if g is not None:
+                scores += g[s:s + self.chunk]
             if k == 1:
                 v, i = scores.max(dim=1, keepdim=True)
             else:
@@ -277,18 +313,6 @@ def _merge_topk(v1, i1, v2, i2, k):
     v = torch.cat([v1, v2], dim=1)
     v, j = v.topk(min(k, v.shape[1]), dim=1)
     return v, torch.cat([i1, i2], dim=1).gather(1, j)
-
-
-def _rescore(xc, y, g, idx):
-    """Exact scores <xc_m, y_idx[m, j]> + g_idx[m, j] for local indices idx [m, c].
-
-    One gather and one row-wise dot product per candidate column: far faster on the CPU than a batched
-    matrix-vector product over [m, c, d].
-    """
-    out = torch.empty(idx.shape, dtype=xc.dtype, device=xc.device)
-    for j in range(idx.shape[1]):
-        out[:, j] = torch.linalg.vecdot(y.index_select(0, idx[:, j]), xc)
-    return out + g[idx]
 
 
 #----------------------------------------------------------------------------
@@ -339,7 +363,7 @@ class _Sampler:
         p = self.prob
         gen = torch.Generator(device=p.device).manual_seed(_mix(self.seed, stream, counter, b))
         if p.source == 'uniform':
-            return torch.rand(size, p.dim, generator=gen, device=p.device, dtype=p._exact) - 0.5
+            return torch.rand(size, p.dim, generator=gen, device=p.device, dtype=p._exact).sub_(0.5)
         return torch.randn(size, p.dim, generator=gen, device=p.device, dtype=p._exact)
 
     def points(self, start, size):
@@ -585,7 +609,9 @@ class SemidiscreteSolver:
         dtype: scoring dtype: torch.float32 or torch.bfloat16 / torch.float16 (shortlist + exact re-scoring).
         rescore: shortlist length for reduced dtypes.
         shard_targets: under torchrun, split the targets (instead of the samples) across ranks.
-        init: 'norm' (g_i = -sqrt(2 ln N) s |y_i - ybar|, near-equal cells) or 'zero' (g = 0).
+        init: 'auto' (the best of the others on a pilot batch of max(2 N, 256) samples), 'norm' (equal
+            Gaussian tail levels, g_i = -sqrt(2 ln N) s |y_i - ybar|), 'voronoi' (Voronoi cells of sites
+            inside the source's support) or 'zero' (g = 0). h0= in the call overrides it.
         distributed: use the active torch.distributed process group, if any.
     """
     max_iters: int = 1000
@@ -674,7 +700,7 @@ class SemidiscreteSolver:
             stats = mass_error_stats(counts, M)
             grad_norm = float((counts.to(torch.float64) / M - 1.0 / N).norm())
             gap, beta = _gap_scales(top1, top2, gaps, N)
-            g += self._step(counts, top1, top2, gaps, beta, M, st, adam_m, adam_v)
+            g += self._step(counts, beta, M, st, adam_m, adam_v)
             g -= g.mean()
 
             # Stalls start iterate averaging, then grow the samples per iteration.
@@ -682,7 +708,11 @@ class SemidiscreteSolver:
                 st['best'], st['bad'] = stats['r2_debiased'], 0
             else:
                 st['bad'] += 1
-            if st['bad'] >= self.patience:
+            # The iterate also counts as stalled once at its noise floor: in the logit model the 'log' step
+            # leaves var(r_i) = lr / (2 - lr) N / M; within 3x of that, only averaging still helps.
+            floor = self.lr / (2 - self.lr) * N / M if self.step == 'log' and self.lr < 2 else -math.inf
+            at_floor = stats['r2_debiased'] <= 3 * floor
+            if st['bad'] >= self.patience or (g_avg is None and at_floor):
                 st['bad'] = 0
                 if g_avg is None:
                     g_avg, st['avg_samples'] = torch.zeros_like(g), 0
@@ -694,11 +724,11 @@ class SemidiscreteSolver:
                 prev, st['avg_samples'] = st['avg_samples'], st['avg_samples'] + M
                 g_avg += (1.0 - (prev / st['avg_samples']) ** 2) * (g - g_avg)
 
-            # Certify the averaged heights on fresh samples once they could support tol.
+            # Certify the averaged heights on fresh samples once their noise floor sqrt(N / samples) is below
+            # 0.9 tol (linear weights keep 3/4 of the samples' worth), then after every 25% more samples.
             check = None
-            # (Linear averaging weights keep 3/4 of the samples' worth of noise reduction.)
-            if (g_avg is not None and self.tol > 0 and N / (0.75 * st['avg_samples']) <= (0.7 * self.tol)**2
-                    and st['avg_samples'] >= 1.5 * st['avg_samples_at_check']):
+            if (g_avg is not None and self.tol > 0 and N / (0.75 * st['avg_samples']) <= (0.9 * self.tol)**2
+                    and st['avg_samples'] >= 1.25 * st['avg_samples_at_check']):
                 st['avg_samples_at_check'] = st['avg_samples']
                 c_counts, _ = check_engine.batch(g_avg.to(prob._exact), _CHECK, st['num_checks'], check_M)
                 st['num_checks'] += 1
@@ -725,7 +755,7 @@ class SemidiscreteSolver:
         return SemidiscreteOutput(h=h, converged=bool(st['converged']), history=history, num_iters=st['iter'],
                                   num_samples_used=st['samples_used'], check=st['check'], state=dict(st))
 
-    def _step(self, counts, top1, top2, gaps, beta, M, st, adam_m, adam_v):
+    def _step(self, counts, beta, M, st, adam_m, adam_v):
         """The change of the centred heights for one fit batch (see the module docstring, item 2)."""
         N = counts.numel()
         n = counts.to(torch.float64)
@@ -780,9 +810,10 @@ class SemidiscreteSolver:
                     loud=torch.zeros(N, dtype=torch.bool), num_checks=0, check=None, converged=False)
 
     def _load_state(self, prob, resume):
-        if not isinstance(resume, dict) or resume.get('version') != _STATE_VERSION:
+        version = resume.get('version') if isinstance(resume, dict) else None
+        if version != _STATE_VERSION:
             raise ValueError(f'resume must be SemidiscreteOutput.state (version {_STATE_VERSION}), got '
-                             f'{type(resume).__name__} with version {getattr(resume, "get", lambda k: None)("version")}')
+                             f'{type(resume).__name__} with version {version}')
         want = dict(num_targets=prob.num_targets, dim=prob.dim, source=prob.source)
         got = {k: resume.get(k) for k in want}
         if got != want:

@@ -279,8 +279,10 @@ def test_distributed_two_processes_match_single_process(tmp_path):
         for mode in worker.CONFIGS:
             single = worker.run(mode)
             if mode in worker.APPROXIMATE:
+                # The same cells in the end, from slightly different gap statistics on the way.
                 spread = float(single['h'].std())
-                assert float((dist[mode]['h'] - single['h']).abs().max()) < 0.02 * spread, mode
+                assert float((dist[mode]['h'] - single['h']).abs().max()) < 0.05 * spread, mode
+                assert dist[mode]['converged'] == single['converged'], mode
                 continue
             assert torch.equal(dist[mode]['h'], single['h']), mode
             assert _strip(dist[mode]['history']) == _strip(single['history']), mode

@@ -59,8 +59,8 @@ def _open_inputs(opts):
     """(net, snapshot, dataset) with every check that needs no computation."""
     from training import dpmot
     from training.dataset import DatasetError, open_dataset
-    if not os.path.isfile(opts.network) and not dnnlib.util.is_url(opts.network):
-        raise click.ClickException(f'--network: no such file: "{opts.network}"')
+    if not os.path.exists(opts.network) and not dnnlib.util.is_url(opts.network):
+        raise click.ClickException(f'--network: no such file or folder: "{opts.network}"')
     try:
         net, snapshot = dpmot.load_denoiser(opts.network)
         shape = dpmot.data_shape_of(net)
@@ -105,7 +105,7 @@ def _log_row(row):
 #----------------------------------------------------------------------------
 
 @click.command(context_settings=dict(max_content_width=120))
-@click.option('--network',          help='Denoiser snapshot (train.py --kind=denoiser, or NVlabs/edm): the network under "ema"', metavar='PKL|URL', type=str, required=True)
+@click.option('--network',          help='Denoiser snapshot (train.py --kind=denoiser, or NVlabs/edm): the network under "ema"; or a code-free export of generate.py --export-safe (its folder or network.json)', metavar='PKL|URL|DIR', type=str, required=True)
 @click.option('--data',             help='The data set the denoiser was trained on: image zip/folder or vector .npz', metavar='ZIP|DIR|NPZ', type=str, required=True)
 @click.option('--outdir',           help='Where to write potential.pt, log.txt and the solver checkpoint', metavar='DIR', type=str, required=True)
 @click.option('--steps',            help='Steps S of the sampler\'s EDM schedule (rho) the potential is made for  [default: 18]', metavar='INT', type=click.IntRange(min=1))

@@ -174,3 +174,18 @@ def test_two_gloo_processes_give_the_single_process_answer(tmp_path, vector_setu
     two = dpmot.load_potential(tmp_path / 'two' / 'potential.pt')
     assert two['provenance']['world_size'] == 2
     torch.testing.assert_close(two['h'], one['h'], rtol=1e-9, atol=1e-9)
+
+
+def test_safe_export_of_the_denoiser_gives_the_same_potential(tmp_path, vector_setup):
+    """A code-free export (generate.py --export-safe) loads with weights_only and solves identically."""
+    from training import generation
+    pkl, data, net = vector_setup
+    export = tmp_path / 'export'
+    generation.export_safe(generation.load_network(pkl), str(export))
+    common = [f'--data={data}', '--steps=10', '--back-steps=3', '--num-targets=16', '--seed=4']
+    res_a = _run(f'--network={pkl}', f'--outdir={tmp_path / "a"}', *common)
+    res_b = _run(f'--network={export}', f'--outdir={tmp_path / "b"}', *common)
+    assert res_a.exit_code == 0 and res_b.exit_code == 0, res_a.output + res_b.output
+    pa, pb = dpmot.load_potential(tmp_path / 'a' / 'potential.pt'), dpmot.load_potential(tmp_path / 'b' / 'potential.pt')
+    assert torch.equal(pa['h'], pb['h']) and torch.equal(pa['targets'], pb['targets'])
+    assert pa['provenance']['denoiser_sha256'] == pb['provenance']['denoiser_sha256']

@@ -85,7 +85,20 @@ def data_shape_of(net):
 
 
 def load_denoiser(path):
-    """(net, snapshot dict) from a denoiser snapshot (ours or NVlabs/edm's): the network is under `ema`."""
+    """(net, snapshot dict) from a denoiser snapshot (ours or NVlabs/edm's): the network is under `ema`.
+
+    A safe export of `generate.py --export-safe` (its folder or network.json) loads without running
+    code from the file (torch.load(weights_only=True), networks rebuilt from training.networks).
+    """
+    if os.path.isdir(os.fspath(path)) or os.fspath(path).lower().endswith('.json'):
+        from training import generation
+        try:
+            model = generation.load_network(path)
+        except generation.GenerationError as err:
+            raise ValueError(str(err)) from None
+        if model.kind != 'denoiser':
+            raise ValueError(f'"{path}" is a safe export of a {model.kind} snapshot, not of a denoiser')
+        return model.nets['ema'], dict(model)
     try:
         with dnnlib.util.open_url(path, verbose=False) as f:
             data = pickle.load(f)

@@ -208,9 +208,8 @@ def test_nan_parameters_never_replace_a_good_snapshot(tmp_path, vector_domains, 
     assert all(torch.isfinite(p).all() for p in snap['G'].parameters())
 
 
-def test_torchrun_restarts_a_killed_rank_and_continues(tmp_path, vector_domains):
-    """Under torchrun --max-restarts, SIGKILL of one rank mid-run: the job restarts by itself and
-    continues from the newest training state (--resume=auto), in the same run directory."""
+def _kill_one_rank_and_wait(outdir, vector_domains, timeout):
+    """Start 2 ranks under torchrun --max-restarts, SIGKILL one after its third tick; (returncode, output)."""
     import contextlib
     import signal
     import subprocess
@@ -218,7 +217,6 @@ def test_torchrun_restarts_a_killed_rank_and_continues(tmp_path, vector_domains)
     import time
     import psutil
     from tests.launch import REPO
-    outdir = tmp_path / 'runs'
     args = _args(outdir, vector_domains, '--batch-gpu=4', '--tick=0.008', '--snap=1000', '--dump=1',
                  '--resume=auto', batch=8, duration_iters=40)
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
@@ -227,7 +225,7 @@ def test_torchrun_restarts_a_killed_rank_and_continues(tmp_path, vector_domains)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + timeout
         killed = None
         while time.time() < deadline and killed is None:
             time.sleep(0.5)
@@ -240,11 +238,29 @@ def test_torchrun_restarts_a_killed_rank_and_continues(tmp_path, vector_domains)
                 killed = workers[-1].pid
                 os.kill(killed, signal.SIGKILL)
         assert killed is not None, 'training never reached its third tick'
-        out, _ = proc.communicate(timeout=300)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, 'timed out after the kill'
     finally:
         with contextlib.suppress(ProcessLookupError): # The launcher and every worker it started.
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out[-4000:]
+    return proc.returncode, out
+
+
+def test_torchrun_restarts_a_killed_rank_and_continues(tmp_path, vector_domains):
+    """Under torchrun --max-restarts, SIGKILL of one rank mid-run: the job restarts by itself and
+    continues from the newest training state (--resume=auto), in the same run directory.
+
+    On a heavily loaded machine the relaunched gloo workers have been seen to hang while reconnecting
+    (torch elastic, not this code); one fresh attempt is allowed for that case only.
+    """
+    for attempt in range(2):
+        outdir = tmp_path / f'runs{attempt}'
+        returncode, out = _kill_one_rank_and_wait(outdir, vector_domains, timeout=150)
+        if returncode is not None:
+            break
+    assert returncode == 0, out[-4000:]
     run_dir = _only_run_dir(outdir)
     log = open(os.path.join(run_dir, 'log.txt')).read()
     assert 'Resuming from' in log and log.count('Exiting...') == 1

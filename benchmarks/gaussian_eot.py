@@ -8,11 +8,11 @@ training.gaussian_eot. A quick run on a CPU:
     python benchmarks/gaussian_eot.py --dims=2 --eps=1 --kimg=20 --outdir=/tmp/geot-quick
 
 Reported per (D, eps, sampler), all in %:
-  BW2-UVP      of the fitted target (all outputs pooled) against N(0, S1);
-  plan BW2-UVP of the joint (x, y) against the plan's joint Gaussian (the ENOT paper's plan measure);
+  BW2-UVP      of the fitted target against N(0, S1), over --marginal-samples held-out inputs, one output each;
+  plan BW2-UVP of the joint (x, y) of those against the plan's joint Gaussian (the ENOT paper's plan measure);
   cBW2-UVP     of the conditionals y | x against the plan's (Gushchin et al. 2023), over --eval-inputs inputs
-               with --repeats draws each. The same measures on exact plan samples (same N and R) are the
-               estimator's floor, printed as `floor`;
+               with --repeats draws each;
+  floors       the same three estimators on exact plan samples (same inputs and counts);
 `theory`: the cBW2-UVP against the EOT plan of the population minimiser of the G-step transport term as
 stated (t ~ U(0, 1), no weight; training.gaussian_eot.bridge_objective_optimum), i.e. what G converges to
 with a perfect critic and f, and for the SDE the Markovian projection of that plan (what the f-SDE samples);
@@ -24,6 +24,7 @@ Spectra: 'enot' draws S = W W^T with W = Q diag(exp(linspace(log 0.5, log 2, D))
 eigenvalues 0.25..4, log-spaced); 'toy' uses training.toy.random_covariance (eigenvalues 0.5..2, linear).
 """
 
+import contextlib
 import json
 import os
 import pickle
@@ -31,8 +32,6 @@ import shlex
 import subprocess
 import sys
 import time
-
-import contextlib
 
 import click
 import numpy as np

@@ -17,7 +17,10 @@ halves both W2^2 and Var, which leaves the ratio unchanged.)
 
 `bridge_objective` evaluates, for any Gaussian plan, the population value of the transport term of the
 one-step EOT G-step (ARCHITECTURE.md), with uniform t weights as stated there or with the kinetic-energy
-weights 1 / (1 - t)^2 of the Schrodinger bridge; `bridge_objective_optimum` minimises it over plans.
+weights 1 / (1 - t)^2 of the Schrodinger bridge; `bridge_objective_optimum` minimises it over plans, and
+`markovian_projection` gives the plan the f-SDE samples. With uniform weights the minimiser is not the
+EOT plan (docs/gaussian_eot.md); `KineticEOTTask` at the end is the experimental 1 / (1 - t)^2 G-step that
+benchmarks/gaussian_eot.py --loss=kinetic trains.
 """
 
 import dataclasses

@@ -38,10 +38,10 @@ MARKER = '.made-by-demo'
 FULL = dict(
     resolution=16, num_train=2000, num_test=500,               # data: per class; test 2s are translated
     classifier_images=6000, classifier_epochs=3,              # the judge
-    batch=64, model_channels=8, gamma=0.1, G_iters=1, f_iters=1, D_iters=1, lr_g=1e-3, lr_f=1e-3, lr_D=1e-3,
+    batch=64, model_channels=8, gamma=0.1, G_iters=5, f_iters=1, D_iters=1, lr_g=1e-3, lr_f=1e-3, lr_D=3e-4,
     net_opts={'num_blocks': 1, 'attn_resolutions': [], 'dropout': 0, 'channel_mult': [1, 2, 2],
-              'G': {'residual': True}, 'D': {'model_channels': 16}},
-    tick_kimg=4, first_kimg=2, max_kimg=120, ema=0.002,
+              'G': {'residual': True}, 'D': {'model_channels': 16, 'zero_init': False}},
+    tick_kimg=2, first_kimg=2, max_kimg=30, ema=0.002,
 )
 QUICK = dict(FULL, num_train=48, num_test=24, classifier_images=400, classifier_epochs=1, batch=16,
              model_channels=4, tick_kimg=0.032, first_kimg=0.048, max_kimg=0.048)
@@ -125,6 +125,21 @@ def render_coloured_digits(num, seed, resolution):
     return torch.as_tensor(images).float() / 127.5 - 1, torch.as_tensor(labels)
 
 
+def add_clutter(x, gen):
+    """Augmentation that makes the judge read shapes, not stray marks: to half of the images add a soft
+    blob of a random colour at a random place, and to all a little pixel noise (a G can produce such marks
+    cheaply; they must not make a 2 read as a 3)."""
+    n, _, res, _ = x.shape
+    coords = torch.arange(res, dtype=torch.float32)
+    centre = torch.rand([n, 2], generator=gen) * res
+    width = 0.5 + torch.rand([n, 1, 1], generator=gen) * res / 4
+    blob = torch.exp(-((coords[None, :, None] - centre[:, 0, None, None]) ** 2 +
+                       (coords[None, None, :] - centre[:, 1, None, None]) ** 2) / (2 * width ** 2))
+    colour = torch.rand([n, 3, 1, 1], generator=gen) * 2 * (torch.rand([n, 1, 1, 1], generator=gen) < 0.5)
+    noise = torch.randn(x.shape, generator=gen) * 0.1 * torch.rand([n, 1, 1, 1], generator=gen)
+    return (x + colour * blob[:, None] + noise).clamp(-1, 1)
+
+
 def make_classifier(resolution):
     """A small CNN: two conv-ReLU-maxpool stages and a two-layer head, 10 classes."""
     return torch.nn.Sequential(
@@ -134,7 +149,8 @@ def make_classifier(resolution):
 
 
 def train_classifier(cfg, seed=0):
-    """Train the judge on freshly rendered digits; returns (classifier in eval mode, held-out accuracy)."""
+    """Train the judge on freshly rendered digits (with add_clutter); returns (classifier in eval mode,
+    accuracy on clean held-out digits)."""
     res = cfg['resolution']
     x, y = render_coloured_digits(cfg['classifier_images'], seed + 100, res)
     x_test, y_test = render_coloured_digits(max(cfg['classifier_images'] // 5, 100), seed + 101, res)
@@ -146,7 +162,7 @@ def train_classifier(cfg, seed=0):
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), 128):
             idx = perm[i:i + 128]
-            loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+            loss = torch.nn.functional.cross_entropy(net(add_clutter(x[idx], gen)), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -86,6 +86,32 @@ def test_bfloat16_assign_with_rescoring_is_exact():
     assert (got == want).all(dim=1).float().mean() > 0.995
 
 
+def test_bfloat16_solver_kernel_finds_the_exact_winner():
+    """The solver's pass re-scores only pairs within the rounding bound; its winners are still exact."""
+    gen = torch.Generator().manual_seed(12)
+    for source in ('uniform', 'normal'):
+        y = (torch.nn.functional.interpolate(torch.randn(500, 3, 4, 4, generator=gen), size=(16, 16),
+                                             mode='bilinear').tanh() + 0.1 * torch.randn(500, 3, 16, 16, generator=gen))
+        prob = sd.SemidiscreteProblem(y.reshape(500, -1), source)
+        g = sd._init_norm(prob).float()
+        xc = prob.centre(torch.rand(4000, prob.dim, generator=gen) if source == 'uniform'
+                         else torch.randn(4000, prob.dim, generator=gen))
+        want = brute_scores(xc, prob._yc, g).topk(2, dim=1)
+        for exact in ('winner', 'leaders'):
+            vals, idx = sd._Scorer(prob, dtype=torch.bfloat16, chunk_size=128).topk(xc, g, 2, exact=exact)
+            assert torch.equal(idx[:, 0], want.indices[:, 0]), (source, exact)
+        torch.testing.assert_close(vals[:, 0].double(), want.values[:, 0], atol=1e-3, rtol=0)   # 'leaders'
+
+
+def test_voronoi_start_leaves_no_cell_empty_in_1d():
+    y = torch.randn(40, 1, generator=torch.Generator().manual_seed(13), dtype=torch.float64) * 2
+    prob = sd.SemidiscreteProblem(y, 'uniform')
+    masses = exact_masses_1d(y, prob.from_centred(sd._init_voronoi(prob)), 'uniform')
+    assert int((masses == 0).sum()) == 0
+    zero = exact_masses_1d(y, prob.from_centred(torch.zeros(40, dtype=torch.float64)), 'uniform')
+    assert int((zero == 0).sum()) > 30          # h = 0 leaves all but the extreme slopes empty
+
+
 def test_centring_round_trip_and_invariance():
     gen = torch.Generator().manual_seed(3)
     y = torch.randn(40, 6, generator=gen, dtype=torch.float64) + 3.0
@@ -199,6 +225,19 @@ def test_circle_gives_constant_heights():
     x = (rad[:, None, None] * torch.stack([t.cos(), t.sin()], 1)[None]).reshape(-1, 2)
     masses = torch.bincount(brute_scores(x, y, out.h).argmax(dim=1), minlength=N).double() / x.shape[0]
     assert float((N * masses - 1).abs().max()) < 0.05
+
+
+@pytest.mark.parametrize('settings', [dict(step='adam', lr=0.5), dict(qmc=True)])
+def test_circle_with_adam_and_qmc(settings):
+    N = 12
+    a = 2 * math.pi * torch.arange(N, dtype=torch.float64) / N
+    y = torch.stack([a.cos(), a.sin()], dim=1)
+    prob = sd.SemidiscreteProblem(y, 'normal')
+    h0 = 0.2 * torch.randn(N, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    out = sd.SemidiscreteSolver(max_iters=300, tol=0.02, samples_per_iter=8192, block_size=8192, **settings)(
+        prob, generator=torch.Generator().manual_seed(3), h0=h0)
+    assert out.converged
+    assert float((out.h - out.h.mean()).abs().max()) < 0.03
 
 
 def test_image_like_high_dim_converges_in_bf16():

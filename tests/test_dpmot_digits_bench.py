@@ -1,0 +1,130 @@
+"""The metrics of benchmarks/dpmot_digits.py (and the dpmot_quality functions it uses) on tiny inputs, against
+independent NumPy / SciPy computations. The benchmark itself (minutes) is not run here."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+import dpmot_digits  # noqa: E402
+import dpmot_quality  # noqa: E402
+
+
+def _np_quantize(x):
+    return np.clip(np.floor(x * 127.5 + 128), 0, 255) / 127.5 - 1
+
+
+def _np_mmd2(a, b, widths):
+    def k(x, y):
+        return sum(np.exp(-np.sum((x - y) ** 2) / (2 * w * w)) for w in widths)
+    m, n = len(a), len(b)
+    kaa = sum(k(a[i], a[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    kbb = sum(k(b[i], b[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kab = sum(k(a[i], b[j]) for i in range(m) for j in range(n)) / (m * n)
+    return kaa + kbb - 2 * kab
+
+
+def _np_sliced_w2(a, b, directions=256, seed=0):
+    # The same random directions as the benchmark; the 1-D transport plans from an assignment solver.
+    v = torch.randn(a.shape[1], directions, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
+    v /= np.linalg.norm(v, axis=0, keepdims=True)
+    total = 0.0
+    for j in range(directions):
+        pa, pb = a @ v[:, j], b @ v[:, j]
+        cost = (pa[:, None] - pb[None, :]) ** 2
+        rows, cols = scipy.optimize.linear_sum_assignment(cost)
+        total += cost[rows, cols].mean()
+    return np.sqrt(total / directions)
+
+
+def _lower_median(values):
+    # torch.median's convention (the lower of the two middle values for an even count), which the benchmarks use.
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def _np_median_nn(x, ref):
+    return _lower_median([min(np.linalg.norm(xi - r) for r in ref) for xi in x])
+
+
+def _np_median_pairwise(x):
+    return _lower_median([np.linalg.norm(x[i] - x[j]) for i in range(len(x)) for j in range(i + 1, len(x))])
+
+
+def _classifier(resolution=8, seed=0):
+    import demo
+    torch.manual_seed(seed)
+    return demo.make_classifier(resolution).eval().requires_grad_(False)
+
+
+def test_judge_outputs_and_stats_match_a_direct_computation():
+    net = _classifier()
+    x = torch.rand(30, 3, 8, 8) * 2 - 1
+    probs, feats = dpmot_digits.judge_outputs(net, x, batch=7)
+    with torch.no_grad():
+        logits = net(x).double().numpy()
+    expect = np.exp(logits - logits.max(1, keepdims=True))
+    expect /= expect.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs.numpy(), expect, rtol=1e-5, atol=1e-7)
+    assert feats.shape == (30, 128)
+    # judge_stats on probabilities with a known answer: 4 samples, 3 classes.
+    p = torch.tensor([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]], dtype=torch.float64)
+    unreadable, tv = dpmot_digits.judge_stats(p, threshold=0.5)
+    assert unreadable == pytest.approx(0.25)
+    # Predicted classes 0, 0, 1, 2: histogram (1/2, 1/4, 1/4) against (1/3, 1/3, 1/3).
+    assert tv == pytest.approx(0.5 * (1 / 6 + 1 / 12 + 1 / 12))
+
+
+def test_distinct_share_counts_images_seen_once():
+    x = torch.rand(6, 3, 4, 4) * 2 - 1
+    x[1] = x[0]
+    x[4] = dpmot_digits.quantize(x[3])      # the same 8-bit image as x[3]
+    assert dpmot_digits.distinct_share(x) == pytest.approx(2 / 6)
+
+
+def test_evaluate_matches_independent_metrics():
+    rng = np.random.default_rng(0)
+    m, n_train = 12, 7
+    fresh = torch.as_tensor(_np_quantize(rng.uniform(-1, 1, (m, 3, 8, 8)))).float()
+    fresh2 = torch.as_tensor(_np_quantize(rng.uniform(-1, 1, (m, 3, 8, 8)))).float()
+    train = torch.as_tensor(_np_quantize(rng.uniform(-1, 1, (n_train, 3, 8, 8)))).float()
+    x = torch.as_tensor(rng.normal(0, 0.7, (m, 3, 8, 8))).float()       # partly outside [-1, 1]: clipped
+    net = _classifier()
+    xq = _np_quantize(x.double().numpy()).reshape(m, -1)
+    with torch.no_grad():   # The judge's view, from a full forward pass of the classifier on the quantised samples.
+        xq_t = torch.as_tensor(xq.reshape(m, 3, 8, 8)).float()
+        logits = net(xq_t).double().numpy()
+        feats = net[:-1](xq_t).double().numpy()
+        ffeats = net[:-1](fresh).double().numpy()
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    threshold = float(np.median(probs.max(1)))          # some samples on either side
+    ref = dpmot_digits.reference(fresh, fresh2, train, net)
+    got = dpmot_digits.evaluate(x, ref, net, threshold=threshold)
+
+    f1, f2, tr = fresh.double().numpy().reshape(m, -1), fresh2.double().numpy().reshape(m, -1), \
+        train.double().numpy().reshape(n_train, -1)
+    pixel_widths = [c * _np_median_pairwise(f1) for c in (0.5, 1.0, 2.0)]
+    np.testing.assert_allclose(ref['pixel_widths'], pixel_widths, rtol=1e-6)
+    assert got['sw2'] == pytest.approx(_np_sliced_w2(xq, f1), rel=1e-6)
+    assert got['mmd2'] == pytest.approx(_np_mmd2(xq, f1, pixel_widths), rel=1e-6, abs=1e-10)
+    assert got['copy'] == pytest.approx(_np_median_nn(xq, tr) / _np_median_nn(f2, tr), rel=1e-6)
+    assert got['distinct'] == 1.0
+
+    assert 0 < got['unreadable'] < 1
+    assert got['unreadable'] == pytest.approx(np.mean(probs.max(1) < threshold))
+    hist = np.bincount(probs.argmax(1), minlength=10) / m
+    assert got['class_tv'] == pytest.approx(0.5 * np.abs(hist - 0.1).sum())
+    feature_widths = [c * _np_median_pairwise(ffeats) for c in (0.5, 1.0, 2.0)]
+    assert got['feat_mmd2'] == pytest.approx(_np_mmd2(feats, ffeats, feature_widths), rel=1e-5, abs=1e-9)
+
+
+def test_shared_metrics_come_from_dpmot_quality():
+    # One implementation of the distances, used by both benchmarks.
+    assert dpmot_digits.sliced_w2 is dpmot_quality.sliced_w2
+    assert dpmot_digits.mmd2 is dpmot_quality.mmd2
+    assert dpmot_digits.nn_distance is dpmot_quality.nn_distance

@@ -79,11 +79,11 @@ def test_judge_outputs_and_stats_match_a_direct_computation():
     assert tv == pytest.approx(0.5 * (1 / 6 + 1 / 12 + 1 / 12))
 
 
-def test_distinct_share_counts_images_seen_once():
+def test_distinct_share_counts_different_8bit_images():
     x = torch.rand(6, 3, 4, 4) * 2 - 1
     x[1] = x[0]
     x[4] = dpmot_digits.quantize(x[3])      # the same 8-bit image as x[3]
-    assert dpmot_digits.distinct_share(x) == pytest.approx(2 / 6)
+    assert dpmot_digits.distinct_share(x) == pytest.approx(4 / 6)
 
 
 def test_evaluate_matches_independent_metrics():

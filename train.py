@@ -106,7 +106,9 @@ def setup_training_config(opts):
         net_opts = json.loads(opts.net_opts) if opts.net_opts else {}
         if not isinstance(net_opts, dict):
             raise ValueError('not a JSON object')
-        G_kwargs, f_kwargs, D_kwargs = eot_network_kwargs(shape1, model_channels=opts.model_channels, **net_opts)
+        drift = 'velocity' if opts.g_loss == 'kinetic' else 'end_point' # The kinetic G-step needs f = x + (1 - t) v.
+        G_kwargs, f_kwargs, D_kwargs = eot_network_kwargs(shape1, model_channels=opts.model_channels, drift=drift,
+                                                          **net_opts)
     except ValueError as err:
         raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
     adam = lambda lr: dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr, betas=[0.9, 0.999], eps=1e-8)
@@ -118,7 +120,7 @@ def setup_training_config(opts):
                                       pin_memory=False),
         G_kwargs=G_kwargs, f_kwargs=f_kwargs, D_kwargs=D_kwargs,
         G_opt_kwargs=adam(opts.lr_g), f_opt_kwargs=adam(opts.lr_f), D_opt_kwargs=adam(opts.lr_d),
-        gamma=opts.gamma, G_iters=opts.g_iters, f_iters=opts.f_iters, D_iters=opts.d_iters, sde_steps=opts.sde_steps,
+        gamma=opts.gamma, G_loss=opts.g_loss, G_iters=opts.g_iters, f_iters=opts.f_iters, D_iters=opts.d_iters, sde_steps=opts.sde_steps,
         metrics=metrics, data2stats=opts.data2stats, detector=opts.detector,
         samples_dir_G=opts.samples_dir_g, samples_dir_SDE=opts.samples_dir_sde)
     c.data_paths = dnnlib.EasyDict(data1train=opts.data1train, data2train=opts.data2train, data1test=opts.data1test,
@@ -182,6 +184,8 @@ def _run_desc(opts, c):
         desc = f'{opts.name}-denoiser-gpus{dist.get_world_size()}-batch{c.batch_size}-{opts.precond}'
         return re.sub(r'[^0-9A-Za-z._-]', '_', desc + (f'-{opts.desc}' if opts.desc else ''))
     desc = f'{opts.name}-{opts.kind}-gpus{dist.get_world_size()}-batch{c.batch_size}-gamma{opts.gamma:g}'
+    if opts.g_loss != 'stated':
+        desc += f'-{opts.g_loss}'
     if opts.desc:
         desc += f'-{opts.desc}'
     return re.sub(r'[^0-9A-Za-z._-]', '_', desc)
@@ -233,6 +237,7 @@ def _pick_run_dir(opts, desc):
 @click.option('--duration',        help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
 @click.option('--batch',           help='Total batch size of one step, over all processes', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
 @click.option('--batch-gpu',       help='Limit the batch per process and accumulation round (gradient accumulation)', metavar='INT', type=click.IntRange(min=1))
+@click.option('--G-loss',          'g_loss', help='G-step transport term. stated: ARCHITECTURE.md, t ~ U(0,1) unweighted (its optimum is biased away from the EOT plan). kinetic: weighted 1/(1-t)^2 with t = 1-u^2 and f = x + (1-t) v (optimum: the EOT plan). See docs/gaussian_eot.md', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
 @click.option('--G_iters',         'g_iters', help='G-steps per outer iteration (each after --f_iters f-steps)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
 @click.option('--D_iters',         'd_iters', help='Critic steps per outer iteration', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
 @click.option('--f_iters',         'f_iters', help='f-steps before each G-step', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)

@@ -18,13 +18,12 @@ stated (t ~ U(0, 1), no weight; training.gaussian_eot.bridge_objective_optimum),
 with a perfect critic and f, and for the SDE the Markovian projection of that plan (what the f-SDE samples);
 `rank`: the least cBW2-UVP of G's conditionals when its noise has fewer dimensions than D. Wall times of
 training and sampling are printed per row. --loss=kinetic trains the 1/(1-t)^2-weighted variant instead
-(training.gaussian_eot.KineticEOTTask; in-process, since train.py has no switch for it).
+(train.py --G-loss=kinetic: training.eot.KineticEOTLoss with f = x + (1-t) v).
 
 Spectra: 'enot' draws S = W W^T with W = Q diag(exp(linspace(log 0.5, log 2, D))) (the ENOT notebook:
 eigenvalues 0.25..4, log-spaced); 'toy' uses training.toy.random_covariance (eigenvalues 0.5..2, linear).
 """
 
-import contextlib
 import json
 import os
 import pickle
@@ -39,10 +38,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import dnnlib  # noqa: E402
 from training import gaussian_eot as ge  # noqa: E402
 from training import toy  # noqa: E402
-from training.gaussian_eot import U_MIN  # noqa: E402
+from training.eot import KineticEOTLoss  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Problems and data.
@@ -103,38 +101,16 @@ def train_args(train_opts, noise_dim, dim):
     return rest + ['--net-opts=' + json.dumps(net_opts, separators=(',', ':'))]
 
 
-def train(paths, run_dir, eps, kimg, seed, args, threads, kinetic=False):
-    """train.py into run_dir (no subdirectory) with extra options `args`; returns (last snapshot, seconds).
-    With `kinetic`, trains KineticEOTTask in this process instead (train.py's config, other task class)."""
-    cmd = ['train.py', '--name=gauss', f'--outdir={run_dir}', '--nosubdir',
+def train(paths, run_dir, eps, kimg, seed, args, threads, loss='stated'):
+    """train.py --G-loss=`loss` into run_dir (no subdirectory) with extra options `args`; returns
+    (last snapshot, seconds)."""
+    cmd = [sys.executable, 'train.py', '--name=gauss', f'--G-loss={loss}', f'--outdir={run_dir}', '--nosubdir',
            f'--data1train={paths["source"]}', f'--data2train={paths["target"]}', f'--data1test={paths["test"]}',
            f'--gamma={eps}', f'--duration={kimg / 1000}', f'--tick={max(kimg / 10, 0.001)}', '--snap=100000',
            '--dump=100000', '--workers=0', '--device=cpu', '--no-tensorboard', f'--seed={seed}']
-    cmd += args
-    if not kinetic:
-        seconds = run([sys.executable] + cmd, os.path.join(run_dir + '.log'), threads)
-    else:
-        seconds = train_kinetic(cmd[1:], run_dir, seed)
+    seconds = run(cmd + args, run_dir + '.log', threads)
     snaps = sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot-') and f.endswith('.pkl'))
     return os.path.join(run_dir, snaps[-1]), seconds
-
-
-def train_kinetic(args, run_dir, seed):
-    """train.py's option parsing and config (setup_training_config), KineticEOTTask, the shared loop."""
-    import train as train_script
-    from torch_utils import distributed as dist
-    from training.training_loop import training_loop, write_options
-    opts = dnnlib.EasyDict(train_script.main.make_context('train.py', list(args)).params)
-    device = dist.init('cpu')
-    c = train_script.setup_training_config(opts)
-    c.task_kwargs.class_name = 'training.gaussian_eot.KineticEOTTask'
-    c.seed, c.run_dir, c.resume_state, c.world_size = seed, run_dir, None, 1
-    os.makedirs(run_dir, exist_ok=True)
-    write_options(run_dir, c)
-    t0 = time.perf_counter()
-    with open(run_dir + '.log', 'w') as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        training_loop(device=device, **c)
-    return time.perf_counter() - t0
 
 
 def sample(snapshot, data, out_dir, sampler, repeats, num, threads, via):
@@ -183,7 +159,8 @@ def theory(plan, weight='uniform'):
     """cBW2-UVP (%) against the EOT plan of (G) the population minimiser of the G-step transport term (as
     stated: 'uniform' t; or 'kinetic') and (SDE) its Markovian projection, the plan of the f-SDE when f is
     exact."""
-    found, _ = ge.bridge_objective_optimum(plan, plan.eps, weight, t_max=1 - U_MIN ** 2 if weight == 'kinetic' else None)
+    t_max = 1 - KineticEOTLoss.U_MIN ** 2 if weight == 'kinetic' else None   # the loss's largest t
+    found, _ = ge.bridge_objective_optimum(plan, plan.eps, weight, t_max=t_max)
     return dict(G=ge.plan_cbw2_uvp(found, plan),
                 sde=ge.plan_cbw2_uvp(ge.markovian_projection(found, plan.eps), plan))
 
@@ -217,7 +194,7 @@ def _floats(text):
 @click.option('--threads', help='OpenMP threads of each training / sampling process', type=int, default=1, show_default=True)
 @click.option('--seed', help='Seed of the problems, data and training', type=int, default=0, show_default=True)
 @click.option('--theory/--no-theory', 'theory_', help='Also compute the population optima (theory columns)', default=True, show_default=True)
-@click.option('--loss', help='G-step transport term: as stated (uniform t) or kinetic (1/(1-t)^2, importance-sampled; in-process)', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
+@click.option('--loss', help='G-step transport term (train.py --G-loss): as stated (uniform t) or kinetic (1/(1-t)^2, importance-sampled)', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
 @click.option('--outdir', help='Work directory (data, runs, samples, results.jsonl)', metavar='DIR', required=True)
 def main(dims, eps_list, kimg, train_opts, noise_dim, num, eval_inputs, repeats, marginal_samples, spectrum, via, threads,
          seed, theory_, loss, outdir):
@@ -233,7 +210,7 @@ def main(dims, eps_list, kimg, train_opts, noise_dim, num, eval_inputs, repeats,
             folder = os.path.join(outdir, f'D{dim}-eps{eps:g}')
             paths = write_data(plan, os.path.join(folder, 'data'), num, max(eval_inputs, marginal_samples), seed)
             args = train_args(train_opts, noise_dim, dim)
-            snapshot, train_s = train(paths, os.path.join(folder, 'run'), eps, kimg, seed, args, threads, loss == 'kinetic')
+            snapshot, train_s = train(paths, os.path.join(folder, 'run'), eps, kimg, seed, args, threads, loss)
             with open(snapshot, 'rb') as f:
                 g_noise = pickle.load(f)['G'].z_shape[0]
             nan = float('nan')

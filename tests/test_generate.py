@@ -34,8 +34,8 @@ def one_thread():
 # Tiny snapshots, made once per module by train.py (one tick), then given large random weights so that
 # outputs depend visibly on the inputs and the noise.
 
-def _train_one_tick(tmp, data1, data2, net_opts):
-    args = [f'--outdir={tmp / "runs"}', '--name=t', '--batch=4', '--model_channels=4', f'--net-opts={net_opts}',
+def _train_one_tick(tmp, data1, data2, net_opts, *extra):
+    args = [*extra, f'--outdir={tmp / "runs"}', '--name=t', '--batch=4', '--model_channels=4', f'--net-opts={net_opts}',
             '--G_iters=1', '--f_iters=1', '--D_iters=1', '--gamma=0.3', '--lr-rampup=0', '--workers=0', '--seed=1',
             '--device=cpu', '--no-tensorboard', '--duration=0.000004', '--nosubdir', '--sde-steps=3',
             f'--data1train={data1}', f'--data2train={data2}']
@@ -198,6 +198,35 @@ def test_vector_repeats_shape_and_values(vector_setup, tmp_path):
         np.testing.assert_allclose(out['y'][i, r], expect, rtol=1e-5, atol=1e-6)
     assert np.std(out['y'][0], axis=0).min() > 1e-3 # The repeats differ: G uses its noise.
     assert (tmp_path / 'grid.png').is_file()
+
+
+def test_kinetic_snapshot_samples_the_sde_with_its_velocity_drift(tmp_path):
+    data1 = write_vector_npz(tmp_path / 'a.npz', 64, dim=3, seed=1, mean=-1.0)
+    data2 = write_vector_npz(tmp_path / 'b.npz', 64, dim=3, seed=2, mean=1.0)
+    snap_path = _train_one_tick(tmp_path, data1, data2, '{"depth": 2}', '--G-loss=kinetic')
+    with open(snap_path, 'rb') as f:
+        snap = pickle.load(f)
+    assert snap['G_loss'] == 'kinetic' and type(snap['f']).__name__ == 'VelocityDrift'
+    export = tmp_path / 'export'
+    _generate(f'--network={snap_path}', f'--export-safe={export}')
+    assert json.loads((export / 'network.json').read_text())['networks']['f']['class_name'] == \
+        'training.networks.VelocityDrift'
+    outs = []
+    for network in (snap_path, export):
+        outdir = tmp_path / f'out{len(outs)}'
+        _generate(f'--network={network}', f'--data={data1}', f'--outdir={outdir}', '--max=6', '--seeds=20-25',
+                  '--sampler=sde', '--batch=4')
+        outs.append(np.load(outdir / 'samples.npz'))
+    assert np.array_equal(outs[0]['y'], outs[1]['y'])
+    # Against the SDE run by hand with the snapshot's f and each input's own seeded noise.
+    from training.eot import sample_sde
+    x = torch.as_tensor(np.load(data1)['x'][:6])
+    for i in range(6):
+        g = torch.Generator().manual_seed(20 + i)
+        expect = sample_sde(snap['f'], x[i:i + 1], snap['gamma'], snap['sde_steps'],
+                            randn_like=lambda a: torch.randn(a.shape, generator=g))
+        np.testing.assert_allclose(outs[0]['y'][i, 0], expect[0].numpy(), rtol=1e-5, atol=1e-6)
+    assert np.std(outs[0]['y'], axis=0).min() > 1e-3
 
 
 def test_two_processes_give_the_single_process_result(vector_setup, tmp_path):

@@ -1,6 +1,7 @@
 """train.py end to end on tiny data: files of a run, vectors, resume equivalence, torchrun, errors."""
 
 import json
+import math
 import os
 import pickle
 
@@ -103,6 +104,31 @@ def test_dry_run_prints_options_and_writes_nothing(tmp_path, image_domains):
     res = _run(_args(tmp_path / 'runs', image_domains, '--dry-run'))
     assert res.exit_code == 0 and 'Dry run; exiting.' in res.output and '"task_kwargs"' in res.output
     assert not os.path.exists(tmp_path / 'runs')
+
+
+def _dry_run_options(args):
+    res = _run(args + ['--dry-run'])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output.split('Training options:')[1].split('Output directory:')[0])
+
+
+def test_kinetic_g_loss_vector_run(tmp_path, vector_domains):
+    res = _run(_args(tmp_path / 'runs', vector_domains, '--G-loss=kinetic', batch=8, duration_iters=2))
+    assert res.exit_code == 0, res.output
+    run_dir = _only_run_dir(tmp_path / 'runs')
+    assert run_dir.endswith('-gamma0.5-kinetic')
+    task = json.load(open(os.path.join(run_dir, 'training_options.json')))['task_kwargs']
+    assert task['G_loss'] == 'kinetic' and task['f_kwargs']['class_name'] == 'training.networks.VelocityDrift'
+    with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
+        snap = pickle.load(f)
+    assert snap['G_loss'] == 'kinetic' and type(snap['loss']).__name__ == 'KineticEOTLoss'
+    assert type(snap['f']).__name__ == 'VelocityDrift' and snap['G'].z_shape == (2,)
+    x = torch.randn(5, 2)
+    assert torch.equal(snap['f'](x, 1.0), x)  # f = x + (1 - t) v ends at its input
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert all(math.isfinite(r[k]['mean']) for r in rows for k in ('Loss/G', 'Loss/f', 'Loss/G_transport'))
+    stated = _dry_run_options(_args(tmp_path / 'runs2', vector_domains))['task_kwargs']
+    assert stated['G_loss'] == 'stated' and stated['f_kwargs']['class_name'] == 'training.networks.MLPDrift'
 
 
 @pytest.mark.parametrize('case', ['shape', 'batch', 'missing', 'resume', 'metrics'])

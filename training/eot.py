@@ -3,8 +3,9 @@
 A generator G maps a source sample x0 and fresh noise to xN in one call; a drift network f defines
 the Schrodinger-bridge SDE; a Wasserstein critic D pulls G's outputs onto the target set. `gamma`
 is the entropy: the bridge has volatility sqrt(gamma), i.e. EOT with cost |x - y|^2 / 2 and
-eps = gamma. This module holds the losses, the two samplers, and `EOTTask`, which plugs the method
-into the shared training loop (training/training_loop.py).
+eps = gamma. This module holds the losses (the G-step as stated, `EOTLoss`, and its 1 / (1 - t)^2-weighted
+"kinetic" variant, `KineticEOTLoss`; docs/gaussian_eot.md), the two samplers, and `EOTTask`, which plugs the
+method into the shared training loop (training/training_loop.py).
 """
 
 import contextlib
@@ -41,6 +42,14 @@ class EOTLoss:
             raise ValueError(f'gamma must be >= 0 (it is the entropy eps of EOT); got {gamma}')
         self.gamma = float(gamma)
 
+    def sample_t(self, u):
+        """Bridge times t [N] from uniform draws u [N]: t ~ U(0, 1), as stated."""
+        return u
+
+    def transport_weight(self, t):
+        """Per-sample weight [N] of the G-step transport term at times t drawn by sample_t: 1, as stated."""
+        return torch.ones_like(t)
+
     def bridge(self, x0, xN, t, n):
         """Brownian-bridge point x_t = x0 + t (xN - x0) + sqrt(gamma t (1 - t)) n, with t [N] in [0, 1]."""
         t = t.reshape(-1, *([1] * (x0.ndim - 1)))
@@ -52,19 +61,47 @@ class EOTLoss:
         return _per_sample_mean((f(xt, t).float() - xN).square())
 
     def G_loss(self, f, D, x0, xN, t, n):
-        """2 ( <f(x_t,t) - x_t, xN - x_t> - |f(x_t,t) - x_t|^2 / 2 ) - D(xN).
+        """w(t) 2 ( <f(x_t,t) - x_t, xN - x_t> - |f(x_t,t) - x_t|^2 / 2 ) - D(xN), w = transport_weight (1 here).
 
-        Returns (loss, transport term), both per sample; gradients reach G through xN and x_t.
+        Returns (loss, weighted transport term), both per sample; gradients reach G through xN and x_t.
         """
         xt = self.bridge(x0, xN, t, n)
         drift = f(xt, t).float() - xt
         transport = 2 * (_per_sample_mean(drift * (xN - xt)) - _per_sample_mean(drift.square()) / 2)
+        transport = self.transport_weight(t).float() * transport
         return transport - D(xN).float(), transport
 
     def D_loss(self, D, xN, x1):
         """D(xN) - D(x1): a Wasserstein critic, low on targets and high on G's outputs."""
         scores = D(torch.cat([xN, x1])).float() # One pass through D (and its DDP wrapper) for both.
         return scores[:xN.shape[0]] - scores[xN.shape[0]:]
+
+
+@persistence.persistent_class
+class KineticEOTLoss(EOTLoss):
+    """The G-step transport term weighted by 1 / (1 - t)^2 (`train.py --G-loss=kinetic`; docs/gaussian_eot.md).
+
+    With an exact f the weighted term is the kinetic energy int E |E[x1 | x_t] - x_t|^2 / (1 - t)^2 dt of the
+    bridge's Markovian projection, whose minimiser over plans is the EOT plan (the stated, unweighted term's is
+    not). Per sample that term has a standard deviation ~ (1 - t)^-1/2, so t is importance-sampled with density
+    q(t) = 1 / (2 sqrt(1 - t)) (t = 1 - u^2) and weighted by (1 - t)^-2 / q(t) = 2 (1 - t)^-3/2: bounded
+    variance, the same scale as the stated term, no clipping. The f-step draws t the same way (f's minimiser
+    E[x1 | x_t] does not depend on how t is drawn, and f is then accurate where the G-step queries it). Use it
+    with f = x + (1 - t) v (networks.VelocityDrift), so that f - x vanishes at t = 1 whatever v's error.
+    """
+
+    U_MIN = 1e-3 # u >= U_MIN keeps 1 - t >= 1e-6 in float32; the bias is far below the benchmark's floors.
+
+    def sample_t(self, u):
+        """t = 1 - u^2 (density 1 / (2 sqrt(1 - t))), with u clamped at U_MIN."""
+        return 1 - u.clamp(min=self.U_MIN).square()
+
+    def transport_weight(self, t):
+        """(1 - t)^-2 / q(t) = 2 (1 - t)^-3/2."""
+        return 2 * (1 - t).rsqrt() / (1 - t)
+
+
+G_LOSSES = dict(stated=EOTLoss, kinetic=KineticEOTLoss)
 
 #----------------------------------------------------------------------------
 # Samplers.
@@ -119,18 +156,29 @@ class EOTTask:
     One iteration: `G_iters` x (`f_iters` f-steps, one G-step), then `D_iters` D-steps; every step
     draws fresh batches. G runs under no_grad in f- and D-steps (no graph through G there), and f and
     D are called outside their DDP wrappers with frozen parameters in the G-step (they get no gradients).
+    `G_loss`: 'stated' (EOTLoss, ARCHITECTURE.md) or 'kinetic' (KineticEOTLoss; f must be a velocity
+    drift, see networks.eot_network_kwargs(drift='velocity')).
     """
 
     def __init__(self, data1_kwargs, data2_kwargs, test1_kwargs=None, loader_kwargs=None,
                  G_kwargs=None, f_kwargs=None, D_kwargs=None,
                  G_opt_kwargs=None, f_opt_kwargs=None, D_opt_kwargs=None,
-                 gamma=1.0, G_iters=10, f_iters=2, D_iters=1, sde_steps=10, grid_size=None,
+                 gamma=1.0, G_loss='stated', G_iters=10, f_iters=2, D_iters=1, sde_steps=10, grid_size=None,
                  metrics=(), data2stats=None, detector=None, samples_dir_G=None, samples_dir_SDE=None):
         self.kwargs = dnnlib.EasyDict(data1_kwargs=data1_kwargs, data2_kwargs=data2_kwargs, test1_kwargs=test1_kwargs,
                                       loader_kwargs=dict(loader_kwargs or {}))
         self.net_kwargs = dict(G=G_kwargs, f=f_kwargs, D=D_kwargs)
         self.opt_kwargs = dict(G=G_opt_kwargs, f=f_opt_kwargs, D=D_opt_kwargs)
-        self.loss = EOTLoss(gamma)
+        if G_loss not in G_LOSSES:
+            raise ValueError(f'G_loss must be one of {sorted(G_LOSSES)}; got {G_loss!r}')
+        f_class = (f_kwargs or {}).get('class_name', '')
+        if G_loss == 'kinetic' and not f_class.endswith('VelocityDrift'):
+            # Measured (docs/gaussian_eot.md): with an end-point f the weighted G-step diverges (loss_G -> -1e16).
+            raise ValueError(f'G_loss="kinetic" needs f = x + (1 - t) v (training.networks.VelocityDrift or '
+                             f'UNetVelocityDrift); got f class {f_class!r}. Build the networks with '
+                             'eot_network_kwargs(..., drift="velocity")')
+        self.G_loss = G_loss
+        self.loss = G_LOSSES[G_loss](gamma)
         self.G_iters, self.f_iters, self.D_iters = int(G_iters), int(f_iters), int(D_iters)
         self.sde_steps = int(sde_steps)
         self.grid_size = grid_size
@@ -208,7 +256,7 @@ class EOTTask:
             trainer.run_phase('D', lambda D_ddp: self._D_step(trainer, G, D_ddp))
 
     def _bridge_noise(self, trainer, x0):
-        return trainer.rand([x0.shape[0]]), trainer.randn(x0.shape)
+        return self.loss.sample_t(trainer.rand([x0.shape[0]])), trainer.randn(x0.shape)
 
     def _generate(self, trainer, G, x0):
         z = trainer.randn([x0.shape[0], *trainer.nets['G'].z_shape]) # (G may be the DDP wrapper.)
@@ -261,7 +309,8 @@ class EOTTask:
 
     def snapshot_data(self, trainer):
         return dict(kind='eot', G=cpu_copy(trainer.ema['G']), f=cpu_copy(trainer.ema['f']),
-                    D=cpu_copy(trainer.ema['D']), loss=self.loss, gamma=self.loss.gamma, sde_steps=self.sde_steps,
+                    D=cpu_copy(trainer.ema['D']), loss=self.loss, G_loss=self.G_loss, gamma=self.loss.gamma,
+                    sde_steps=self.sde_steps,
                     data_shape=list(self.data_shape), dataset_kwargs=dict(self.kwargs),
                     provenance=dict(self.provenance), kimg=trainer.cur_nimg / 1000)
 

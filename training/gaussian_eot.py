@@ -19,18 +19,14 @@ halves both W2^2 and Var, which leaves the ratio unchanged.)
 one-step EOT G-step (ARCHITECTURE.md), with uniform t weights as stated there or with the kinetic-energy
 weights 1 / (1 - t)^2 of the Schrodinger bridge; `bridge_objective_optimum` minimises it over plans, and
 `markovian_projection` gives the plan the f-SDE samples. With uniform weights the minimiser is not the
-EOT plan (docs/gaussian_eot.md); `KineticEOTTask` at the end is the experimental 1 / (1 - t)^2 G-step that
-benchmarks/gaussian_eot.py --loss=kinetic trains.
+EOT plan (docs/gaussian_eot.md); the 1 / (1 - t)^2-weighted G-step is training.eot.KineticEOTLoss
+(`train.py --G-loss=kinetic`).
 """
 
 import dataclasses
 
 import numpy as np
 import torch
-
-from torch_utils import persistence
-from training.eot import EOTLoss, EOTTask
-from training.networks import MLPDrift, per_sample
 
 #----------------------------------------------------------------------------
 # Linear algebra.
@@ -259,8 +255,9 @@ def bridge_objective(cross, cov0, cov1, gamma, weight='uniform', nodes=96, t_max
 
     weight 'uniform' is the stated algorithm (t ~ U(0, 1), no weight); 'kinetic' weights by 1 / (1 - t)^2,
     which makes it the kinetic energy int E |drift|^2 dt of the bridge's Markovian projection, whose minimiser
-    is the EOT plan with eps = gamma; t_max clips that weight at 1 / (1 - t_max)^2 (what a practical loss
-    must do: the per-sample variance grows like 1 / (1 - t)). Torch tensors in and out.
+    is the EOT plan with eps = gamma; t_max clips that weight at 1 / (1 - t_max)^2 (a sampled loss must
+    bound it somehow: training.eot.KineticEOTLoss draws t = 1 - u^2 with u >= U_MIN, i.e. t <= 1 - U_MIN^2).
+    Torch tensors in and out.
     """
     t, w = _t_nodes(nodes, weight, t_max)
     return (w.to(cross) * bridge_transport(cross, cov0, cov1, gamma, t)).sum()
@@ -332,47 +329,3 @@ def markovian_projection(plan, gamma, steps=2000):
         half = phi + h / 2 * rate(k * h) @ phi
         phi = phi + h * rate((k + 0.5) * h) @ half
     return GaussianPlan(plan.mean0, plan.cov0, plan.mean1, plan.cov1, plan.cov0 @ phi.T, None)
-
-#----------------------------------------------------------------------------
-# An experimental G-step (benchmarks/gaussian_eot.py --loss=kinetic): the transport term weighted by 1 / (1 - t)^2, which
-# makes its population minimiser the EOT plan (training.gaussian_eot.bridge_objective). Per sample that term
-# has a standard deviation ~ (1 - t)^-1/2, so t is importance-sampled with density q(t) = 1 / (2 sqrt(1 - t))
-# (t = 1 - u^2, u ~ U(0, 1)) and weighted by w / q = 2 (1 - t)^-3/2: bounded variance, the same scale as the
-# stated term, no clipping. The f-step draws t the same way.
-
-U_MIN = 1e-3   # u >= U_MIN keeps 1 - t >= 1e-6 (float32); the bias is far below the floors.
-
-
-@persistence.persistent_class
-class KineticEOTLoss(EOTLoss):
-    """EOTLoss whose G-step transport term is weighted by 2 (1 - t)^-3/2 (t must have density 1 / (2 sqrt(1 - t)))."""
-
-    def G_loss(self, f, D, x0, xN, t, n):
-        loss, transport = super().G_loss(f, D, x0, xN, t, n)   # loss = transport - D(xN)
-        weight = 2 * (1 - t).rsqrt() / (1 - t)
-        return loss + (weight - 1) * transport, weight * transport
-
-
-@persistence.persistent_class
-class VelocityDrift(MLPDrift):
-    """f(x, t) = x + (1 - t) v(x, t) with v the MLP: f - x vanishes like (1 - t) whatever v's error, so the
-    weighted term stays bounded near t = 1 (with a plain MLP, f's error there is amplified by (1 - t)^-3/2).
-    Same interface as MLPDrift, so sample_sde and generate.py use it unchanged."""
-
-    def forward(self, x, t):
-        tt = per_sample(t, x.shape[0], 't', x.device).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        return x + (1 - tt) * super().forward(x, t)
-
-
-class KineticEOTTask(EOTTask):
-    """EOTTask with KineticEOTLoss and VelocityDrift; t = 1 - u^2 in the G-step and, so that f is accurate where
-    G queries it, in the f-step too (f's minimiser E[x1 | x_t] does not depend on how t is drawn)."""
-
-    def __init__(self, *args, f_kwargs=None, **kwargs):
-        f_kwargs = dict(f_kwargs, class_name='training.gaussian_eot.VelocityDrift')
-        super().__init__(*args, f_kwargs=f_kwargs, **kwargs)
-        self.loss = KineticEOTLoss(self.loss.gamma)
-
-    def _bridge_noise(self, trainer, x0):
-        u = trainer.rand([x0.shape[0]]).clamp(min=U_MIN)
-        return 1 - u.square(), trainer.randn(x0.shape)

@@ -353,6 +353,12 @@ def _time_scale(time_scale, embedding_type):
     return 1000.0 if embedding_type == 'positional' else 1.0
 
 
+def _end_point_from_velocity(x, t, v):
+    # f(x, t) = x + (1 - t) v(x, t): the drift (f - x) / (1 - t) of the SDE is v itself, and f - x vanishes at t = 1.
+    tt = per_sample(t, x.shape[0], 't', x.device).to(v.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return x + (1 - tt) * v
+
+
 @persistence.persistent_class
 class UNetGenerator(torch.nn.Module):
     """EOT generator for images: G(x, z) with x [N, C, R, R], z [N, 1, R, R] (one noise channel,
@@ -397,6 +403,14 @@ class UNetDrift(torch.nn.Module):
     def forward(self, x, t):
         _check_input(x, self.data_shape, 'f')
         return self.net(x, per_sample(t, x.shape[0], 't', x.device) * self.time_scale)
+
+
+@persistence.persistent_class
+class UNetVelocityDrift(UNetDrift):
+    """UNetDrift parameterised as f(x, t) = x + (1 - t) v(x, t), v the U-Net (see VelocityDrift)."""
+
+    def forward(self, x, t):
+        return _end_point_from_velocity(x, t, super().forward(x, t))
 
 
 @persistence.persistent_class
@@ -457,6 +471,17 @@ class MLPDrift(torch.nn.Module):
     def forward(self, x, t):
         _check_input(x, self.data_shape, 'f')
         return self.net(x, per_sample(t, x.shape[0], 't', x.device) * self.time_scale)
+
+
+@persistence.persistent_class
+class VelocityDrift(MLPDrift):
+    """MLPDrift parameterised as f(x, t) = x + (1 - t) v(x, t), v the MLP (same arguments and interface).
+
+    f - x vanishes like (1 - t) whatever v's error, which the 1 / (1 - t)^2-weighted (kinetic) G-step needs
+    (training.eot.KineticEOTLoss; with a plain MLP f its error near t = 1 is amplified and G exploits it)."""
+
+    def forward(self, x, t):
+        return _end_point_from_velocity(x, t, super().forward(x, t))
 
 
 @persistence.persistent_class
@@ -581,8 +606,11 @@ def _check_data_shape(data_shape):
 
 
 def _param_names(cls):
-    orig = cls.__bases__[0] if persistence.is_persistent(cls) else cls
-    params = inspect.signature(orig.__init__).parameters.values()
+    # The constructor that takes the arguments: skip the persistence decorators' (*args, **kwargs) ones, also
+    # those of persistent base classes (a subclass such as VelocityDrift inherits its base's constructor).
+    init = next(c.__dict__['__init__'] for c in cls.__mro__
+                if '__init__' in c.__dict__ and not persistence.is_persistent(c))
+    params = inspect.signature(init).parameters.values()
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {'self'}
 
 
@@ -605,13 +633,18 @@ def _apply_overrides(kwargs_by_net, classes, overrides):
             kwargs_by_net[name][key] = value
 
 
-def eot_network_kwargs(data_shape, model_channels=32, **overrides):
+DRIFTS = ('end_point', 'velocity')
+
+
+def eot_network_kwargs(data_shape, model_channels=32, drift='end_point', **overrides):
     """(G_kwargs, f_kwargs, D_kwargs) for the EOT networks, each a dnnlib.EasyDict with `class_name`.
 
     data_shape: (C, H, W) images (H == W; U-Nets) or (D,) vectors (MLPs).
     Images: G and f use `model_channels` = c and channel_mult [2,2,2]; D the U-Net encoder with
     (c // 32 + 1) * 32 channels. Vectors: MLPs of depth 4 and width 8 c for G and f (256 at the
     default c = 32), 8 (c // 32 + 1) * 32 for D; G's noise_dim = min(D, 8).
+    drift: 'end_point' (f is the network: UNetDrift / MLPDrift) or 'velocity' (f = x + (1 - t) v:
+    UNetVelocityDrift / VelocityDrift, for the kinetic G-step).
     overrides: `G=dict(...)`, `f=dict(...)`, `D=dict(...)` set one network's arguments; any other
     key (e.g. dropout=0, resample_filter=[1,3,3,1], width=128) goes to every network that accepts it.
     """
@@ -620,14 +653,17 @@ def eot_network_kwargs(data_shape, model_channels=32, **overrides):
     c = int(model_channels)
     if c < 1:
         raise ValueError(f'model_channels must be a positive int; got {model_channels}')
+    if drift not in DRIFTS:
+        raise ValueError(f'drift must be one of {DRIFTS}; got {drift!r}')
+    velocity = drift == 'velocity'
     c_d = (c // 32 + 1) * 32
     if len(shape) == 3:
         common = dict(img_resolution=shape[1], img_channels=shape[0], channel_mult=[2, 2, 2])
-        classes = dict(G=UNetGenerator, f=UNetDrift, D=UNetCritic)
+        classes = dict(G=UNetGenerator, f=UNetVelocityDrift if velocity else UNetDrift, D=UNetCritic)
         kwargs = dict(G=dict(common, model_channels=c), f=dict(common, model_channels=c),
                       D=dict(common, model_channels=c_d))
     else:
-        classes = dict(G=MLPGenerator, f=MLPDrift, D=MLPCritic)
+        classes = dict(G=MLPGenerator, f=VelocityDrift if velocity else MLPDrift, D=MLPCritic)
         kwargs = dict(G=dict(dim=shape[0], width=8 * c, depth=4), f=dict(dim=shape[0], width=8 * c, depth=4),
                       D=dict(dim=shape[0], width=8 * c_d, depth=4))
     _apply_overrides(kwargs, {k: _param_names(v) for k, v in classes.items()}, overrides)

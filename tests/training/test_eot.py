@@ -61,6 +61,66 @@ def test_losses_match_the_formulas():
     assert torch.allclose(loss.D_loss(D, xN, x1).mean(), D_ref, atol=1e-6)
 
 
+def test_kinetic_loss_weights_the_transport_term_by_brute_force():
+    torch.manual_seed(0)
+    n, d, gamma = 6, 3, 0.5
+    f, D_lin = Affine(d, 2), torch.nn.Linear(d, 1)
+    D = lambda x: D_lin(x).squeeze(1)
+    x0, xN, noise = torch.randn(n, d), torch.randn(n, d), torch.randn(n, d)
+    loss = eot.KineticEOTLoss(gamma)
+    t = loss.sample_t(torch.tensor([1.0, 0.7, 0.3, 0.1, 0.01, 0.0]))
+    with torch.no_grad():
+        got, transport = loss.G_loss(f, D, x0, xN, t, noise)
+        for i in range(n):   # One sample at a time, coordinate by coordinate.
+            ti = float(t[i])
+            xt = [float(x0[i, k] + ti * (xN[i, k] - x0[i, k]) + math.sqrt(gamma * ti * (1 - ti)) * noise[i, k])
+                  for k in range(d)]
+            fx = f(torch.tensor([xt]), t[i:i + 1])[0].tolist()
+            term = sum(2 * (fx[k] - xt[k]) * (float(xN[i, k]) - xt[k]) - (fx[k] - xt[k]) ** 2 for k in range(d)) / d
+            q = 1 / (2 * math.sqrt(1 - ti))   # density of t = 1 - u^2, u ~ U(0, 1)
+            weight = 1 / (1 - ti) ** 2 / q
+            assert float(transport[i]) == pytest.approx(weight * term, rel=1e-4), i
+            assert float(got[i]) == pytest.approx(weight * term - float(D(xN[i:i + 1])), rel=1e-4, abs=1e-5), i
+    assert float(t[-1]) == pytest.approx(1 - eot.KineticEOTLoss.U_MIN ** 2)   # u = 0 is clamped
+    # t = 1 - u^2 has the CDF 1 - sqrt(1 - s); the stated loss keeps u and weight 1.
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    ts = torch.sort(loss.sample_t(u)).values.double()
+    ecdf = torch.arange(1, len(ts) + 1, dtype=torch.float64) / len(ts)
+    assert (ecdf - (1 - (1 - ts).sqrt())).abs().max() < 0.005   # Kolmogorov-Smirnov, 99.9 % ~ 1.95 / sqrt(N)
+    stated = eot.EOTLoss(gamma)
+    assert torch.equal(stated.sample_t(u), u) and torch.equal(stated.transport_weight(u), torch.ones_like(u))
+
+
+@pytest.mark.parametrize('G_loss, weight', [('stated', 'uniform'), ('kinetic', 'kinetic')])
+def test_transport_term_with_the_exact_drift_is_the_bridge_objective(G_loss, weight):
+    """On Gaussians, with f = E[x1 | x_t] exact, the batch mean of the G-step transport term estimates
+    training.gaussian_eot.bridge_objective / D (the kinetic energy for 'kinetic'), within Monte Carlo error."""
+    from training import gaussian_eot as ge
+    from training import toy
+    rng = np.random.default_rng(3)
+    dim, gamma, num = 2, 0.7, 400_000
+    s0, s1 = toy.random_covariance(dim, rng), toy.random_covariance(dim, rng)
+    plan = ge.gaussian_eot_plan(None, s0, None, s1, gamma)
+    x, y = (torch.as_tensor(a) for a in plan.sample(num, rng))
+    cov0, cov1, cross = (torch.as_tensor(a) for a in (plan.cov0, plan.cov1, plan.cross))
+
+    def exact_f(xt, t):   # E[x1 | x_t] = Cov(x1, x_t) Cov(x_t)^-1 x_t (zero means), per sample.
+        t = t.double()[:, None, None]
+        var_t = (1 - t) ** 2 * cov0 + t ** 2 * cov1 + t * (1 - t) * (cross + cross.T + gamma * torch.eye(dim))
+        k_t = (1 - t) * cross.T + t * cov1
+        return (k_t @ torch.linalg.solve(var_t, xt.double()[:, :, None]))[:, :, 0]
+
+    loss = eot.G_LOSSES[G_loss](gamma)
+    gen = torch.Generator().manual_seed(1)
+    t = loss.sample_t(torch.rand(num, generator=gen, dtype=torch.float64))
+    _, transport = loss.G_loss(exact_f, lambda a: torch.zeros(len(a)), x, y, t,
+                               torch.randn(num, dim, generator=gen, dtype=torch.float64))
+    expect = float(ge.bridge_objective(cross, cov0, cov1, gamma, weight)) / dim
+    error = float(transport.std()) / math.sqrt(num)
+    assert abs(float(transport.mean()) - expect) < 4 * error, (float(transport.mean()), expect, error)
+    assert error < 0.02 * expect   # The check has teeth: MC error well below the value.
+
+
 def test_sde_lands_on_the_target_and_matches_euler_maruyama_variance():
     y = torch.tensor([[2.0, -1.0]])
     f = lambda x, t: y.expand_as(x)    # The ideal drift network for a point target.
@@ -154,6 +214,21 @@ def test_eot_task_keeps_g_out_of_the_graph_in_f_and_d_steps(vector_domains):
     assert all(p.requires_grad for n in ('f', 'D') for p in trainer.nets[n].parameters())
     # One D-step consumed a batch of domain 2 per round; domain 1 fed every step.
     assert task.data2.consumed == 8 and task.data1.consumed == 7 * 8
+
+
+def test_eot_task_kinetic_needs_a_velocity_drift(vector_domains):
+    from training.networks import eot_network_kwargs
+    data = [dnnlib.EasyDict(class_name='training.dataset.VectorDataset', path=vector_domains[k])
+            for k in ('data1train', 'data2train')]
+    _, f_end, _ = eot_network_kwargs((2,), model_channels=4)
+    with pytest.raises(ValueError, match='VelocityDrift'):
+        eot.EOTTask(*data, f_kwargs=f_end, G_loss='kinetic')
+    with pytest.raises(ValueError, match='G_loss'):
+        eot.EOTTask(*data, f_kwargs=f_end, G_loss='weighted')
+    _, f_vel, _ = eot_network_kwargs((2,), model_channels=4, drift='velocity')
+    task = eot.EOTTask(*data, f_kwargs=f_vel, G_loss='kinetic', gamma=0.3)
+    assert type(task.loss) is eot.KineticEOTLoss and task.loss.gamma == 0.3
+    assert type(eot.EOTTask(*data, f_kwargs=f_end).loss) is eot.EOTLoss
 
 
 def test_nonfinite_loss_skips_or_stops():

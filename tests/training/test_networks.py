@@ -90,6 +90,25 @@ def test_factory_defaults_and_overrides():
         networks.denoiser_kwargs((2,), depthh=3)
 
 
+@pytest.mark.parametrize('shape', [(3,), (2, 8, 8)])
+def test_velocity_drift_is_x_plus_one_minus_t_times_the_plain_drift(shape):
+    kwargs = dict(num_blocks=1, attn_resolutions=[], model_channels=8) if len(shape) == 3 else dict(width=16, depth=2)
+    G_kw, f_kw, D_kw = networks.eot_network_kwargs(shape, drift='velocity', zero_init=False, time_scale=3.0, **kwargs)
+    _, plain_kw, _ = networks.eot_network_kwargs(shape, zero_init=False, time_scale=3.0, **kwargs)
+    assert f_kw.class_name.endswith('VelocityDrift') and f_kw.time_scale == 3.0   # overrides reach the subclass
+    assert G_kw == networks.eot_network_kwargs(shape, zero_init=False, time_scale=3.0, **kwargs)[0]
+    torch.manual_seed(0)
+    f, plain = _build(f_kw).eval(), _build(plain_kw).eval()   # eval: the U-Net has dropout
+    plain.load_state_dict(f.state_dict())                     # same parameters, other parameterisation
+    x, t = torch.randn(4, *shape), torch.tensor([0.0, 0.25, 0.9, 1.0])
+    with torch.no_grad():
+        expect = x + (1 - t).reshape(-1, *[1] * len(shape)) * plain(x, t)
+        assert torch.allclose(f(x, t), expect, atol=1e-6)
+        assert torch.equal(f(x, 1.0), x) and not torch.allclose(f(x, 0.0), x)
+    with pytest.raises(ValueError, match='drift'):
+        networks.eot_network_kwargs(shape, drift='score')
+
+
 def test_input_errors_name_the_problem():
     G, f, D = _eot((3, 16, 16), **TINY)
     with pytest.raises(ValueError, match=r'\[N, 3, 16, 16\]; got \[2, 3, 8, 8\]'):

@@ -184,7 +184,7 @@ def _floats(text):
 @click.option('--train-opts', help='Extra train.py options (network size, iterations, learning rates, ...)', metavar='STR',
               default='--batch=256 --model_channels=16 --lr-rampup=0 --ema=0.01 --lr_g=3e-4 --lr_f=3e-4 --lr_D=3e-4',
               show_default=True)
-@click.option('--noise-dim', help='G noise dimension: "dim" (one per coordinate) or an int; "default" keeps min(D, 8)', default='dim', show_default=True)
+@click.option('--noise-dim', help='G noise dimension: "dim" (one per coordinate) or an int; "default" leaves it to train.py (also D)', default='dim', show_default=True)
 @click.option('--num', help='Training samples per domain', type=int, default=100000, show_default=True)
 @click.option('--eval-inputs', help='Held-out inputs for cBW2-UVP', type=int, default=200, show_default=True)
 @click.option('--repeats', help='Outputs per input for cBW2-UVP (generate.py --repeats)', type=int, default=1000, show_default=True)

@@ -437,11 +437,12 @@ class UNetCritic(torch.nn.Module):
 @persistence.persistent_class
 class MLPGenerator(torch.nn.Module):
     """EOT generator for vectors: G(x, z) with x [N, dim], z [N, noise_dim] (concatenated) -> [N, dim].
-    `G.z_shape = (noise_dim,)`, noise_dim = min(dim, 8) by default. With `residual`, returns x + MLP."""
+    `G.z_shape = (noise_dim,)`, noise_dim = dim by default (fewer noise dimensions cap the rank of the conditional
+    law y | x at noise_dim: docs/gaussian_eot.md). With `residual`, returns x + MLP."""
 
     def __init__(self, dim, noise_dim=None, width=256, depth=4, dropout=0.0, zero_init=True, residual=False):
         super().__init__()
-        noise_dim = min(dim, 8) if noise_dim is None else int(noise_dim)
+        noise_dim = dim if noise_dim is None else int(noise_dim)
         if noise_dim < 1:
             raise ValueError(f'noise_dim must be >= 1 (G needs noise to be stochastic); got {noise_dim}')
         self.dim, self.data_shape, self.z_shape = dim, (dim,), (noise_dim,)
@@ -642,7 +643,7 @@ def eot_network_kwargs(data_shape, model_channels=32, drift='end_point', **overr
     data_shape: (C, H, W) images (H == W; U-Nets) or (D,) vectors (MLPs).
     Images: G and f use `model_channels` = c and channel_mult [2,2,2]; D the U-Net encoder with
     (c // 32 + 1) * 32 channels. Vectors: MLPs of depth 4 and width 8 c for G and f (256 at the
-    default c = 32), 8 (c // 32 + 1) * 32 for D; G's noise_dim = min(D, 8).
+    default c = 32), 8 (c // 32 + 1) * 32 for D; G's noise_dim = D.
     drift: 'end_point' (f is the network: UNetDrift / MLPDrift) or 'velocity' (f = x + (1 - t) v:
     UNetVelocityDrift / VelocityDrift, for the kinetic G-step).
     overrides: `G=dict(...)`, `f=dict(...)`, `D=dict(...)` set one network's arguments; any other

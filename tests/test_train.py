@@ -112,6 +112,14 @@ def _dry_run_options(args):
     return json.loads(res.output.split('Training options:')[1].split('Output directory:')[0])
 
 
+def test_lr_rampup_defaults_by_kind(tmp_path, vector_domains):
+    args = [a for a in _args(tmp_path / 'runs', vector_domains) if a != '--lr-rampup=0']
+    assert _dry_run_options(args)['lr_rampup_kimg'] == 0
+    assert _dry_run_options(args + ['--lr-rampup=5'])['lr_rampup_kimg'] == 5
+    denoiser = ['--kind=denoiser', f'--data={vector_domains["data1train"]}', '--name=d', f'--outdir={tmp_path}']
+    assert _dry_run_options(denoiser)['lr_rampup_kimg'] == 10000   # EDM's
+
+
 def test_kinetic_g_loss_vector_run(tmp_path, vector_domains):
     res = _run(_args(tmp_path / 'runs', vector_domains, '--G-loss=kinetic', batch=8, duration_iters=2))
     assert res.exit_code == 0, res.output

@@ -297,8 +297,15 @@ def main(**kwargs):
         --model_channels=32 --batch=512 --lr=1e-3 --lr-rampup=100 --duration=2 --ema=0.05
 
     \b
-    # A toy task on the CPU (vectors in .npz)
-    python train.py --name=moons --outdir=runs --data1train=gauss.npz --data2train=moons.npz --gamma=0.1
+    # A toy task on the CPU (vectors in .npz; the measured settings of docs/recipes.md)
+    python train.py --name=moons --outdir=runs --data1train=gauss.npz --data2train=moons.npz --gamma=0.1 \\
+        --batch=256 --model_channels=16 --ema=0.01 --lr_g=3e-4 --lr_f=3e-4 --lr_D=3e-4 --duration=0.06 --device=cpu
+
+    \b
+    # Gaussians in 16-D with the G-step whose optimum is the EOT plan (docs/gaussian_eot.md)
+    python train.py --name=gauss16 --outdir=runs --data1train=a.npz --data2train=b.npz --gamma=1 \\
+        --G-loss=kinetic --batch=256 --model_channels=16 --ema=0.01 --lr_g=3e-4 --lr_f=3e-4 --lr_D=3e-4 \\
+        --duration=0.3 --device=cpu
     """
     opts = dnnlib.EasyDict(kwargs)
     device = dist.init(opts.device)

@@ -162,8 +162,10 @@ def test_bad_input_fails_before_any_output(tmp_path, image_domains, case):
     assert not os.path.exists(tmp_path / 'runs')
 
 
-def test_two_gloo_processes_train_and_stay_consistent(tmp_path, vector_domains):
-    args = _args(tmp_path / 'runs', vector_domains, '--batch-gpu=2', batch=8, duration_iters=2)
+@pytest.mark.parametrize('extra', [[], ['--D-gp=10']], ids=['plain', 'gradient-penalty'])
+def test_two_gloo_processes_train_and_stay_consistent(tmp_path, vector_domains, extra):
+    """(With --D-gp the critic's loss needs a double backward through D's DDP wrapper.)"""
+    args = _args(tmp_path / 'runs', vector_domains, '--batch-gpu=2', *extra, batch=8, duration_iters=2)
     res = torchrun(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'train.py'), *args, nproc=2)
     run_dir = _only_run_dir(tmp_path / 'runs')
     assert 'gpus2' in run_dir and 'Batch: 8 = 2 process(es) x 2 x 2' in res.stdout

@@ -71,10 +71,23 @@ class EOTLoss:
         transport = self.transport_weight(t).float() * transport
         return transport - D(xN).float(), transport
 
-    def D_loss(self, D, xN, x1):
-        """D(xN) - D(x1): a Wasserstein critic, low on targets and high on G's outputs."""
-        scores = D(torch.cat([xN, x1])).float() # One pass through D (and its DDP wrapper) for both.
-        return scores[:xN.shape[0]] - scores[xN.shape[0]:]
+    def D_loss(self, D, xN, x1, gp_weight=0.0, alpha=None):
+        """D(xN) - D(x1): a Wasserstein critic, low on targets and high on G's outputs.
+
+        With `gp_weight` > 0 adds the WGAN-GP penalty (Gulrajani et al. 2017) gp_weight (|grad D(x_hat)| - 1)^2
+        at x_hat = alpha xN + (1 - alpha) x1, alpha [N] in [0, 1] (not in ARCHITECTURE.md; train.py --D-gp).
+        """
+        n = xN.shape[0]
+        if not gp_weight:
+            scores = D(torch.cat([xN, x1])).float() # One pass through D (and its DDP wrapper) for both.
+            return scores[:n] - scores[n:]
+        alpha = alpha.reshape(-1, *([1] * (xN.ndim - 1)))
+        x_hat = (alpha * xN + (1 - alpha) * x1).detach().requires_grad_(True)
+        scores = D(torch.cat([xN, x1, x_hat])).float() # Still one pass (one DDP forward per backward).
+        grad, = torch.autograd.grad(scores[2 * n:].sum(), x_hat, create_graph=True)
+        penalty = (grad.float().flatten(1).norm(dim=1) - 1).square()
+        training_stats.report('Loss/D_gp', penalty)
+        return scores[:n] - scores[n:2 * n] + gp_weight * penalty
 
 
 @persistence.persistent_class
@@ -163,7 +176,7 @@ class EOTTask:
     def __init__(self, data1_kwargs, data2_kwargs, test1_kwargs=None, loader_kwargs=None,
                  G_kwargs=None, f_kwargs=None, D_kwargs=None,
                  G_opt_kwargs=None, f_opt_kwargs=None, D_opt_kwargs=None,
-                 gamma=1.0, G_loss='stated', G_iters=10, f_iters=2, D_iters=1, sde_steps=10, grid_size=None,
+                 gamma=1.0, G_loss='stated', G_iters=10, f_iters=2, D_iters=1, D_gp=0.0, sde_steps=10, grid_size=None,
                  metrics=(), data2stats=None, detector=None, samples_dir_G=None, samples_dir_SDE=None):
         self.kwargs = dnnlib.EasyDict(data1_kwargs=data1_kwargs, data2_kwargs=data2_kwargs, test1_kwargs=test1_kwargs,
                                       loader_kwargs=dict(loader_kwargs or {}))
@@ -180,6 +193,9 @@ class EOTTask:
         self.G_loss = G_loss
         self.loss = G_LOSSES[G_loss](gamma)
         self.G_iters, self.f_iters, self.D_iters = int(G_iters), int(f_iters), int(D_iters)
+        if not D_gp >= 0:
+            raise ValueError(f'D_gp (the critic\'s gradient-penalty weight) must be >= 0; got {D_gp}')
+        self.D_gp = float(D_gp)
         self.sde_steps = int(sde_steps)
         self.grid_size = grid_size
         self.metrics = tuple(metrics)
@@ -284,8 +300,9 @@ class EOTTask:
         x0, x1 = self.data1.next(), self.data2.next()
         with torch.no_grad(): # No graph through G in the critic's step.
             xN = self._generate(trainer, G, x0)
+        alpha = trainer.rand([x0.shape[0]]) if self.D_gp else None
         with trainer.autocast():
-            return self.loss.D_loss(D_ddp, xN, x1)
+            return self.loss.D_loss(D_ddp, xN, x1, gp_weight=self.D_gp, alpha=alpha)
 
     # Ticks and snapshots ---------------------------------------------------
 

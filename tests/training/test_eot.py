@@ -61,6 +61,38 @@ def test_losses_match_the_formulas():
     assert torch.allclose(loss.D_loss(D, xN, x1).mean(), D_ref, atol=1e-6)
 
 
+def test_gradient_penalty_matches_closed_form_and_finite_differences():
+    torch.manual_seed(0)
+    n, d = 12, 5
+    xN, x1, alpha = torch.randn(n, d), torch.randn(n, d), torch.rand(n)
+    loss = eot.EOTLoss(gamma=0.5)
+    # Linear critic: grad D = w everywhere, so the penalty is (|w| - 1)^2 for every sample.
+    D_lin = torch.nn.Linear(d, 1)
+    D = lambda x: D_lin(x).squeeze(1)
+    plain = loss.D_loss(D, xN, x1)
+    with_gp = loss.D_loss(D, xN, x1, gp_weight=10.0, alpha=alpha)
+    want = 10 * (D_lin.weight.detach().norm() - 1) ** 2
+    assert torch.allclose(with_gp - plain, want.expand(n), atol=1e-5)
+    # A non-linear critic: the input gradient against central differences at x_hat, and the penalty's own
+    # gradient reaches D's parameters (double backward).
+    net = torch.nn.Sequential(torch.nn.Linear(d, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    D2 = lambda x: net(x.double()).squeeze(1)
+    xN, x1, alpha = xN.double(), x1.double(), alpha.double()
+    pen = (loss.D_loss(D2, xN, x1, gp_weight=1.0, alpha=alpha) - loss.D_loss(D2, xN, x1)).detach()
+    x_hat = alpha[:, None] * xN + (1 - alpha[:, None]) * x1
+    h, eye = 1e-6, torch.eye(d, dtype=torch.float64)
+    fd = torch.stack([(D2(x_hat + h * eye[k]) - D2(x_hat - h * eye[k])) / (2 * h) for k in range(d)], dim=1)
+    assert torch.allclose(pen.double(), (fd.norm(dim=1) - 1) ** 2, atol=1e-5)   # (D_loss returns float32)
+    net.zero_grad()
+    loss.D_loss(D2, xN, x1, gp_weight=1.0, alpha=alpha).mean().backward()
+    with_pen = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    loss.D_loss(D2, xN, x1).mean().backward()
+    assert any(not torch.allclose(a, p.grad) for a, p in zip(with_pen, net.parameters()))
+    with pytest.raises(ValueError, match='D_gp'):
+        eot.EOTTask({}, {}, D_gp=-1)
+
+
 def test_kinetic_loss_weights_the_transport_term_by_brute_force():
     torch.manual_seed(0)
     n, d, gamma = 6, 3, 0.5

@@ -72,8 +72,7 @@ def _open_inputs(opts):
         dataset = open_dataset(opts.data)
     except (DatasetError, OSError) as err:
         raise click.ClickException(f'--data: {err}') from None
-    dshape = getattr(dataset, 'image_shape', None)
-    dshape = tuple(dshape) if dshape is not None else tuple(dataset.item_shape)
+    dshape = tuple(dataset.item_shape)
     if dshape != shape:
         raise click.ClickException(f'--data holds items of shape {list(dshape)} but the network works on {list(shape)}: '
                                    'use the data set the denoiser was trained on')

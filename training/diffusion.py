@@ -338,8 +338,7 @@ class DenoiserTask:
         self.run_dir = run_dir
         dist.print0('Loading dataset...')
         dataset = dnnlib.util.construct_class_by_name(**self.data_kwargs)
-        shape = getattr(dataset, 'image_shape', None)
-        self.data_shape = tuple(shape) if shape is not None else tuple(dataset.item_shape)
+        self.data_shape = tuple(dataset.item_shape)
         self.dataset_size = len(dataset)
         self.provenance.setdefault('data_sha256', dataset.data_hash())
         self.data = DataStream(dataset, trainer.batch_gpu, trainer.device, seed=seed, loader_kwargs=self.loader_kwargs)

@@ -103,6 +103,25 @@ def _log_row(row):
 
 #----------------------------------------------------------------------------
 
+def _command_line():
+    """The effective options of this call as a potential.py command line (from click's parsed values, so it is
+    right also when main() is called in-process, where sys.argv is the caller's)."""
+    ctx = click.get_current_context()
+    parts = ['potential.py']
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or not param.opts:
+            continue
+        flag = max(param.opts, key=len)
+        if isinstance(value, bool):
+            flag = flag if value else max(param.secondary_opts, key=len, default=None)
+            if flag:
+                parts.append(flag)
+        else:
+            parts.append(f'{flag}={value}')
+    return ' '.join(parts)
+
+
 @click.command(context_settings=dict(max_content_width=120))
 @click.option('--network',          help='Denoiser snapshot (train.py --kind=denoiser, or NVlabs/edm): the network under "ema"; or a code-free export of generate.py --export-safe (its folder or network.json)', metavar='PKL|URL|DIR', type=str, required=True)
 @click.option('--data',             help='The data set the denoiser was trained on: image zip/folder or vector .npz', metavar='ZIP|DIR|NPZ', type=str, required=True)
@@ -222,7 +241,7 @@ def _run(opts, device):
             log.flush()
 
     try:
-        say(f'--- potential.py {datetime.datetime.now().isoformat(timespec="seconds")}: {" ".join(sys.argv[1:])}')
+        say(f'--- {datetime.datetime.now().isoformat(timespec="seconds")}: {_command_line()}')
         for line in lines:
             say(line)
 
@@ -285,7 +304,7 @@ def _run(opts, device):
                           network=opts.network if dnnlib.util.is_url(opts.network) else os.path.abspath(opts.network),
                           denoiser_sha256=net_hash, network_kimg=snapshot.get('kimg'), seed=opts.seed,
                           noise='training.dpmot.forward_diffuse(x, sigma, seed)', world_size=dist.get_world_size(),
-                          command=' '.join(sys.argv), created=datetime.datetime.now().isoformat(timespec='seconds'),
+                          command=_command_line(), created=datetime.datetime.now().isoformat(timespec='seconds'),
                           torch=str(torch.__version__))
         if rank0:
             path = dpmot.save_potential(

@@ -64,6 +64,10 @@ def test_vector_potential_end_to_end(tmp_path, vector_setup):
     assert prov['denoiser_sha256'] == dpmot.state_dict_sha256(net) and prov['network_kimg'] == 1.0
     log = open(out / 'log.txt').read()
     assert 'iter 1 ' in log and 'Peak memory estimate' in log and 'rms' in log and 'Wrote' in log
+    # The recorded command is this call's options (in-process, sys.argv is pytest's).
+    words = prov['command'].split()
+    assert words[0] == 'potential.py' and prov['command'] in log
+    assert {'--back-steps=3', '--num-targets=16', '--seed=4', f'--network={pkl}'} <= set(words)
     assert os.path.isfile(out / potential.STATE_NAME)
     # Generation with it: the last K steps, same seed same sample.
     with open(pkl, 'rb') as f:

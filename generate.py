@@ -24,7 +24,7 @@ from training.generation import GenerationError
 # Checking options against the snapshot's kind.
 
 _EOT_ONLY = ('data', 'max', 'repeats', 'gamma')
-_DENOISER_ONLY = ('potential', 'topk')
+_DENOISER_ONLY = ('potential', 'topk', 'angle_threshold')
 
 
 def _option_name(key):
@@ -154,6 +154,10 @@ def sample_denoiser(opts, model, sampler, device):
     seeds = _seeds(opts) or list(range(64))
     steps = opts.steps
     topk = 1 if opts.topk is None else opts.topk
+    if opts.angle_threshold is not None and (opts.potential is None or topk < 2):
+        raise click.ClickException('--angle-threshold applies to DPM-OT with --potential and --topk >= 2; add them or '
+                                   'drop --angle-threshold')
+    angle = {} if opts.angle_threshold is None else dict(angle_threshold=opts.angle_threshold)
     if opts.potential is not None and not os.path.isfile(opts.potential):
         raise click.ClickException(f'--potential: no such file: "{opts.potential}" (write one with potential.py)')
     images = len(model.data_shape) == 3
@@ -166,7 +170,7 @@ def sample_denoiser(opts, model, sampler, device):
     kept, nfe = [], None
     grid_seeds = set(seeds[:64])
     for batch_seeds, samples, info in generation.iterate_samples(
-            model, seeds, sampler=sampler, steps=steps, potential=opts.potential, topk=topk,
+            model, seeds, sampler=sampler, steps=steps, potential=opts.potential, topk=topk, **angle,
             batch_size=opts.batch, device=device, progress=True):
         nfe = info.get('nfe', nfe)
         if images:
@@ -188,10 +192,10 @@ def sample_denoiser(opts, model, sampler, device):
         written.append(f'{len(seeds)} PNG(s) in {opts.outdir}')
     else:
         path = os.path.join(opts.outdir, 'samples.npz')
-        x = np.stack([y for _, y in kept]).astype(np.float32)
+        y = np.stack([sample for _, sample in kept]).astype(np.float32) # Under y, as EOT outputs are.
         with dnnlib.util.atomic_write(path, 'wb') as f:
-            np.savez(f, x=x, seeds=np.asarray([s for s, _ in kept], dtype=np.int64))
-        written.append(f'{path} (x {list(x.shape)})')
+            np.savez(f, y=y, seeds=np.asarray([s for s, _ in kept], dtype=np.int64))
+        written.append(f'{path} (y {list(y.shape)})')
     if opts.grid:
         from training.visualize import save_png, scatter_plot
         path = os.path.join(opts.outdir, 'grid.png')
@@ -219,6 +223,7 @@ def sample_denoiser(opts, model, sampler, device):
 @click.option('--repeats',     help='EOT: outputs per input; repeat r of input i uses the seed seeds[i] * R + r  [default: 1]', metavar='R', type=click.IntRange(min=1))
 @click.option('--potential',   help='Denoiser: DPM-OT potential from potential.py (without it: the plain sampler from noise)', metavar='PT', type=str)
 @click.option('--topk',        help='Denoiser with --potential: interpolate between the targets of the best K cells  [default: 1]', metavar='K', type=click.IntRange(min=1))
+@click.option('--angle-threshold', 'angle_threshold', help='Denoiser with --potential and --topk >= 2: keep neighbour cells whose normalised dihedral angle is at most this (AE-OT rule; 0.3 blended fewer modes than 0.7 in docs/dpmot.md)  [default: 0.7, the reference\'s]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--batch',       help='Batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--grid',        help='Also write grid.png: inputs and outputs (images) or a scatter plot (vectors)', is_flag=True)
 @click.option('--device',      help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
@@ -254,7 +259,7 @@ def main(**kwargs):
     try:
         if opts.export_safe is not None:
             given = [_option_name(k) for k in ('outdir', 'data', 'max', 'seeds', 'sampler', 'steps', 'gamma',
-                                               'repeats', 'potential', 'topk') if opts[k] is not None]
+                                               'repeats', 'potential', 'topk', 'angle_threshold') if opts[k] is not None]
             if given:
                 raise click.ClickException(f'--export-safe only writes an export; drop {", ".join(given)} and generate '
                                            'afterwards with --network=' + opts.export_safe)

@@ -193,3 +193,30 @@ def test_safe_export_of_the_denoiser_gives_the_same_potential(tmp_path, vector_s
     pa, pb = dpmot.load_potential(tmp_path / 'a' / 'potential.pt'), dpmot.load_potential(tmp_path / 'b' / 'potential.pt')
     assert torch.equal(pa['h'], pb['h']) and torch.equal(pa['targets'], pb['targets'])
     assert pa['provenance']['denoiser_sha256'] == pb['provenance']['denoiser_sha256']
+
+
+def test_generate_passes_the_angle_threshold_to_top_k(tmp_path, vector_setup):
+    """generate.py --topk --angle-threshold samples exactly as the library call with the same settings."""
+    import generate
+    pkl, data, net = vector_setup
+    out = tmp_path / 'pot'
+    assert _run(f'--network={pkl}', f'--data={data}', '--steps=10', '--back-steps=3', '--num-targets=16',
+                f'--outdir={out}').exit_code == 0
+    with open(pkl, 'rb') as f:
+        loaded = pickle.load(f)['ema']
+    pot = dpmot.load_potential(out / 'potential.pt')
+    outputs = {}
+    for name, extra in (('cut', ['--angle-threshold=0']), ('default', [])):
+        res = CliRunner().invoke(generate.main, [f'--network={pkl}', f'--potential={out / "potential.pt"}',
+                                                 f'--outdir={tmp_path / name}', '--seeds=0-7', '--sampler=heun',
+                                                 '--topk=3', '--device=cpu', *extra])
+        assert res.exit_code == 0, res.output
+        outputs[name] = np.load(tmp_path / name / 'samples.npz')['y']
+    want_cut, _ = dpmot.generate_samples(loaded, range(8), pot, sampler='heun', topk=3, angle_threshold=0.0)
+    want_default, _ = dpmot.generate_samples(loaded, range(8), pot, sampler='heun', topk=3)
+    np.testing.assert_array_equal(outputs['cut'].reshape(8, -1), want_cut.numpy().reshape(8, -1))
+    np.testing.assert_array_equal(outputs['default'].reshape(8, -1), want_default.numpy().reshape(8, -1))
+    assert not np.array_equal(outputs['cut'], outputs['default'])
+    res = CliRunner().invoke(generate.main, [f'--network={pkl}', f'--potential={out / "potential.pt"}',
+                                             f'--outdir={tmp_path / "bad"}', '--seeds=0', '--angle-threshold=0.3'])
+    assert res.exit_code != 0 and '--topk >= 2' in res.output and not os.path.exists(tmp_path / 'bad')

@@ -421,11 +421,12 @@ def iterate_translations(model, dataset, seeds=None, num=None, sampler='G', step
 # Sampling (denoisers: DPM-OT and plain samplers).
 
 def iterate_samples(model, seeds, sampler='heun', steps=None, potential=None, topk=1, batch_size=64,
-                    device=torch.device('cpu'), rank=None, world_size=None, progress=False):
+                    device=torch.device('cpu'), rank=None, world_size=None, progress=False, **dpmot_kwargs):
     """Sample a denoiser snapshot for `seeds`, this rank's share, through training.dpmot.generate_samples.
 
     `potential`: None (the plain sampler from noise) or a potential.pt path, loaded once here. `steps`:
-    None for the default (18, or the potential's schedule). Batches of `batch_size` seeds are dealt
+    None for the default (18, or the potential's schedule). `dpmot_kwargs` (e.g. angle_threshold) go to
+    training.dpmot.generate_samples. Batches of `batch_size` seeds are dealt
     round-robin across ranks; a sample depends only on its seed. Yields (seeds int64 [B], samples
     float32 [B, *data_shape] in model space, info dict with 'nfe').
     """
@@ -456,7 +457,7 @@ def iterate_samples(model, seeds, sampler='heun', steps=None, potential=None, to
         try:
             samples, info = dpmot.generate_samples(model.ema, [int(s) for s in seeds[jobs]], potential=potential,
                                                    sampler=sampler, steps=steps, topk=topk, device=device,
-                                                   batch_size=len(jobs))
+                                                   batch_size=len(jobs), **dpmot_kwargs)
         except ValueError as err: # Option errors of the samplers, with their own advice.
             raise GenerationError(str(err)) from None
         yield seeds[jobs], samples, info

@@ -44,7 +44,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _path in (ROOT, os.path.join(ROOT, 'benchmarks')):
     if _path not in sys.path:
         sys.path.insert(0, _path)
-from dpmot_quality import _cli, mmd2, nn_distance, sliced_w2  # noqa: E402
+from dpmot_quality import (_cli, dpmot_configs, latest_snapshot, mmd2, nn_distance, parse_back_steps,  # noqa: E402
+                           report_potentials, sliced_w2, solve_potentials)
 from training import dpmot  # noqa: E402
 from training.dataset import open_dataset, to_model_space, to_uint8  # noqa: E402
 
@@ -165,7 +166,6 @@ def main(outdir, per_class, resolution, train_kimg, model_channels, batch, lr, n
          classifier_images, classifier_epochs, judge_threshold, quick, reuse, seed, threads):
     """Quality of DPM-OT at ~10 NFE against the plain samplers at ~10 and 35 NFE on coloured digits."""
     import demo
-    import potential
     import train
     if quick:
         per_class, train_kimg, model_channels, num_targets, samples = (QUICK[k] for k in (
@@ -173,12 +173,7 @@ def main(outdir, per_class, resolution, train_kimg, model_channels, batch, lr, n
         classifier_images, classifier_epochs = QUICK['classifier_images'], QUICK['classifier_epochs']
     if samples % 10:
         raise click.BadParameter(f'--samples={samples} must be a multiple of 10 (fresh sets: samples / 10 per class)')
-    try:
-        back_steps = [int(k) for k in str(back_steps).split(',')]
-        if min(back_steps) < 1 or max(back_steps) > steps:
-            raise ValueError
-    except ValueError:
-        raise click.BadParameter(f'--back-steps={back_steps} must be a comma list of ints in [1, --steps={steps}]')
+    back_steps = parse_back_steps(back_steps, steps)
     torch.set_num_threads(threads)
     os.makedirs(outdir, exist_ok=True)
     timing = {}
@@ -220,24 +215,13 @@ def main(outdir, per_class, resolution, train_kimg, model_channels, batch, lr, n
                           f'--ema={train_kimg / 20000:g}', f'--duration={train_kimg / 1000:g}',
                           f'--tick={train_kimg / 10:g}', '--snap=100', '--dump=100', '--workers=0', f'--seed={seed}',
                           '--device=cpu', f'--threads={threads}', '--no-tensorboard', '--grad-clip=0'])
-    run_dir = os.path.join(run_root, sorted(os.listdir(run_root))[-1])
+    run_dir, network = latest_snapshot(run_root)
     timing['train_s'], trained_kimg = train_seconds(run_dir)
-    snapshot = sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot-'))[-1]
-    network = os.path.join(run_dir, snapshot)
     net, _ = dpmot.load_denoiser(network)
     num_params = sum(p.numel() for p in net.parameters())
 
     # 4. Potentials (one per K; the solver resumes or reuses a finished one with the same settings).
-    pots = {}
-    for K in back_steps:
-        pot_dir = os.path.join(outdir, f'potential-K{K}')
-        t0 = time.time()
-        _cli(potential.main, [f'--network={network}', f'--data={data_path}', f'--steps={steps}', f'--back-steps={K}',
-                              f'--num-targets={num_targets}', '--source=uniform', f'--outdir={pot_dir}',
-                              f'--seed={seed}', '--max-iters=3000', '--device=cpu', '--no-progress']
-             + ([] if reuse else ['--no-resume']))
-        timing[f'potential_K{K}_s'] = time.time() - t0
-        pots[K] = dpmot.load_potential(os.path.join(pot_dir, 'potential.pt'))
+    pots = solve_potentials(network, data_path, outdir, steps, back_steps, num_targets, seed, reuse, timing)
     train_set = open_dataset(data_path)
     train_items = to_model_space(np.stack([train_set[int(i)][0] for i in pots[back_steps[0]]['indices']]))
 
@@ -252,11 +236,7 @@ def main(outdir, per_class, resolution, train_kimg, model_channels, batch, lr, n
     timing['reference_s'] = time.time() - t0
     configs = [('Euler', None, 'euler', 10, {}), ('Heun', None, 'heun', 6, {}),
                ('Euler', None, 'euler', 35, {}), ('Heun', None, 'heun', 18, {})]
-    for K, p in pots.items():
-        configs += [('DPM-OT Euler', p, 'euler', None, {}), ('DPM-OT Heun', p, 'heun', None, {}),
-                    ('DPM-OT Heun top-4', p, 'heun', None, dict(topk=4)),
-                    ('DPM-OT Heun top-4, angle 0.3', p, 'heun', None, dict(topk=4, angle_threshold=0.3)),
-                    ('DPM-OT Langevin', p, 'langevin', None, {})]
+    configs += dpmot_configs(pots)
     seeds = range(10 ** 6, 10 ** 6 + samples)
     rows, figure_rows, figure_labels = [], [fresh2[:12]], ['fresh digits']
     for label, p, sampler, S, kw in configs:
@@ -291,9 +271,11 @@ def main(outdir, per_class, resolution, train_kimg, model_channels, batch, lr, n
                   f'{r["sw2"] / ref35["sw2"]:.2f}, MMD^2 x{r["mmd2"] / ref35["mmd2"]:.2f}, unreadable '
                   f'{100 * r["unreadable"]:.2f}% vs {100 * ref35["unreadable"]:.2f}% of plain Heun at 35 NFE')
     demo.summary_figure(figure_rows, figure_labels, os.path.join(outdir, 'samples.png'))
-    potentials = {K: dict(sigma=p['sigma'], converged=p['solver']['converged'], num_iters=p['solver']['num_iters'],
-                          eval_rms=p['solver']['eval']['rms'], empty=p['solver']['eval']['empty'])
-                  for K, p in pots.items()}
+    print(f'\nnetwork: {num_params:,} parameters, {trained_kimg:g} kimg; judge accuracy on fresh digits '
+          f'{100 * fresh_accuracy:.2f}%')
+    print(f'times (s): {json.dumps({k: round(v) for k, v in timing.items()})}; generation and metrics per row: '
+          f'{", ".join(str(round(r["time_s"])) for r in rows)}')
+    potentials = report_potentials(pots, steps)
     summary = dict(config=dict(per_class=per_class, resolution=resolution, train_kimg=train_kimg,
                                model_channels=model_channels, batch=batch, lr=lr, num_targets=num_targets,
                                steps=steps, back_steps=back_steps, samples=samples, classifier_images=classifier_images,
@@ -304,13 +286,6 @@ def main(outdir, per_class, resolution, train_kimg, model_channels, batch, lr, n
                    widths=dict(pixel=ref['pixel_widths'], feature=ref['feature_widths']),
                    timing=timing, potentials=potentials, floor=floor, copier=copier, rows=rows, table=table,
                    torch_threads=torch.get_num_threads())
-    print(f'\nnetwork: {num_params:,} parameters, {trained_kimg:g} kimg; judge accuracy on fresh digits '
-          f'{100 * fresh_accuracy:.2f}%')
-    print(f'times (s): {json.dumps({k: round(v) for k, v in timing.items()})}; generation and metrics per row: '
-          f'{", ".join(str(round(r["time_s"])) for r in rows)}')
-    for K, p in potentials.items():
-        print(f'potential K={K}: latents at sigma_{steps - K} = {p["sigma"]:.4g}, converged {p["converged"]} after '
-              f'{p["num_iters"]} iterations, eval rms {p["eval_rms"]:.3f}, empty cells {p["empty"]}')
     with open(os.path.join(outdir, 'results.json'), 'w') as f:
         json.dump(summary, f, indent=2)
 

@@ -119,6 +119,63 @@ def _cli(main, args):
     main.main(args=args, standalone_mode=False)
 
 
+def parse_back_steps(back_steps, steps):
+    """--back-steps as a list of ints in [1, steps]; click.BadParameter otherwise."""
+    try:
+        ks = [int(k) for k in str(back_steps).split(',')]
+        if min(ks) < 1 or max(ks) > steps:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f'--back-steps={back_steps} must be a comma list of ints in [1, --steps={steps}]')
+    return ks
+
+
+def latest_snapshot(run_root):
+    """(run directory, path of its last network snapshot) of the newest run under run_root."""
+    run_dir = os.path.join(run_root, sorted(os.listdir(run_root))[-1])
+    snapshot = sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot-'))[-1]
+    return run_dir, os.path.join(run_dir, snapshot)
+
+
+def solve_potentials(network, data_path, outdir, steps, back_steps, num_targets, seed, reuse, timing, extra=()):
+    """potential.py once per K into outdir/potential-K<K> (resumed, or reused when finished, with --reuse);
+    returns {K: potential} and adds potential_K<K>_s to `timing`."""
+    import potential
+    pots = {}
+    for K in back_steps:
+        pot_dir = os.path.join(outdir, f'potential-K{K}')
+        t0 = time.time()
+        _cli(potential.main, [f'--network={network}', f'--data={data_path}', f'--steps={steps}', f'--back-steps={K}',
+                              f'--num-targets={num_targets}', '--source=uniform', f'--outdir={pot_dir}',
+                              f'--seed={seed}', *extra, '--max-iters=3000', '--device=cpu', '--no-progress']
+             + ([] if reuse else ['--no-resume']))
+        timing[f'potential_K{K}_s'] = time.time() - t0
+        pots[K] = dpmot.load_potential(os.path.join(pot_dir, 'potential.pt'))
+    return pots
+
+
+def dpmot_configs(pots):
+    """The DPM-OT rows of both benchmarks, per potential: (label, potential, sampler, steps, generate kwargs)."""
+    configs = []
+    for p in pots.values():
+        configs += [('DPM-OT Euler', p, 'euler', None, {}), ('DPM-OT Heun', p, 'heun', None, {}),
+                    ('DPM-OT Heun top-4', p, 'heun', None, dict(topk=4)),
+                    ('DPM-OT Heun top-4, angle 0.3', p, 'heun', None, dict(topk=4, angle_threshold=0.3)),
+                    ('DPM-OT Langevin', p, 'langevin', None, {})]
+    return configs
+
+
+def report_potentials(pots, steps):
+    """Print a line per potential (noise level, convergence, errors); return the same as a dict for results.json."""
+    potentials = {K: dict(sigma=p['sigma'], converged=p['solver']['converged'], num_iters=p['solver']['num_iters'],
+                          eval_rms=p['solver']['eval']['rms'], empty=p['solver']['eval']['empty'])
+                  for K, p in pots.items()}
+    for K, p in potentials.items():
+        print(f'potential K={K}: latents at sigma_{steps - K} = {p["sigma"]:.4g}, converged {p["converged"]} after '
+              f'{p["num_iters"]} iterations, eval rms {p["eval_rms"]:.3f}, empty cells {p["empty"]}')
+    return potentials
+
+
 @click.command()
 @click.option('--outdir', help='Working directory (data, run, potential, results.json)', metavar='DIR', required=True)
 @click.option('--dim', help='Data dimension', type=click.IntRange(min=1), default=8, show_default=True)
@@ -137,16 +194,10 @@ def _cli(main, args):
 def main(outdir, dim, modes, mode_std, num_train, train_kimg, num_targets, steps, back_steps, samples, solver_step,
          quick, reuse, seed):
     """Quality of DPM-OT at ~10 NFE against the plain samplers at ~10 and 35+ NFE on a Gaussian mixture."""
-    import potential
     import train
     if quick:
         num_train, train_kimg, num_targets, samples = 4000, 300, 500, 2000
-    try:
-        back_steps = [int(k) for k in str(back_steps).split(',')]
-        if min(back_steps) < 1 or max(back_steps) > steps:
-            raise ValueError
-    except ValueError:
-        raise click.BadParameter(f'--back-steps={back_steps} must be a comma list of ints in [1, --steps={steps}]')
+    back_steps = parse_back_steps(back_steps, steps)
     os.makedirs(outdir, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     timing = {}
@@ -173,34 +224,20 @@ def main(outdir, dim, modes, mode_std, num_train, train_kimg, num_targets, steps
                           f'--duration={train_kimg / 1000:g}', f'--tick={train_kimg / 10:g}', '--snap=100', '--dump=100',
                           '--workers=0', f'--seed={seed}', '--device=cpu', '--no-tensorboard', '--grad-clip=0'])
     timing['train_s'] = time.time() - t0 if trained else None
-    run_dir = os.path.join(run_root, sorted(os.listdir(run_root))[-1])
-    snapshot = sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot-'))[-1]
-    network = os.path.join(run_dir, snapshot)
+    _, network = latest_snapshot(run_root)
     net, _ = dpmot.load_denoiser(network)
     oracle = MixtureDenoiser(means, weights, mode_std)
 
     # 3. Potentials (one per K; the solver resumes or reuses a finished one with the same settings).
-    pots = {}
-    for K in back_steps:
-        pot_dir = os.path.join(outdir, f'potential-K{K}')
-        t0 = time.time()
-        _cli(potential.main, [f'--network={network}', f'--data={data_path}', f'--steps={steps}', f'--back-steps={K}',
-                              f'--num-targets={num_targets}', '--source=uniform', f'--outdir={pot_dir}',
-                              f'--seed={seed}', f'--solver-step={solver_step}', '--max-iters=3000', '--device=cpu',
-                              '--no-progress'] + ([] if reuse else ['--no-resume']))
-        timing[f'potential_K{K}_s'] = time.time() - t0
-        pots[K] = dpmot.load_potential(os.path.join(pot_dir, 'potential.pt'))
+    pots = solve_potentials(network, data_path, outdir, steps, back_steps, num_targets, seed, reuse, timing,
+                            extra=[f'--solver-step={solver_step}'])
     pot = pots[back_steps[0]]
     targets_clean = torch.as_tensor(np.load(data_path)['x'][pot['indices'].numpy()])
 
     # 4. Generation and metrics.
     configs = [('Euler', None, 'euler', 10, {}), ('Heun', None, 'heun', 6, {}),
                ('Euler', None, 'euler', 35, {}), ('Heun', None, 'heun', 18, {}), ('Heun', None, 'heun', 50, {})]
-    for K, p in pots.items():
-        configs += [('DPM-OT Euler', p, 'euler', None, {}), ('DPM-OT Heun', p, 'heun', None, {}),
-                    ('DPM-OT Heun top-4', p, 'heun', None, dict(topk=4)),
-                    ('DPM-OT Heun top-4, angle 0.3', p, 'heun', None, dict(topk=4, angle_threshold=0.3)),
-                    ('DPM-OT Langevin', p, 'langevin', None, {})]
+    configs += dpmot_configs(pots)
     seeds = range(10 ** 6, 10 ** 6 + samples)
     rows = []
     floor = dict(sw2=sliced_w2(fresh2, fresh), mmd2=mmd2(fresh2, fresh), mixture=mode_stats(fresh2, means, weights, mode_std)[0],
@@ -236,18 +273,13 @@ def main(outdir, dim, modes, mode_std, num_train, train_kimg, num_targets, steps
                 print(f'{den_name:6s} {r["method"]:30s} K={r["steps"].split("K=")[1]:>2s}: NFE {r["nfe"]}/35, sliced W2 x'
                       f'{r["sw2"] / ref["sw2"]:.2f}, mode mixture {100 * r["mixture"]:.2f}% vs '
                       f'{100 * ref["mixture"]:.2f}% of plain Heun at 35 NFE')
-    potentials = {K: dict(sigma=p['sigma'], converged=p['solver']['converged'], num_iters=p['solver']['num_iters'],
-                          eval_rms=p['solver']['eval']['rms'], empty=p['solver']['eval']['empty'])
-                  for K, p in pots.items()}
+    print(f'\ntimes (s): {json.dumps({k: None if v is None else round(v) for k, v in timing.items()})}')
+    potentials = report_potentials(pots, steps)
     summary = dict(config=dict(dim=dim, modes=modes, mode_std=mode_std, num_train=num_train, train_kimg=train_kimg,
                                num_targets=num_targets, steps=steps, back_steps=back_steps, samples=samples,
                                solver_step=solver_step, seed=seed),
                    timing=timing, potentials=potentials, floor=floor, rows=rows, table=table,
                    torch_threads=torch.get_num_threads())
-    print(f'\ntimes (s): {json.dumps({k: None if v is None else round(v) for k, v in timing.items()})}')
-    for K, p in potentials.items():
-        print(f'potential K={K}: latents at sigma_{steps - K} = {p["sigma"]:.4g}, converged {p["converged"]} after '
-              f'{p["num_iters"]} iterations, eval rms {p["eval_rms"]:.3f}, empty cells {p["empty"]}')
     with open(os.path.join(outdir, 'results.json'), 'w') as f:
         json.dump(summary, f, indent=2)
 

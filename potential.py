@@ -241,7 +241,8 @@ def _run(opts, device):
             log.flush()
 
     try:
-        say(f'--- {datetime.datetime.now().isoformat(timespec="seconds")}: {_command_line()}')
+        command = _command_line()
+        say(f'--- {datetime.datetime.now().isoformat(timespec="seconds")}: {command}')
         for line in lines:
             say(line)
 
@@ -304,7 +305,7 @@ def _run(opts, device):
                           network=opts.network if dnnlib.util.is_url(opts.network) else os.path.abspath(opts.network),
                           denoiser_sha256=net_hash, network_kimg=snapshot.get('kimg'), seed=opts.seed,
                           noise='training.dpmot.forward_diffuse(x, sigma, seed)', world_size=dist.get_world_size(),
-                          command=_command_line(), created=datetime.datetime.now().isoformat(timespec='seconds'),
+                          command=command, created=datetime.datetime.now().isoformat(timespec='seconds'),
                           torch=str(torch.__version__))
         if rank0:
             path = dpmot.save_potential(

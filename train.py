@@ -126,7 +126,8 @@ def setup_training_config(opts):
                                       pin_memory=False),
         G_kwargs=G_kwargs, f_kwargs=f_kwargs, D_kwargs=D_kwargs,
         G_opt_kwargs=adam(opts.lr_g), f_opt_kwargs=adam(opts.lr_f), D_opt_kwargs=adam(opts.lr_d),
-        gamma=opts.gamma, G_loss=opts.g_loss, G_iters=opts.g_iters, f_iters=opts.f_iters, D_iters=opts.d_iters, D_gp=opts.d_gp, sde_steps=opts.sde_steps,
+        gamma=opts.gamma, G_loss=opts.g_loss, G_iters=opts.g_iters, f_iters=opts.f_iters, D_iters=opts.d_iters,
+        D_gp=opts.d_gp, sde_steps=opts.sde_steps,
         metrics=metrics, data2stats=opts.data2stats, detector=opts.detector,
         samples_dir_G=opts.samples_dir_g, samples_dir_SDE=opts.samples_dir_sde)
     c.data_paths = dnnlib.EasyDict(data1train=opts.data1train, data2train=opts.data2train, data1test=opts.data1test,

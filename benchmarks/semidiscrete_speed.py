@@ -3,14 +3,22 @@
 Both solve the same problem (uniform source on [0,1]^d, N image-like targets: smooth random images in [-1,1]
 plus Gaussian noise of a DPM-OT sigma, or images from a dataset zip/folder) and are judged by one rule: the
 debiased rms relative cell-mass error on an independent evaluation sample (fixed seed, float32 scoring,
-never used to fit) <= --target-rms with no empty cell. Evaluation runs every --eval-every iterations with
-the clock stopped. The script prints the time each method needs, their ratio, and the assignment kernel's
-GFLOP/s as a share of this machine's matmul peak measured in the same run.
+never used to fit) <= --target-rms with no empty cell. Evaluations run with the clock stopped (on
+--eval-threads threads): ours every --eval-every iterations and every iteration once its averaged heights
+could be at the target, the reference every --ref-eval-every iterations and at its time limit. The script
+prints the time each method needs, their ratio, and the assignment kernel's GFLOP/s as a share of this
+machine's matmul peak measured in the same run.
+
+Where the reference cannot be run to the end (at N = 10000 on a CPU one of its iterations takes a minute),
+the script also prints a lower bound on its time: the fewest iterations after which its heights can be
+accurate at all (Adam bounds how far a height moves per iteration, and accurate heights are far from its
+start h = 0; see reference_min_iterations) times the fastest of its measured iterations.
 
 Quick run (minutes on 2 CPU cores):
     python benchmarks/semidiscrete_speed.py --num-targets=1000 --res=32 --max-seconds=1200
-Full size from the issue (hours on CPU):
-    python benchmarks/semidiscrete_speed.py --num-targets=10000 --res=32
+Full size from the issue (about two hours on 2 CPU cores, most of it evaluations and the reference):
+    OMP_NUM_THREADS=1 python benchmarks/semidiscrete_speed.py --num-targets=10000 --res=32 --eval-every=1000 \
+        --ref-eval-every=100000 --max-seconds=5400 --ref-max-seconds=1800
 """
 
 import dataclasses
@@ -81,6 +89,7 @@ class ReferenceSolver:
         self.m = torch.zeros(self.N)
         self.v = torch.zeros(self.N)
         self.best, self.bad, self.doubled, self.iter = math.inf, 0, 0, 0
+        self.first_doubling = None      # iterations done before the sample count first doubled
         self.gen = torch.Generator().manual_seed(seed)
         self.stopped = False
 
@@ -112,6 +121,7 @@ class ReferenceSolver:
         if g_norm < 8e-4 and int((counts == 0).sum()) == 0:
             self.stopped = True
         if self.bad > 50 and self.doubled < 3:
+            self.first_doubling = self.first_doubling or self.iter
             self.num_bat_sr *= 2
             self.best, self.bad = math.inf, 0
             self.lr *= 0.8
@@ -119,28 +129,103 @@ class ReferenceSolver:
         return g_norm
 
 #----------------------------------------------------------------------------
+# A lower bound on the reference's iterations, for problems too large to run it to the end.
+#
+# Adam (no bias correction) moves each height by lr * |m_t| / (sqrt(v_t) + eps) per iteration. By Cauchy-Schwarz
+# on the two exponential sums, |m_t| / sqrt(v_t) <= (1 - b1) / sqrt(1 - b2) * sqrt(sum_{j<t} (b1^2 / b2)^j)
+# whatever the gradients are (<= 7.27 for 0.9 / 0.999), so a height difference h_i - h_j changes by at most
+# twice that times lr per iteration (re-centring moves every height alike, and lr only shrinks). From h = 0,
+# an accurate h must have changed some differences a lot: with g_i = h_i + <1/2, y_i> (the centred heights),
+# a cell of true mass >= theta / N forces |g_i - g_j| <= kappa |y_i - y_j| for every j, kappa =
+# sqrt(ln(N / theta) / 6), because <x - 1/2, y_i - y_j> is sub-Gaussian with variance proxy |y_i - y_j|^2 / 12
+# for x uniform on the cube (sinh(z) / z <= exp(z^2 / 6)). A true rms relative error <= rms leaves at most
+# k = N rms^2 / (1 - theta)^2 cells below theta / N (Chebyshev), so such cells are among the k + 1 with the
+# lowest <1/2, y_i> and among the k + 1 with the highest, and |h_i - h_j| >= <1/2, y_j - y_i> - kappa |y_i - y_j|
+# for one pair from those two sets.
+
+def adam_step_bound(t, beta1=0.9, beta2=0.999):
+    """The largest |m_t| / sqrt(v_t) that Adam without bias correction can reach at iteration t (t >= 1)."""
+    q = beta1 ** 2 / beta2
+    return (1 - beta1) / math.sqrt(1 - beta2) * math.sqrt((1 - q ** t) / (1 - q))
+
+
+def required_height_change(y, target_rms, thetas=(0.9, 0.75, 0.5, 0.25, 0.1, 0.01, 0.001)):
+    """Lower bound on max_ij |h_i - h_j| for heights of the uniform-source problem whose true rms relative
+    cell-mass error is <= target_rms (see the comment above). Returns (bound, theta that gave it)."""
+    N = y.shape[0]
+    v = 0.5 * y.double().sum(dim=1)
+    order = v.argsort()
+    best = (0.0, None)
+    for theta in thetas:
+        k = math.floor(N * target_rms ** 2 / (1 - theta) ** 2)
+        if 2 * (k + 1) > N:
+            continue
+        lo, hi = order[:k + 1], order[N - k - 1:]
+        kappa = math.sqrt(math.log(N / theta) / 6)
+        dist = torch.cdist(y[hi].double(), y[lo].double())
+        bound = float((v[hi][:, None] - v[lo][None, :] - kappa * dist).min())
+        if bound > best[0]:
+            best = (bound, theta)
+    return best
+
+
+def reference_min_iterations(y, target_rms, lr=0.1, beta1=0.9, beta2=0.999):
+    """Fewest iterations after which the reference (started at h = 0) can be within target_rms.
+
+    Returns (iterations, required change of a height difference, theta of that bound)."""
+    need, theta = required_height_change(y, target_rms)
+    moved, t = 0.0, 0
+    while moved < need:
+        t += 1
+        moved += 2 * lr * adam_step_bound(t, beta1, beta2)
+    return t, need, theta
+
+#----------------------------------------------------------------------------
 # Timing.
 
-def race(name, step_fn, h_fn, prob, target_rms, eval_every, eval_samples, max_seconds, log):
+def evaluate(prob, h, num_samples, threads):
+    """sd.evaluate on the fixed evaluation seed, with `threads` threads (the race's clock is stopped)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return sd.evaluate(prob, h, num_samples, torch.Generator().manual_seed(12345))
+    finally:
+        torch.set_num_threads(old)
+
+
+def race(name, step_fn, h_fn, prob, target_rms, should_eval, eval_samples, eval_threads, max_seconds, log):
     """Run step_fn() until the evaluation of h_fn() reaches target_rms with no empty cell.
 
-    Returns (seconds or None, iterations, last evaluation). The clock runs only inside step_fn.
+    Evaluates after iteration `it` when should_eval(it), when step_fn() says it is done, and once more at the
+    time limit. Returns (seconds or None, iterations, last evaluation, seconds of each iteration). The clock
+    runs only inside step_fn.
     """
-    spent, it, ev = 0.0, 0, None
+    spent, it, ev, step_times, fresh = 0.0, 0, None, [], False
+
+    def check():
+        ev = evaluate(prob, h_fn(), eval_samples, eval_threads)
+        log(f'{name:>9s} iter {it:4d}  {spent:8.1f} s  eval rms {ev["rms"]:.4f}  max|r| {ev["max_abs"]:.3f} '
+            f'(floor {ev["noise_floor"]:.3f})  empty {ev["empty"]}')
+        return ev, ev['rms'] <= target_rms and ev['empty'] == 0
+
     while spent < max_seconds:
         t0 = time.perf_counter()
         done = step_fn()
-        spent += time.perf_counter() - t0
+        step_times.append(time.perf_counter() - t0)
+        spent += step_times[-1]
         it += 1
-        if it % eval_every == 0 or done:
-            ev = sd.evaluate(prob, h_fn(), eval_samples, torch.Generator().manual_seed(12345))
-            log(f'{name:>9s} iter {it:4d}  {spent:8.1f} s  eval rms {ev["rms"]:.4f}  max|r| {ev["max_abs"]:.3f} '
-                f'(floor {ev["noise_floor"]:.3f})  empty {ev["empty"]}')
-            if ev['rms'] <= target_rms and ev['empty'] == 0:
-                return spent, it, ev
+        fresh = should_eval(it) or bool(done)
+        if fresh:
+            ev, reached = check()
+            if reached:
+                return spent, it, ev, step_times
         if done == 'stop':
             break
-    return None, it, ev
+    if it and not fresh:
+        ev, reached = check()
+        if reached:
+            return spent, it, ev, step_times
+    return None, it, ev, step_times
 
 
 def matmul_peak(dtype, m=2048, n=4096, k=3072, reps=5):
@@ -187,18 +272,21 @@ def reference_rate(ref, reps=2):
 @click.option('--sigma', help='DPM-OT noise level of the target latents', type=float, default=0.1, show_default=True)
 @click.option('--dataset', help='Zip or folder of images instead of synthetic targets', type=str, default=None)
 @click.option('--target-rms', help='Debiased rms relative cell-mass error to reach', type=float, default=0.05, show_default=True)
-@click.option('--eval-every', help='Iterations between evaluations of ours', type=int, default=5, show_default=True)
+@click.option('--eval-every', help='Iterations between evaluations of ours (also every iteration once its averaged heights could be at the target)', type=int, default=5, show_default=True)
 @click.option('--ref-eval-every', help='Iterations between evaluations of the reference', type=int, default=25, show_default=True)
 @click.option('--eval-per-target', help='Evaluation samples per target', type=int, default=100, show_default=True)
-@click.option('--max-seconds', help='Time limit per method (solver time)', type=float, default=7200, show_default=True)
+@click.option('--max-seconds', help='Time limit of ours, and of the reference unless --ref-max-seconds (solver time)', type=float, default=7200, show_default=True)
+@click.option('--ref-max-seconds', help='Time limit of the reference (solver time)  [default: --max-seconds]', type=float, default=None)
 @click.option('--dtype', help='Our scoring dtype', type=click.Choice(['bf16', 'fp32']), default='bf16', show_default=True)
 @click.option('--chunk-size', help='Our targets per chunk', type=int, default=4096, show_default=True)
 @click.option('--block-size', help='Our samples per block', type=int, default=2048, show_default=True)
 @click.option('--kernel-targets', help='Also measure the kernel at this many targets', type=int, default=10000, show_default=True)
+@click.option('--eval-threads', help='Threads for evaluations (clock stopped)  [default: all cores]', type=int, default=None)
 @click.option('--skip-reference', help='Time only our solver', is_flag=True)
 @click.option('--seed', help='Seed of the targets and solvers', type=int, default=0, show_default=True)
-def main(num_targets, res, sigma, dataset, target_rms, eval_every, ref_eval_every, eval_per_target, max_seconds, dtype, chunk_size,
-         block_size, kernel_targets, skip_reference, seed):
+def main(num_targets, res, sigma, dataset, target_rms, eval_every, ref_eval_every, eval_per_target, max_seconds,
+         ref_max_seconds, dtype, chunk_size,
+         block_size, kernel_targets, eval_threads, skip_reference, seed):
     """Time ours and the reference to the same accuracy on the same problem; print the ratio."""
     log = lambda msg: print(msg, flush=True)
     N, d = num_targets, 3 * res * res
@@ -219,6 +307,8 @@ def main(num_targets, res, sigma, dataset, target_rms, eval_every, ref_eval_ever
             f'{100 * rate / peak:.0f}% of the {dtype} peak')
 
     eval_samples = eval_per_target * N
+    eval_threads = eval_threads or os.cpu_count() or 1
+    ref_max_seconds = max_seconds if ref_max_seconds is None else ref_max_seconds
     solver = sd.SemidiscreteSolver(max_iters=0, tol=target_rms, dtype=tdtype, chunk_size=chunk_size,
                                    block_size=block_size)
     box = dict(out=None)
@@ -230,8 +320,15 @@ def main(num_targets, res, sigma, dataset, target_rms, eval_every, ref_eval_ever
                                                       resume=prev.state if prev else None)
         return box['out'].converged
 
-    t_ours, it_ours, ev_ours = race('ours', ours_step, lambda: box['out'].h, prob, target_rms, eval_every,
-                                    eval_samples, max_seconds, log)
+    def ours_should_eval(it):
+        # Every --eval-every iterations, and every iteration once the averaged heights' own noise floor
+        # sqrt(N / (3/4 of the samples averaged)) is within 10% of the target (skipping earlier ones can only
+        # make our time longer).
+        avg = box['out'].state['avg_samples']
+        return it % eval_every == 0 or (avg > 0 and math.sqrt(N / (0.75 * avg)) <= 1.1 * target_rms)
+
+    t_ours, it_ours, ev_ours, _ = race('ours', ours_step, lambda: box['out'].h, prob, target_rms, ours_should_eval,
+                                       eval_samples, eval_threads, max_seconds, log)
     out = box['out']
     log(f'ours: {"reached" if t_ours else "did not reach"} the target in {t_ours or math.nan:.1f} s, {it_ours} iterations, '
         f'{out.num_samples_used / N:.0f} N samples; own certificate: converged={out.converged}')
@@ -242,22 +339,35 @@ def main(num_targets, res, sigma, dataset, target_rms, eval_every, ref_eval_ever
     ref_rate = reference_rate(ref)
     log(f'reference kernel (fp32, stack-and-max): {ref_rate:.0f} GFLOP/s = {100 * ref_rate / peak32:.0f}% of the '
         f'fp32 peak')
+    min_iters, need, theta = reference_min_iterations(y, target_rms, lr=ref.lr)
+    log(f'reference lower bound: from h = 0 some height difference must change by >= {need:.1f} (cells of mass '
+        f'>= {theta} / N), and Adam moves one by <= {2 * ref.lr * adam_step_bound(10**6):.3f} per iteration: '
+        f'>= {min_iters} iterations')
 
     def ref_step():
         ref.step()
         return 'stop' if ref.stopped else False
 
-    t_ref, it_ref, ev_ref = race('reference', ref_step, lambda: ref.h, prob, target_rms, ref_eval_every, eval_samples,
-                                 max_seconds, log)
+    t_ref, it_ref, ev_ref, ref_times = race('reference', ref_step, lambda: ref.h, prob, target_rms,
+                                            lambda it: it % ref_eval_every == 0, eval_samples, eval_threads,
+                                            ref_max_seconds, log)
     if ref.stopped:
         log(f'reference stopped by its own rule (grad norm < 8e-4) at iteration {ref.iter}')
+    # Every iteration scores at least 10 N samples, as the first ones did: the fastest of those times the
+    # bound on the iterations is a lower bound on the reference's time.
+    base_times = ref_times[:ref.first_doubling or len(ref_times)]
+    ref_bound = min_iters * min(base_times) if base_times else 0.0
     if t_ref is None:
-        log(f'reference did not reach the target within {max_seconds:.0f} s ({it_ref} iterations; last eval rms '
-            f'{ev_ref["rms"]:.3f}, {ev_ref["empty"]} empty cells)')
+        log(f'reference did not reach the target within {ref_max_seconds:.0f} s ({it_ref} iterations, '
+            f'{min(base_times):.3g}-{max(base_times):.3g} s each; last eval rms {ev_ref["rms"]:.3f}, '
+            f'{ev_ref["empty"]} empty cells); bound: >= {min_iters} iterations x {min(base_times):.3g} s = '
+            f'{ref_bound:.0f} s')
     if t_ours and t_ref:
         log(f'RESULT: ours {t_ours:.1f} s, reference {t_ref:.1f} s, speed-up {t_ref / t_ours:.1f}x')
     elif t_ours:
-        log(f'RESULT: ours {t_ours:.1f} s, reference > {max_seconds:.0f} s: speed-up > {max_seconds / t_ours:.1f}x')
+        spent_ref = sum(ref_times)
+        log(f'RESULT: ours {t_ours:.1f} s; reference > {spent_ref:.0f} s measured (speed-up > '
+            f'{spent_ref / t_ours:.1f}x) and >= {ref_bound:.0f} s by the bound (speed-up >= {ref_bound / t_ours:.1f}x)')
     else:
         log('RESULT: ours did not reach the target; no ratio')
 

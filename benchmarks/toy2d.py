@@ -16,7 +16,6 @@ import json
 import os
 import pickle
 import shlex
-import subprocess
 import sys
 import time
 
@@ -27,7 +26,10 @@ import PIL.ImageDraw
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+for _path in (ROOT, os.path.join(ROOT, 'benchmarks')):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+from gaussian_eot import run  # noqa: E402
 from training import toy  # noqa: E402
 from training.eot import sample_sde  # noqa: E402
 from training.visualize import PALETTE, save_png  # noqa: E402
@@ -125,17 +127,6 @@ def compose(rows, pad=4):
 
 #----------------------------------------------------------------------------
 # Training, sampling, measures.
-
-def run(cmd, log_path, threads):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    t0 = time.perf_counter()
-    with open(log_path, 'w') as log:
-        res = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if res.returncode != 0:
-        raise click.ClickException(f'{" ".join(cmd[:3])} ... failed (exit {res.returncode}); see {log_path}:\n'
-                                   + open(log_path).read()[-3000:])
-    return time.perf_counter() - t0
-
 
 def sliced_w2(a, b, num_proj=256, seed=0):
     """Sliced W2 between equal-size samples [N, 2]: sqrt of the mean over random directions of W2^2 in 1-D."""

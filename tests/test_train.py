@@ -245,8 +245,12 @@ def test_nan_parameters_never_replace_a_good_snapshot(tmp_path, vector_domains, 
 
 
 def _kill_one_rank_and_wait(outdir, vector_domains, timeout):
-    """Start 2 ranks under torchrun --max-restarts, SIGKILL one after its third tick; (returncode, output)."""
-    import contextlib
+    """Start 2 ranks under torchrun --max-restarts, SIGKILL one after its third tick; (returncode, output).
+
+    returncode is None when the job had not ended `timeout` seconds after the kill. Every process started
+    is killed before returning: the launcher's group, and the workers, which torch elastic starts in
+    sessions of their own (killing the launcher alone leaves them running).
+    """
     import signal
     import subprocess
     import sys
@@ -258,13 +262,24 @@ def _kill_one_rank_and_wait(outdir, vector_domains, timeout):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=3',
            os.path.join(REPO, 'train.py'), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    log_path = f'{outdir}.log'     # a file, not a pipe: orphaned workers holding a pipe would block reading it
+    seen = {}
+
+    def track(launcher):
+        try:
+            for p in psutil.Process(launcher.pid).children(recursive=True):
+                seen.setdefault(p.pid, p)
+        except psutil.NoSuchProcess:
+            pass
+
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + timeout
         killed = None
         while time.time() < deadline and killed is None:
             time.sleep(0.5)
+            track(proc)
             runs = os.listdir(outdir) if os.path.isdir(outdir) else []
             states = [f for r in runs for f in os.listdir(outdir / r) if f.startswith('training-state-')]
             stats = [outdir / r / 'stats.jsonl' for r in runs if os.path.isfile(outdir / r / 'stats.jsonl')]
@@ -274,32 +289,44 @@ def _kill_one_rank_and_wait(outdir, vector_domains, timeout):
                 killed = workers[-1].pid
                 os.kill(killed, signal.SIGKILL)
         assert killed is not None, 'training never reached its third tick'
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None, 'timed out after the kill'
+        deadline = time.time() + timeout
+        while proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+            track(proc)         # the relaunched workers
+        returncode = proc.poll()
     finally:
-        with contextlib.suppress(ProcessLookupError): # The launcher and every worker it started.
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, out
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in seen.values():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait()
+    out = open(log_path).read()
+    return returncode, out if returncode is not None else 'timed out after the kill; output so far:\n' + out
 
 
 def test_torchrun_restarts_a_killed_rank_and_continues(tmp_path, vector_domains):
     """Under torchrun --max-restarts, SIGKILL of one rank mid-run: the job restarts by itself and
     continues from the newest training state (--resume=auto), in the same run directory.
 
-    On a heavily loaded machine the relaunched gloo workers have been seen to hang while reconnecting
-    (torch elastic, not this code); one fresh attempt is allowed for that case only, and the test is
-    skipped when the machine is already oversubscribed more than twice over (both attempts timed out at
-    load ~10 on 2 cores, and passed in 30-50 s at load <= 7).
+    The relaunched gloo workers sometimes hang or fail to connect while re-forming the group (torch elastic,
+    not this code; seen at any load); up to two fresh attempts are allowed for those cases only, and the
+    test is skipped when the machine is already oversubscribed more than twice over (attempts timed out at
+    load ~10 on 2 cores; a good attempt takes 5-10 s on a quiet machine, 30-50 s at load <= 7).
     """
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > 2 * cores:
         pytest.skip(f'load average {load:.1f} on {cores} cores: too busy to time a torchrun restart')
-    for attempt in range(2):
+    for attempt in range(3):
         outdir = tmp_path / f'runs{attempt}'
-        returncode, out = _kill_one_rank_and_wait(outdir, vector_domains, timeout=150)
-        if returncode is not None:
+        returncode, out = _kill_one_rank_and_wait(outdir, vector_domains, timeout=90)
+        # The known torch elastic + gloo failure: relaunched workers hang, or fail to reconnect ("Gloo
+        # connectFullMesh failed ... Connection refused", ~1 in 3 runs here, even on a quiet machine).
+        if returncode is not None and 'connectFullMesh failed' not in out:
             break
     assert returncode == 0, out[-4000:]
     run_dir = _only_run_dir(outdir)

@@ -27,8 +27,8 @@ import PIL.Image
 from tqdm import tqdm
 
 from dnnlib.util import atomic_write
-from training import digits, toy
-from training.dataset import (LABELS_FILE, DatasetError, RawFiles, check_entry_name, decode_image, image_names,
+from data import digits, toy
+from data.dataset import (LABELS_FILE, DatasetError, RawFiles, check_entry_name, decode_image, image_names,
                               parse_labels)
 
 #----------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def open_image_files(path):
 
 
 def open_synthetic_digits(split, classes, num, seed, resolution):
-    """Freshly drawn digits (training.digits): `num` per class per split (default 4000 train, 1000 test).
+    """Freshly drawn digits (data.digits): `num` per class per split (default 4000 train, 1000 test).
 
     Image i of class c in split s is drawn from digit_rng(seed, SPLIT_IDS[s], c, i), so the train and
     test splits come from disjoint seeds. Items are interleaved across classes.
@@ -536,7 +536,7 @@ def write_images(items, dest, overwrite=False, transform=None, resolution=None, 
 
 
 def write_toy(name, dest, num, dim, seed, overwrite=False):
-    """Draw a toy source (training.toy) and write its arrays to an .npz atomically. Returns the arrays."""
+    """Draw a toy source (data.toy) and write its arrays to an .npz atomically. Returns the arrays."""
     try:
         arrays = toy.make_toy(name, 10000 if num is None else num, seed, dim)
     except ValueError as e:

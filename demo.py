@@ -8,7 +8,7 @@ It uses the toolkit's own command-line tools, so it also shows how to use them:
 
  1. dataset_tool.py: coloured synthetic digits (Pillow's font, no download), 2s and 3s, train and test.
  2. A small digit classifier, trained here on freshly rendered digits of all ten classes with the same
-    colouring (training.digits): the judge of the quality figure. It trains while step 3 runs.
+    colouring (data.digits): the judge of the quality figure. It trains while step 3 runs.
  3. train.py: a small one-step EOT model 2 -> 3, within the time budget: a short first run measures the
     speed of this machine, then the run continues (--resume=auto) for as long as the budget allows.
  4. generate.py: translates the test 2s with the tick-0 snapshot (untrained) and with the last one.
@@ -30,6 +30,10 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch
+
+import dataset_tool
+from data import digits
+from data.dataset import open_dataset
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MARKER = '.made-by-demo'
@@ -99,7 +103,6 @@ def _prepare_outdir(outdir):
 
 def build_data(outdir, cfg):
     """The four image sets, with dataset_tool.py (its click command, in this process). Returns their paths."""
-    import dataset_tool
     data_dir = os.path.join(outdir, 'data')
     os.makedirs(data_dir, exist_ok=True)
     paths = {}
@@ -121,7 +124,6 @@ def build_data(outdir, cfg):
 def render_coloured_digits(num, seed, resolution):
     """`num` digits of random classes 0..9, tinted with random saturated colours as dataset_tool.py --colorize
     does: (images float32 [num, 3, R, R] in [-1, 1], labels int64 [num])."""
-    from training import digits
     rng = np.random.default_rng([seed, 2024])
     labels = rng.integers(0, 10, size=num)
     grey = digits.render_digits(labels, seed=seed, resolution=resolution)
@@ -258,7 +260,6 @@ def generate(snapshot, data, outdir):
 
 def load_dataset(path):
     """Every item of an image dataset as float [N, C, H, W] in [-1, 1]."""
-    from training.dataset import open_dataset
     ds = open_dataset(path)
     return torch.as_tensor(np.stack([ds[i][0] for i in range(len(ds))])).float() / 127.5 - 1
 
@@ -302,8 +303,6 @@ def main(outdir, minutes, quick, threads):
     cfg = QUICK if quick else FULL
     torch.set_num_threads(threads)
     os.environ['OMP_NUM_THREADS'] = str(threads)
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
     outdir = os.path.abspath(outdir)
     _prepare_outdir(outdir)
     click.echo(f'Demo: coloured digits 2 -> 3 ({cfg["resolution"]}x{cfg["resolution"]}), budget {minutes:g} min, '

@@ -19,6 +19,7 @@ from metrics import detector as detector_lib
 from metrics import fid as fid_lib
 from metrics import precision_recall as pr_lib
 from metrics.fid import calculate_fid_from_inception_stats, compute_feature_stats, load_ref_stats # noqa: F401 (re-exported)
+from data.dataset import DatasetError, ImageFolderDataset
 from torch_utils import distributed as dist_utils
 
 #----------------------------------------------------------------------------
@@ -34,7 +35,6 @@ _CONVENTIONS = ('Images are read as uint8 (float images in [-1, 1] are quantised
 
 
 def _open_images(path, what):
-    from training.dataset import ImageFolderDataset, DatasetError
     if str(path).lower().endswith('.npz'):
         raise click.BadParameter(f'"{path}" is an .npz file; {what} must be a folder or zip of images')
     try:

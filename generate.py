@@ -6,7 +6,7 @@
     python generate.py --network=DENOISER.pkl --potential=potential.pt --outdir=out/dpmot --seeds=0-99
     python generate.py --network=snapshot.pkl --export-safe=snapshot-safe/
 
-The script parses options and writes files; the work is in training/generation.py.
+The script parses options and writes files; the work is in sampling/ (snapshots, translation, dpmot).
 """
 
 import os
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 import dnnlib
+from sampling import GenerationError, dpmot, rng, snapshots, translation
 from torch_utils import distributed as dist
-from training import generation
-from training.generation import GenerationError
+from torch_utils.images import save_png, scatter_plot, to_uint8
 
 #----------------------------------------------------------------------------
 # Checking options against the snapshot's kind.
@@ -34,11 +34,11 @@ def _option_name(key):
 def check_options(opts, model):
     """Resolve the sampler and its defaults for the snapshot's kind; ClickException on misuse."""
     kind = model.kind
-    sampler = opts.sampler or generation.DEFAULT_SAMPLER[kind]
-    if sampler not in generation.SAMPLERS[kind]:
+    sampler = opts.sampler or snapshots.DEFAULT_SAMPLER[kind]
+    if sampler not in snapshots.SAMPLERS[kind]:
         other = 'denoiser' if kind == 'eot' else 'eot'
         raise click.ClickException(f'--sampler={sampler} applies to snapshots of kind {other}, but "{opts.network}" is '
-                                   f'of kind {kind}; use --sampler={"|".join(generation.SAMPLERS[kind])}')
+                                   f'of kind {kind}; use --sampler={"|".join(snapshots.SAMPLERS[kind])}')
     for key in (_DENOISER_ONLY if kind == 'eot' else _EOT_ONLY):
         if opts[key] is not None:
             raise click.ClickException(f'{_option_name(key)} does not apply to {kind} snapshots ("{opts.network}")')
@@ -54,7 +54,7 @@ def _seeds(opts):
     if opts.seeds is None:
         return None
     try:
-        return generation.parse_int_list(opts.seeds)
+        return rng.parse_int_list(opts.seeds)
     except GenerationError as err:
         raise click.ClickException(str(err)) from None
 
@@ -63,7 +63,6 @@ def _seeds(opts):
 
 def _save_image(image, path):
     """uint8 [C, H, W] -> PNG (atomic)."""
-    from training.visualize import save_png
     array = image.cpu().numpy().transpose(1, 2, 0)
     save_png(array[:, :, 0] if array.shape[2] == 1 else array, path)
 
@@ -87,7 +86,7 @@ def _gather_to_rank0(parts):
 
 def translate_dataset(opts, model, sampler, device):
     """EOT: translate --data; PNGs per output (each rank its own), or samples.npz for vectors (rank 0)."""
-    dataset = generation.open_inputs(opts.data, model)
+    dataset = translation.open_inputs(opts.data, model)
     num = len(dataset) if opts.max is None else min(opts.max, len(dataset))
     seeds = _seeds(opts)
     repeats = opts.repeats or 1
@@ -104,11 +103,11 @@ def translate_dataset(opts, model, sampler, device):
         os.makedirs(opts.outdir, exist_ok=True)
     dist.barrier()
     kept = [] # (index, repeat, output) kept for samples.npz or the grid.
-    for batch in generation.iterate_translations(model, dataset, seeds=seeds, num=num, sampler=sampler,
+    for batch in translation.iterate_translations(model, dataset, seeds=seeds, num=num, sampler=sampler,
                                                  steps=opts.steps, gamma=opts.gamma, repeats=repeats,
                                                  batch_size=opts.batch, device=device, progress=True):
         if images:
-            out = generation.to_images(batch.y)
+            out = to_uint8(batch.y)
             for k, (i, r) in enumerate(zip(batch.index, batch.repeat)):
                 name = f'{i:06d}.png' if repeats == 1 else f'{i:06d}-{r:02d}.png'
                 _save_image(out[k], os.path.join(opts.outdir, name))
@@ -126,7 +125,7 @@ def translate_dataset(opts, model, sampler, device):
         for index, repeat, out in kept:
             y[index, repeat] = out
         x = np.stack([dataset[i][0] for i in range(num)]).astype(np.float32)
-        seed_table = generation.repeat_seeds(list(range(num)) if seeds is None else seeds, repeats)
+        seed_table = rng.repeat_seeds(list(range(num)) if seeds is None else seeds, repeats)
         path = os.path.join(opts.outdir, 'samples.npz')
         with dnnlib.util.atomic_write(path, 'wb') as f:
             np.savez(f, x=x, y=y, seeds=seed_table)
@@ -136,14 +135,12 @@ def translate_dataset(opts, model, sampler, device):
     if opts.grid:
         path = os.path.join(opts.outdir, 'grid.png')
         if images:
-            x = generation.to_images(generation.load_items(dataset, range(grid_inputs), 'cpu'))
+            x = to_uint8(translation.load_items(dataset, range(grid_inputs), 'cpu'))
             rows = [x] + [torch.stack([img for i, r, img in sorted(kept) if r == rr]) for rr in range(grid_repeats)]
             grid = _uint8_grid(rows)
         else:
-            from training.visualize import scatter_plot
             outputs = np.concatenate([out.reshape(-1, model.data_shape[0]) for _, _, out in kept])
             grid = scatter_plot({'input': np.stack([dataset[i][0] for i in range(num)]), 'output': outputs})
-        from training.visualize import save_png
         save_png(grid, path)
         written.append(f'{path}')
     dist.print0('Wrote ' + ', '.join(written))
@@ -169,12 +166,12 @@ def sample_denoiser(opts, model, sampler, device):
     dist.barrier()
     kept, nfe = [], None
     grid_seeds = set(seeds[:64])
-    for batch_seeds, samples, info in generation.iterate_samples(
+    for batch_seeds, samples, info in dpmot.iterate_samples(
             model, seeds, sampler=sampler, steps=steps, potential=opts.potential, topk=topk, **angle,
             batch_size=opts.batch, device=device, progress=True):
         nfe = info.get('nfe', nfe)
         if images:
-            out = generation.to_images(samples)
+            out = to_uint8(samples)
             for k, seed in enumerate(batch_seeds):
                 _save_image(out[k], os.path.join(opts.outdir, f'{seed:06d}.png'))
                 if opts.grid and int(seed) in grid_seeds:
@@ -197,7 +194,6 @@ def sample_denoiser(opts, model, sampler, device):
             np.savez(f, y=y, seeds=np.asarray([s for s, _ in kept], dtype=np.int64))
         written.append(f'{path} (y {list(y.shape)})')
     if opts.grid:
-        from training.visualize import save_png, scatter_plot
         path = os.path.join(opts.outdir, 'grid.png')
         if images:
             images_ = torch.stack([img for _, img in kept])
@@ -263,15 +259,15 @@ def main(**kwargs):
             if given:
                 raise click.ClickException(f'--export-safe only writes an export; drop {", ".join(given)} and generate '
                                            'afterwards with --network=' + opts.export_safe)
-            model = generation.load_network(opts.network)
+            model = snapshots.load_network(opts.network)
             if dist.get_rank() == 0:
-                path = generation.export_safe(model, opts.export_safe)
+                path = snapshots.export_safe(model, opts.export_safe)
                 print(f'Wrote a safe export of "{opts.network}" ({model.kind}: {", ".join(model.nets)}) to {path} '
-                      f'and {os.path.join(opts.export_safe, generation.EXPORT_WEIGHTS)}')
+                      f'and {os.path.join(opts.export_safe, snapshots.EXPORT_WEIGHTS)}')
             return
         if opts.outdir is None:
             raise click.ClickException('--outdir is required (where to write the outputs)')
-        model = generation.load_network(opts.network, device)
+        model = snapshots.load_network(opts.network, device)
         sampler = check_options(opts, model)
         if model.kind == 'eot':
             translate_dataset(opts, model, sampler, device)

@@ -4,9 +4,9 @@
         --steps=18 --back-steps=5 --num-targets=2000 --source=uniform --outdir=pot
     torchrun --standalone --nproc_per_node=4 potential.py ...      # the solver's work split across processes
 
-Writes DIR/potential.pt (training.dpmot.load_potential), DIR/log.txt (options, memory estimate, the solver's
+Writes DIR/potential.pt (sampling.potential.load_potential), DIR/log.txt (options, memory estimate, the solver's
 errors per iteration) and DIR/potential-state.pt (the solver's checkpoint; re-running the same command
-resumes from it). The script only parses options; the work is in training.dpmot and training.semidiscrete.
+resumes from it). The script only parses options; the work is in sampling.potential and transport.semidiscrete.
 """
 
 import datetime
@@ -19,7 +19,14 @@ import click
 import torch
 
 import dnnlib
+from data.dataset import DatasetError, open_dataset
+from sampling import diffusion
+from sampling import snapshots
+from sampling import potential as potential_lib
 from torch_utils import distributed as dist
+from torch_utils.images import to_model_space
+from torch_utils.misc import state_dict_sha256
+from transport.semidiscrete import SemidiscreteProblem, SemidiscreteSolver, evaluate
 
 STATE_NAME = 'potential-state.pt'
 
@@ -27,7 +34,6 @@ STATE_NAME = 'potential-state.pt'
 
 def _schedule(opts, net):
     """(sigmas [S + 1], K) from --steps/--back-steps or --sigma/--back-steps, within the network's range."""
-    from training import diffusion
     net_min, net_max = float(getattr(net, 'sigma_min', 0.002)), float(getattr(net, 'sigma_max', 80.0))
     sigma_min = net_min if opts.sigma_min is None else opts.sigma_min
     sigma_max = net_max if opts.sigma_max is None else opts.sigma_max
@@ -57,13 +63,11 @@ def _schedule(opts, net):
 
 def _open_inputs(opts):
     """(net, snapshot, dataset) with every check that needs no computation."""
-    from training import dpmot
-    from training.dataset import DatasetError, open_dataset
     if not os.path.exists(opts.network) and not dnnlib.util.is_url(opts.network):
         raise click.ClickException(f'--network: no such file or folder: "{opts.network}"')
     try:
-        net, snapshot = dpmot.load_denoiser(opts.network)
-        shape = dpmot.data_shape_of(net)
+        net, snapshot = snapshots.load_denoiser(opts.network)
+        shape = snapshots.data_shape_of(net)
     except ValueError as err:
         raise click.ClickException(f'--network: {err}') from None
     if not os.path.exists(opts.data):
@@ -83,11 +87,9 @@ def _open_inputs(opts):
 
 
 def _targets(dataset, indices, sigma, seed, device):
-    """Target latents y_i = x_i + sigma n_i (training.dpmot.forward_diffuse) on `device`."""
-    from training import dpmot
-    from training.dataset import to_model_space
+    """Target latents y_i = x_i + sigma n_i (sampling.potential.forward_diffuse) on `device`."""
     x = to_model_space(torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in indices]))
-    return dpmot.forward_diffuse(x, sigma, seed).to(device)
+    return potential_lib.forward_diffuse(x, sigma, seed).to(device)
 
 
 def _format_bytes(n):
@@ -138,7 +140,7 @@ def _command_line():
 @click.option('--max-iters',        help='Solver iterations in total (a resumed run counts the earlier ones)', metavar='INT', type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option('--tol',              help='Stop when the rms relative cell-mass error on fresh check samples is below this and no cell is empty (0: run --max-iters)', metavar='FLOAT', type=click.FloatRange(min=0), default=0.05, show_default=True)
 @click.option('--lr',               help='Solver step relative to the mean top-1/top-2 score gap', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True)
-@click.option('--solver-step',      help='Solver step rule (training.semidiscrete.SemidiscreteSolver.step, e.g. newton, log, adam)  [default: the solver\'s]', metavar='STR', type=str)
+@click.option('--solver-step',      help='Solver step rule (transport.semidiscrete.SemidiscreteSolver.step, e.g. newton, log, adam)  [default: the solver\'s]', metavar='STR', type=str)
 @click.option('--solver-init',      help='Solver start (SemidiscreteSolver.init, e.g. auto, norm, voronoi, zero)  [default: the solver\'s]', metavar='STR', type=str)
 @click.option('--samples-per-iter', help='Monte Carlo samples per iteration at the start  [default: 10 N]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--max-samples-per-iter', help='Cap of the samples per iteration as they grow  [default: 160 N]', metavar='INT', type=click.IntRange(min=2))
@@ -174,8 +176,6 @@ def main(**kwargs):
 
 
 def _run(opts, device):
-    from training import dpmot
-    from training.semidiscrete import SemidiscreteProblem, SemidiscreteSolver, evaluate
     rank0 = dist.get_rank() == 0
 
     # Inputs and settings: every check before any output exists.
@@ -184,7 +184,7 @@ def _run(opts, device):
     S = sigmas.numel() - 1
     sigma = float(sigmas[S - K])
     N = len(dataset) if opts.num_targets is None else opts.num_targets
-    shape = dpmot.data_shape_of(net)
+    shape = snapshots.data_shape_of(net)
     d = math.prod(shape)
     world = dist.get_world_size()
     extra = {k: v for k, v in (('step', opts.solver_step), ('init', opts.solver_init)) if v is not None}
@@ -197,8 +197,8 @@ def _run(opts, device):
     except ValueError as err:
         raise click.ClickException(f'Solver settings: {err}') from None
     data_hash = dataset.data_hash()
-    net_hash = dpmot.state_dict_sha256(net)
-    indices = dpmot.select_indices(len(dataset), N, opts.seed)
+    net_hash = state_dict_sha256(net)
+    indices = potential_lib.select_indices(len(dataset), N, opts.seed)
     # What makes two runs the same run (a checkpoint of another run is never resumed).
     run_key = dict(data_sha256=data_hash, denoiser_sha256=net_hash, num_targets=N, data_shape=list(shape),
                    sigma=sigma, source=opts.source, seed=opts.seed, lr=opts.lr, precision=opts.precision,
@@ -220,7 +220,7 @@ def _run(opts, device):
                                        f'{", ".join(diff)}); use another --outdir, or --no-resume to start over')
         resume, history = ckpt['state'], list(ckpt.get('history', []))
 
-    mem = dpmot.estimate_peak_memory(N, d, opts.block_size, opts.chunk_size, opts.precision == 'bf16', world,
+    mem = potential_lib.estimate_peak_memory(N, d, opts.block_size, opts.chunk_size, opts.precision == 'bf16', world,
                                      opts.shard_targets)
     lines = [f'Potential: N = {N} latents of shape {list(shape)} (d = {d}) at sigma_{S - K} = {sigma:.6g} '
              f'(schedule of S = {S} steps, K = {K} back-steps), source {opts.source}',
@@ -276,7 +276,7 @@ def _run(opts, device):
             dist.barrier()
 
         try:
-            out, rows = dpmot.solve_potential(prob, solver, seed=opts.seed, resume=resume, checkpoint=checkpoint,
+            out, rows = potential_lib.solve_potential(prob, solver, seed=opts.seed, resume=resume, checkpoint=checkpoint,
                                               checkpoint_every=opts.checkpoint_every, callback=on_iter)
         except (ValueError, RuntimeError) as err:
             saved = f'"{state_path}" holds the last checkpoint' if os.path.isfile(state_path) else 'no checkpoint was written'
@@ -291,7 +291,7 @@ def _run(opts, device):
         # Final diagnostics on fresh samples, never used for fitting.
         stats = evaluate(prob, out.h, num_samples=opts.eval_samples,
                          generator=torch.Generator().manual_seed(opts.seed + 1))
-        gap = dpmot.mean_score_gap(prob, out.h, generator=torch.Generator().manual_seed(opts.seed + 2))
+        gap = potential_lib.mean_score_gap(prob, out.h, generator=torch.Generator().manual_seed(opts.seed + 2))
         keep = ('iter', 'num_samples', 'rms', 'max_rel_err', 'empty', 'gap', 'check_rms')
         diagnostics = dict(converged=converged, num_iters=out.num_iters, num_samples_used=out.num_samples_used,
                            tol=opts.tol, max_iters=opts.max_iters, check=out.check,
@@ -304,11 +304,11 @@ def _run(opts, device):
         provenance = dict(data=os.path.abspath(opts.data), data_sha256=data_hash, data_size=len(dataset),
                           network=opts.network if dnnlib.util.is_url(opts.network) else os.path.abspath(opts.network),
                           denoiser_sha256=net_hash, network_kimg=snapshot.get('kimg'), seed=opts.seed,
-                          noise='training.dpmot.forward_diffuse(x, sigma, seed)', world_size=dist.get_world_size(),
+                          noise='sampling.potential.forward_diffuse(x, sigma, seed)', world_size=dist.get_world_size(),
                           command=command, created=datetime.datetime.now().isoformat(timespec='seconds'),
                           torch=str(torch.__version__))
         if rank0:
-            path = dpmot.save_potential(
+            path = potential_lib.save_potential(
                 os.path.join(opts.outdir, 'potential.pt'), h=out.h.cpu(), sigmas=sigmas, back_steps=K,
                 source=opts.source, data_shape=list(shape), score_gap=gap, targets=targets.cpu(),
                 targets_path=os.path.join(opts.outdir, 'targets.pt') if opts.separate_targets else None,

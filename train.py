@@ -16,7 +16,13 @@ import click
 import torch
 
 import dnnlib
+from data.dataset import DatasetError
+from models.diffusion_loss import LOSSES
+from models.networks import denoiser_kwargs, eot_network_kwargs
 from torch_utils import distributed as dist
+from torch_utils.training_stats import wandb_module
+from training.loop import find_latest_state, training_loop, write_options
+from training.trainer import DivergenceError
 
 #----------------------------------------------------------------------------
 
@@ -36,13 +42,12 @@ def _dataset_kwargs(path, cache, option):
     if not os.path.exists(path):
         raise click.ClickException(f'{option}: no such file or directory: "{path}"')
     if path.lower().endswith('.npz'):
-        return dnnlib.EasyDict(class_name='training.dataset.VectorDataset', path=path)
-    return dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=path, cache=cache)
+        return dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=path)
+    return dnnlib.EasyDict(class_name='data.dataset.ImageFolderDataset', path=path, cache=cache)
 
 
 def _inspect_dataset(kwargs, option):
     """Open a dataset once to check it and read its shape and size."""
-    from training.dataset import DatasetError
     try:
         ds = dnnlib.util.construct_class_by_name(**kwargs)
     except (DatasetError, OSError) as err:
@@ -59,7 +64,6 @@ def setup_training_config(opts):
 
     Checks everything that can be checked (paths, shapes, batch sizes) before any output exists.
     """
-    from training.networks import eot_network_kwargs
     c = Config()
     c.name = opts.name
     world = dist.get_world_size()
@@ -119,7 +123,7 @@ def setup_training_config(opts):
         raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
     adam = lambda lr: dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr, betas=[0.9, 0.999], eps=1e-8)
     c.task_kwargs = dnnlib.EasyDict(
-        class_name='training.eot.EOTTask',
+        class_name='training.eot_task.EOTTask',
         data1_kwargs=data['data1'][0], data2_kwargs=data['data2'][0],
         test1_kwargs=data['test1'][0] if 'test1' in data else None,
         loader_kwargs=dnnlib.EasyDict(num_workers=opts.workers, prefetch_factor=2 if opts.workers > 0 else None,
@@ -149,7 +153,6 @@ def _schedule_config(c, opts):
     c.tensorboard = opts.tensorboard
     c.wandb_project = opts.wandb
     if opts.wandb:
-        from torch_utils.training_stats import wandb_module
         try:
             wandb_module()
         except ImportError as err:
@@ -161,8 +164,6 @@ def _schedule_config(c, opts):
 def _denoiser_task_kwargs(opts):
     """(task_kwargs, data_paths) of --kind=denoiser: a preconditioned Denoiser trained with the loss of its
     preconditioning (edm: EDMLoss, vp: VPLoss, ve: VELoss) on --data."""
-    from training.diffusion import LOSSES
-    from training.networks import denoiser_kwargs
     if opts.data is None:
         raise click.ClickException('--data is required for --kind=denoiser (image zip/folder or vector .npz)')
     data_kwargs = _dataset_kwargs(opts.data, opts.cache, '--data')
@@ -178,7 +179,7 @@ def _denoiser_task_kwargs(opts):
     if opts.precond == 'edm':
         loss_kwargs.sigma_data = float(net_kwargs.get('sigma_data', 0.5))
     task_kwargs = dnnlib.EasyDict(
-        class_name='training.diffusion.DenoiserTask', data_kwargs=data_kwargs, network_kwargs=net_kwargs,
+        class_name='training.denoiser_task.DenoiserTask', data_kwargs=data_kwargs, network_kwargs=net_kwargs,
         loss_kwargs=loss_kwargs,
         optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8),
         loader_kwargs=dnnlib.EasyDict(num_workers=opts.workers, prefetch_factor=2 if opts.workers > 0 else None,
@@ -200,7 +201,6 @@ def _run_desc(opts, c):
 
 def _pick_run_dir(opts, desc):
     """(run_dir, resume_state): a new NNNNN-<desc> directory, or for --resume=auto the newest matching one."""
-    from training.training_loop import find_latest_state
     if opts.nosubdir:
         candidates = [opts.outdir]
     else:
@@ -337,12 +337,10 @@ def main(**kwargs):
 
         if dist.get_rank() == 0:
             os.makedirs(run_dir, exist_ok=True)
-            from training.training_loop import write_options
             write_options(run_dir, c)
             logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a')
         dist.barrier()
         dist.setup_precision(cudnn_benchmark=c.cudnn_benchmark, threads=opts.threads)
-        from training.training_loop import DivergenceError, training_loop
         try:
             training_loop(device=device, **c)
         except DivergenceError as err:

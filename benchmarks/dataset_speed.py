@@ -1,6 +1,6 @@
 """Images/s of the zip ImageFolderDataset through a DataLoader, next to a plain decode-only loop.
 
-Builds its own data (synthetic digits, training.digits) in a temporary folder, so it runs offline:
+Builds its own data (synthetic digits, data.digits) in a temporary folder, so it runs offline:
 
     python benchmarks/dataset_speed.py --num=4000 --workers=2
 
@@ -13,7 +13,6 @@ persistent workers; first epoch includes starting them).
 
 import io
 import os
-import sys
 import tempfile
 import time
 import zipfile
@@ -23,9 +22,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import dataset_tool  # noqa: E402
-from training.dataset import ImageFolderDataset  # noqa: E402
+import dataset_tool
+from data.dataset import ImageFolderDataset
 
 
 def build_zip(path, num, resolution):

@@ -15,8 +15,8 @@ Pipeline, through the project's own tools:
 3. `train.py --kind=denoiser`: a small U-Net denoiser (EDM preconditioning and loss) for --train-kimg kimg.
 4. `potential.py`: --num-targets training items noised to sigma_(S-K) of an S-step EDM schedule, and the
    semi-discrete OT potential (uniform source).
-5. `training.dpmot.generate_samples`: the plain samplers from noise and DPM-OT (top-1 and top-k) from the
-   potential, --samples seeds each. Samples are quantised to 8 bits as PNGs would be (training.dataset.to_uint8).
+5. `sampling.dpmot.generate_samples`: the plain samplers from noise and DPM-OT (top-1 and top-k) from the
+   potential, --samples seeds each. Samples are quantised to 8 bits as PNGs would be (torch_utils.images.to_uint8).
 
 Metrics against the fresh set (noise floor: the second fresh set; a copier: the N training items behind the
 latents, resampled with replacement; dpmot_quality's functions): sliced W2 (256
@@ -33,21 +33,19 @@ one), writes results.json and samples.png (the first samples of every row, with 
 
 import json
 import os
-import sys
 import time
 
 import click
 import numpy as np
 import torch
 
+from benchmarks.dpmot_quality import (_cli, dpmot_configs, latest_snapshot, mmd2, nn_distance, parse_back_steps,
+                                      report_potentials, sliced_w2, solve_potentials)
+from data.dataset import open_dataset
+from sampling import dpmot, snapshots
+from torch_utils.images import to_model_space, to_uint8
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (ROOT, os.path.join(ROOT, 'benchmarks')):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-from dpmot_quality import (_cli, dpmot_configs, latest_snapshot, mmd2, nn_distance, parse_back_steps,  # noqa: E402
-                           report_potentials, sliced_w2, solve_potentials)
-from training import dpmot  # noqa: E402
-from training.dataset import open_dataset, to_model_space, to_uint8  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Metrics specific to images with a judge; the distances come from dpmot_quality.
@@ -217,7 +215,7 @@ def main(outdir, per_class, resolution, train_kimg, model_channels, batch, lr, n
                           '--device=cpu', f'--threads={threads}', '--no-tensorboard', '--grad-clip=0'])
     run_dir, network = latest_snapshot(run_root)
     timing['train_s'], trained_kimg = train_seconds(run_dir)
-    net, _ = dpmot.load_denoiser(network)
+    net, _ = snapshots.load_denoiser(network)
     num_params = sum(p.numel() for p in net.parameters())
 
     # 4. Potentials (one per K; the solver resumes or reuses a finished one with the same settings).

@@ -12,7 +12,7 @@ Pipeline, through the project's own tools:
    denoiser of the mixture ("oracle") is evaluated too: it separates the sampler's error from the network's.
 3. `potential.py` forward-diffuses `--num-targets` training items to sigma_(S-K) of an S-step EDM schedule and
    solves the semi-discrete OT potential.
-4. `training.dpmot.generate_samples`: the plain samplers from noise and DPM-OT (top-1 and top-k) from the
+4. `sampling.dpmot.generate_samples`: the plain samplers from noise and DPM-OT (top-1 and top-k) from the
    potential, `--samples` seeds each.
 
 Metrics against fresh data (noise floor: a second fresh sample): sliced W2 (256 directions), MMD^2 (RBF kernels
@@ -26,16 +26,17 @@ set than new data would be). Prints a Markdown table (docs/dpmot.md holds one) a
 import json
 import math
 import os
-import sys
 import time
 
 import click
 import numpy as np
 import torch
 
+from data import toy
+from sampling import dpmot, snapshots
+from sampling import potential as potential_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from training import diffusion, dpmot, toy  # noqa: E402
 
 #----------------------------------------------------------------------------
 # The closed-form denoiser of an isotropic Gaussian mixture.
@@ -150,7 +151,7 @@ def solve_potentials(network, data_path, outdir, steps, back_steps, num_targets,
                               f'--seed={seed}', *extra, '--max-iters=3000', '--device=cpu', '--no-progress']
              + ([] if reuse else ['--no-resume']))
         timing[f'potential_K{K}_s'] = time.time() - t0
-        pots[K] = dpmot.load_potential(os.path.join(pot_dir, 'potential.pt'))
+        pots[K] = potential_lib.load_potential(os.path.join(pot_dir, 'potential.pt'))
     return pots
 
 
@@ -225,7 +226,7 @@ def main(outdir, dim, modes, mode_std, num_train, train_kimg, num_targets, steps
                           '--workers=0', f'--seed={seed}', '--device=cpu', '--no-tensorboard', '--grad-clip=0'])
     timing['train_s'] = time.time() - t0 if trained else None
     _, network = latest_snapshot(run_root)
-    net, _ = dpmot.load_denoiser(network)
+    net, _ = snapshots.load_denoiser(network)
     oracle = MixtureDenoiser(means, weights, mode_std)
 
     # 3. Potentials (one per K; the solver resumes or reuses a finished one with the same settings).

@@ -1,9 +1,9 @@
 """One-step EOT on Gaussians against the closed-form EOT plan: BW2-UVP and cBW2-UVP of G and of the SDE.
 
 For each dimension D and entropy eps: source N(0, S0) and target N(0, S1) with S = Q diag(s) Q^T, Q a
-seeded random rotation (training.toy); trains through the project's train.py on .npz data with
+seeded random rotation (data.toy); trains through the project's train.py on .npz data with
 --gamma=eps, translates held-out inputs with generate.py --repeats (G and sde), and compares with
-training.gaussian_eot. A quick run on a CPU:
+transport.gaussian. A quick run on a CPU:
 
     python benchmarks/gaussian_eot.py --dims=2 --eps=1 --kimg=20 --outdir=/tmp/geot-quick
 
@@ -14,14 +14,14 @@ Reported per (D, eps, sampler), all in %:
                with --repeats draws each;
   floors       the same three estimators on exact plan samples (same inputs and counts);
 `theory`: the cBW2-UVP against the EOT plan of the population minimiser of the G-step transport term as
-stated (t ~ U(0, 1), no weight; training.gaussian_eot.bridge_objective_optimum), i.e. what G converges to
+stated (t ~ U(0, 1), no weight; transport.gaussian.bridge_objective_optimum), i.e. what G converges to
 with a perfect critic and f, and for the SDE the Markovian projection of that plan (what the f-SDE samples);
 `rank`: the least cBW2-UVP of G's conditionals when its noise has fewer dimensions than D. Wall times of
 training and sampling are printed per row. --loss=kinetic trains the 1/(1-t)^2-weighted variant instead
-(train.py --G-loss=kinetic: training.eot.KineticEOTLoss with f = x + (1-t) v).
+(train.py --G-loss=kinetic: models.eot_loss.KineticEOTLoss with f = x + (1-t) v).
 
 Spectra: 'enot' draws S = W W^T with W = Q diag(exp(linspace(log 0.5, log 2, D))) (the ENOT notebook:
-eigenvalues 0.25..4, log-spaced); 'toy' uses training.toy.random_covariance (eigenvalues 0.5..2, linear).
+eigenvalues 0.25..4, log-spaced); 'toy' uses data.toy.random_covariance (eigenvalues 0.5..2, linear).
 """
 
 import json
@@ -36,17 +36,18 @@ import click
 import numpy as np
 import torch
 
+from data import toy
+from models.eot_loss import KineticEOTLoss
+from sampling.translation import sample_sde
+from transport import gaussian as ge
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from training import gaussian_eot as ge  # noqa: E402
-from training import toy  # noqa: E402
-from training.eot import KineticEOTLoss  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Problems and data.
 
 def covariance(dim, rng, spectrum):
-    """A seeded covariance: 'enot' (W W^T, W = Q diag of 0.5..2 log-spaced) or 'toy' (training.toy)."""
+    """A seeded covariance: 'enot' (W W^T, W = Q diag of 0.5..2 log-spaced) or 'toy' (data.toy)."""
     if spectrum == 'toy':
         return toy.random_covariance(dim, rng)
     w = toy.random_rotation(dim, rng) * np.exp(np.linspace(np.log(0.5), np.log(2), dim))[None, :]
@@ -123,7 +124,6 @@ def sample(snapshot, data, out_dir, sampler, repeats, num, threads, via):
         seconds = run(cmd, out_dir + '.log', threads)
         with np.load(os.path.join(out_dir, 'samples.npz')) as f:
             return f['x'].astype(np.float64), f['y'].astype(np.float64), seconds
-    from training.eot import sample_sde
     with open(snapshot, 'rb') as f:
         snap = pickle.load(f)
     with np.load(data) as f:

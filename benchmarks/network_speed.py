@@ -24,16 +24,14 @@ Examples:
 
 import os
 import statistics
-import sys
 import time
 
 import click
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import dnnlib # pylint: disable=wrong-import-position
-from torch_utils import distributed as dist_utils # pylint: disable=wrong-import-position
-from training import networks # pylint: disable=wrong-import-position
+import dnnlib
+from models import networks
+from torch_utils import distributed as dist_utils
 
 KNOWN_OPTIONS = ('fp32', 'channels_last', 'bf16', 'compile', 'tf32')
 

@@ -24,15 +24,13 @@ Full size from the issue (about two hours on 2 CPU cores, most of it evaluations
 import dataclasses
 import math
 import os
-import sys
 import time
 
 import click
 import torch
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..')))
 
-from training import semidiscrete as sd         # noqa: E402
+from transport import semidiscrete as sd
 
 #----------------------------------------------------------------------------
 # Targets.

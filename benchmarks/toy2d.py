@@ -6,7 +6,7 @@ few inputs, and SDE trajectories, for several gamma.
 
 Each (task, gamma) trains through train.py on .npz data (dataset_tool.py writes the same files with
 --source=toy:NAME), translates held-out inputs with generate.py (one step) and runs the f-SDE through the
-library (training.eot.sample_sde with return_trajectory) to draw the paths. One PNG per task:
+library (sampling.translation.sample_sde with return_trajectory) to draw the paths. One PNG per task:
 docs/toy2d-<task>.png, one row per gamma. Besides the figures it prints, per run, the sliced W2 distance
 of the G and SDE outputs to held-out target samples (and that of two independent target samples, the
 noise floor) and the mean transport cost E|x - y|^2 / 2, with wall times.
@@ -25,14 +25,12 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from benchmarks.gaussian_eot import run
+from data import toy
+from sampling.translation import sample_sde
+from torch_utils.images import PALETTE, save_png
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (ROOT, os.path.join(ROOT, 'benchmarks')):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-from gaussian_eot import run  # noqa: E402
-from training import toy  # noqa: E402
-from training.eot import sample_sde  # noqa: E402
-from training.visualize import PALETTE, save_png  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Tasks: (source, target) samplers; each returns float32 [num, 2].

@@ -10,21 +10,18 @@ alternate (ABAB...) so that machine load hits both alike; the ratio of median ti
     python benchmarks/train_speed.py --channels=64 --repeats=5 --device=cuda
 """
 
-import os
 import statistics
-import sys
 import time
 
 import click
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import dnnlib  # noqa: E402
-from torch_utils import distributed as dist  # noqa: E402
-from training.eot import EOTLoss, EOTTask  # noqa: E402
-from training.networks import eot_network_kwargs  # noqa: E402
-from training.training_loop import Trainer  # noqa: E402
+import dnnlib
+from models.eot_loss import EOTLoss
+from models.networks import eot_network_kwargs
+from torch_utils import distributed as dist
+from training.eot_task import EOTTask
+from training.trainer import Trainer
 
 
 class TensorStream:

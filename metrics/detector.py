@@ -105,7 +105,7 @@ class Detector:
             images = torch.as_tensor(np.asarray(images))
         if images.dtype != torch.uint8:
             raise TypeError(f'The detector expects uint8 images, got {images.dtype}; convert images in [-1, 1] '
-                            f'with metrics.fid.quantize_images()')
+                            f'with torch_utils.images.to_uint8()')
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f'The detector expects [N, C, H, W] images with C = 1 or 3, got shape {list(images.shape)}')
         if images.shape[1] == 1:

@@ -11,7 +11,6 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist_utils
-from training.dataset import to_uint8 as quantize_images  # The one [-1, 1] -> uint8 convention.
 
 #----------------------------------------------------------------------------
 # Images.
@@ -46,7 +45,7 @@ def dataset_batches(dataset, batch_size=64, indices=None, rank=None, world_size=
 
     Args:
         dataset: indexable; item i is a uint8 CHW image or a tuple (image, label, ...), as
-            training.dataset.ImageFolderDataset gives.
+            data.dataset.ImageFolderDataset gives.
         batch_size: images per batch.
         indices: which items to use (default all); rank r takes indices[r::world_size].
         rank, world_size: default to the torch.distributed values.
@@ -69,7 +68,7 @@ def _as_uint8_batch(item):
         item = torch.as_tensor(np.asarray(item))
     if item.dtype != torch.uint8:
         raise TypeError(f'Expected uint8 image batches, got {item.dtype}; convert images in [-1, 1] with '
-                        f'metrics.fid.quantize_images()')
+                        f'torch_utils.images.to_uint8()')
     if item.ndim != 4:
         raise ValueError(f'Expected image batches of shape [N, C, H, W], got {list(item.shape)}')
     return item
@@ -142,7 +141,7 @@ def compute_feature_stats(images, detector, batch_size=64, device=None, progress
     Args:
         images: this rank's share of the images: an iterable of uint8 [N, C, H, W] tensors or arrays
             (or (images, labels) tuples), e.g. dataset_batches(...) or a generator that samples and
-            calls quantize_images(). Every rank must call this function (it all-reduces).
+            calls torch_utils.images.to_uint8(). Every rank must call this function (it all-reduces).
         detector: a metrics.detector.Detector (or any callable uint8 NCHW -> [N, D] features with a
             `feature_dim` attribute).
         batch_size: detector batch size.

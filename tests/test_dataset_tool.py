@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
-from training import digits
-from training.dataset import ImageFolderDataset, VectorDataset
+from data import digits
+from data.dataset import ImageFolderDataset, VectorDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -42,7 +42,7 @@ def test_quick_demo_writes_everything_and_reports_true_figures(tmp_path):
         assert pngs == [f'{i:06d}.png' for i in range(n)]
         assert 0 <= report[key]['read_as_3'] <= 1
         # The transport cost, recomputed from the files: inputs from the zip, outputs from the PNGs.
-        from training.dataset import open_dataset
+        from data.dataset import open_dataset
         ds = open_dataset(str(outdir / 'data' / '2_test.zip'))
         x = np.stack([ds[i][0].transpose(1, 2, 0) for i in range(n)]).astype(np.float64) / 127.5 - 1
         y = np.stack([_read(outdir / 'generated' / key / p) for p in pngs])

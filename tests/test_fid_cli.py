@@ -17,7 +17,7 @@ import fid
 from metrics import detector as detector_lib
 from metrics import fid as fid_lib
 from tests.launch import REPO, torchrun
-from training.dataset import ImageFolderDataset
+from data.dataset import ImageFolderDataset
 
 STANDIN = 'standin:0'
 # 20 images < 2048 feature dimensions: every FID here takes the near-singular path, by design.

@@ -1,4 +1,4 @@
-"""generate.py and training/generation.py: per-sample seeding, batch/rank invariance, outputs checked
+"""generate.py and sampling/ (rng, snapshots, translation): per-sample seeding, batch/rank invariance, outputs checked
 against direct network calls, errors, loading from elsewhere with changed code, safe exports."""
 
 import json
@@ -18,7 +18,8 @@ import generate
 import train
 from tests.conftest import write_image_zip, write_vector_npz
 from tests.launch import torchrun
-from training import generation
+from sampling import GenerationError
+from sampling import rng
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,7 +94,7 @@ def test_stacked_generator_is_independent_of_the_batch_size():
     def draw(batch):
         parts = []
         for i in range(0, len(seeds), batch):
-            rnd = generation.StackedRandomGenerator('cpu', seeds[i:i + batch])
+            rnd = rng.StackedRandomGenerator('cpu', seeds[i:i + batch])
             a = rnd.randn([len(rnd), 2, 3])
             b = rnd.randn_like(torch.zeros(len(rnd), 4, dtype=torch.float64))
             c = rnd.rand([len(rnd), 5])
@@ -112,23 +113,23 @@ def test_stacked_generator_is_independent_of_the_batch_size():
 
 
 def test_parse_int_list_and_rank_batches():
-    assert generation.parse_int_list('0-3,7,10-11') == [0, 1, 2, 3, 7, 10, 11]
+    assert rng.parse_int_list('0-3,7,10-11') == [0, 1, 2, 3, 7, 10, 11]
     for bad in ('3-1', 'a', '-1', '1,,2'):
-        with pytest.raises(generation.GenerationError, match='--seeds'):
-            generation.parse_int_list(bad)
+        with pytest.raises(GenerationError, match='--seeds'):
+            rng.parse_int_list(bad)
     for world in (1, 2, 3):
-        got = np.concatenate([b for r in range(world) for b in generation.rank_batches(10, 3, r, world)])
+        got = np.concatenate([b for r in range(world) for b in rng.rank_batches(10, 3, r, world)])
         assert sorted(got.tolist()) == list(range(10))
-    assert generation.repeat_seeds([4, 7], 3).tolist() == [[12, 13, 14], [21, 22, 23]]
+    assert rng.repeat_seeds([4, 7], 3).tolist() == [[12, 13, 14], [21, 22, 23]]
 
 #----------------------------------------------------------------------------
 # Images.
 
 def _expected_images(snap_path, data, seeds, sampler, steps=None, indices=None):
     """Outputs computed directly from the snapshot's networks, one sample at a time (input indices[k], seeds[k])."""
-    from metrics.fid import quantize_images
-    from training.dataset import open_dataset
-    from training.eot import sample_sde
+    from torch_utils.images import to_uint8
+    from data.dataset import open_dataset
+    from sampling.translation import sample_sde
     with open(snap_path, 'rb') as f:
         snap = pickle.load(f)
     ds = open_dataset(data)
@@ -141,7 +142,7 @@ def _expected_images(snap_path, data, seeds, sampler, steps=None, indices=None):
         else:
             y = sample_sde(snap['f'], x, snap['gamma'], steps or snap['sde_steps'],
                            randn_like=lambda t: torch.randn(t.shape, generator=g))
-        out.append(quantize_images(y)[0].permute(1, 2, 0).numpy())
+        out.append(to_uint8(y)[0].permute(1, 2, 0).numpy())
     return out
 
 
@@ -210,7 +211,7 @@ def test_kinetic_snapshot_samples_the_sde_with_its_velocity_drift(tmp_path):
     export = tmp_path / 'export'
     _generate(f'--network={snap_path}', f'--export-safe={export}')
     assert json.loads((export / 'network.json').read_text())['networks']['f']['class_name'] == \
-        'training.networks.VelocityDrift'
+        'models.networks.VelocityDrift'
     outs = []
     for network in (snap_path, export):
         outdir = tmp_path / f'out{len(outs)}'
@@ -219,7 +220,7 @@ def test_kinetic_snapshot_samples_the_sde_with_its_velocity_drift(tmp_path):
         outs.append(np.load(outdir / 'samples.npz'))
     assert np.array_equal(outs[0]['y'], outs[1]['y'])
     # Against the SDE run by hand with the snapshot's f and each input's own seeded noise.
-    from training.eot import sample_sde
+    from sampling.translation import sample_sde
     x = torch.as_tensor(np.load(data1)['x'][:6])
     for i in range(6):
         g = torch.Generator().manual_seed(20 + i)
@@ -243,7 +244,7 @@ def test_two_processes_give_the_single_process_result(vector_setup, tmp_path):
 
 def _denoiser_snapshot(path):
     import dnnlib
-    from training.networks import denoiser_kwargs
+    from models.networks import denoiser_kwargs
     net = dnnlib.util.construct_class_by_name(**denoiser_kwargs([3], model_channels=2, depth=1)).eval()
     with open(path, 'wb') as f:
         pickle.dump(dict(kind='denoiser', ema=net), f)
@@ -278,7 +279,7 @@ def test_wrong_kind_wrong_shape_and_bad_options_fail_before_any_output(image_set
 
 
 def test_denoiser_snapshot_samples_through_dpmot(tmp_path):
-    pytest.importorskip('training.dpmot')
+    pytest.importorskip('sampling.dpmot')
     den = _denoiser_snapshot(tmp_path / 'den.pkl')
     for batch in (1, 3):
         _generate(f'--network={den}', f'--outdir={tmp_path / str(batch)}', '--seeds=3-7', '--sampler=euler',
@@ -295,14 +296,14 @@ def test_snapshot_loads_from_another_directory_after_the_code_changed(image_setu
               '--max=4', '--sampler=sde')
     # A copy of the code whose networks.py has changed: its G and f now fail if called.
     copy = tmp_path / 'code'
-    for name in ('dnnlib', 'torch_utils', 'training', 'metrics'):
+    for name in ('dnnlib', 'torch_utils', 'data', 'models', 'transport', 'metrics', 'sampling', 'training'):
         shutil.copytree(os.path.join(REPO, name), copy / name, ignore=shutil.ignore_patterns('__pycache__'))
     shutil.copy(os.path.join(REPO, 'generate.py'), copy / 'generate.py')
-    src = (copy / 'training' / 'networks.py').read_text()
+    src = (copy / 'models' / 'networks.py').read_text()
     src = src.replace("_check_input(x, self.data_shape, 'f')", "raise RuntimeError('changed code ran')")
     src = src.replace("_check_input(x, self.data_shape, 'G')", "raise RuntimeError('changed code ran')")
     assert src.count('changed code ran') == 4
-    (copy / 'training' / 'networks.py').write_text(src)
+    (copy / 'models' / 'networks.py').write_text(src)
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
@@ -326,7 +327,7 @@ def test_safe_export_gives_bit_identical_outputs(image_setup, vector_setup, whic
     desc = json.loads((export / 'network.json').read_text())
     assert desc['kind'] == 'eot' and desc['gamma'] == pytest.approx(0.3) and desc['sde_steps'] == 3
     assert set(desc['networks']) == {'G', 'f', 'D'}
-    assert all(a['class_name'].startswith('training.networks.') for a in desc['networks'].values())
+    assert all(a['class_name'].startswith('models.networks.') for a in desc['networks'].values())
     weights = torch.load(export / 'weights.pt', weights_only=True)
     assert set(weights) == {'G', 'f', 'D'}
     for sampler in ('G', 'sde'):
@@ -345,8 +346,8 @@ def test_safe_export_refuses_classes_outside_training_networks(image_setup, tmp_
     _generate(f'--network={image_setup["snap"]}', f'--export-safe={export}')
     desc = json.loads((export / 'network.json').read_text())
     marker = tmp_path / 'pwned'
-    for class_name in ('os.system', 'torch.nn.Linear', 'training.networks.torch', 'training.networks._zero_',
-                       'training.networks.per_sample', 'training.networks.__class__'):
+    for class_name in ('os.system', 'torch.nn.Linear', 'models.networks.torch', 'models.networks._zero_',
+                       'models.networks.per_sample', 'models.networks.__class__'):
         bad = json.loads(json.dumps(desc))
         bad['networks']['G'] = dict(class_name=class_name, init_args=[f'touch {marker}'], init_kwargs={})
         (export / 'network.json').write_text(json.dumps(bad))
@@ -356,7 +357,7 @@ def test_safe_export_refuses_classes_outside_training_networks(image_setup, tmp_
     assert not marker.exists() and not (tmp_path / 'o').exists()
     # A weights file that holds code (a pickled object) is refused by weights_only loading.
     (export / 'network.json').write_text(json.dumps(desc))
-    torch.save(dict(G=generation.GenerationError('x')), export / 'weights.pt')
+    torch.save(dict(G=GenerationError('x')), export / 'weights.pt')
     res = _generate(f'--network={export}', f'--data={image_setup["data"]}', f'--outdir={tmp_path / "o"}',
                     expect_ok=False)
     assert res.exit_code != 0 and 'weights_only=True' in res.output, res.output

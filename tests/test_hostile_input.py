@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dataset_tool
-from training.dataset import DatasetError, ImageFolderDataset, VectorDataset, decode_image
+from data.dataset import DatasetError, ImageFolderDataset, VectorDataset, decode_image
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

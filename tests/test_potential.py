@@ -12,8 +12,11 @@ from click.testing import CliRunner
 import potential
 from tests.conftest import write_image_zip, write_vector_npz
 from tests.launch import torchrun
-from training import dpmot
-from training.networks import Denoiser
+from sampling import dpmot
+from torch_utils import misc
+from sampling import potential as potential_lib
+from sampling import snapshots
+from models.networks import Denoiser
 
 SOLVER = []  # the solver's defaults; one test passes --solver-step=adam
 
@@ -40,7 +43,7 @@ def test_vector_potential_end_to_end(tmp_path, vector_setup):
     assert res.exit_code == 0, res.output
     assert 'Peak memory estimate' in res.output and 'Converged after' in res.output
     raw = torch.load(out / 'potential.pt', weights_only=True)
-    pot = dpmot.load_potential(out / 'potential.pt')
+    pot = potential_lib.load_potential(out / 'potential.pt')
     # Independent recomputation of the latents: a seeded subset, then y = x + sigma_(S-K) n with seeded noise.
     S, K, rho = 10, 3, 7.0
     i = S - K
@@ -53,15 +56,15 @@ def test_vector_potential_end_to_end(tmp_path, vector_setup):
     assert pot['num_steps'] == S and pot['back_steps'] == K and pot['source'] == 'uniform'
     # The heights solve the problem: fresh samples fill every cell evenly.
     assert pot['solver']['converged'] and pot['solver']['eval']['empty'] == 0
-    from training.semidiscrete import SemidiscreteProblem, evaluate
+    from transport.semidiscrete import SemidiscreteProblem, evaluate
     stats = evaluate(SemidiscreteProblem(targets=pot['targets'], source='uniform'), pot['h'], num_samples=64000,
                      generator=torch.Generator().manual_seed(99))
     assert stats['rms'] < 0.1 and stats['empty'] == 0
     # Provenance.
-    from training.dataset import VectorDataset
+    from data.dataset import VectorDataset
     prov = pot['provenance']
     assert prov['data_sha256'] == VectorDataset(data).data_hash()
-    assert prov['denoiser_sha256'] == dpmot.state_dict_sha256(net) and prov['network_kimg'] == 1.0
+    assert prov['denoiser_sha256'] == misc.state_dict_sha256(net) and prov['network_kimg'] == 1.0
     log = open(out / 'log.txt').read()
     assert 'iter 1 ' in log and 'Peak memory estimate' in log and 'rms' in log and 'Wrote' in log
     # The recorded command is this call's options (in-process, sys.argv is pytest's).
@@ -88,8 +91,8 @@ def test_images_with_sigma_and_separate_latents(tmp_path):
                '--num-targets=8', '--separate-targets', '--source=normal', '--solver-step=adam', f'--outdir={out}')
     assert res.exit_code == 0, res.output
     assert os.path.isfile(out / 'targets.pt')
-    pot = dpmot.load_potential(out / 'potential.pt')
-    from training.diffusion import edm_sigma_schedule
+    pot = potential_lib.load_potential(out / 'potential.pt')
+    from sampling.diffusion import edm_sigma_schedule
     torch.testing.assert_close(pot['sigmas'], edm_sigma_schedule(2, 0.002, 1.5))
     assert pot['targets'].shape == (8, 3, 8, 8) and pot['source'] == 'normal' and pot['sigma'] == 1.5
     assert pot['solver']['settings']['step'] == 'adam'
@@ -104,8 +107,8 @@ def test_resume_continues_exactly(tmp_path, vector_setup):
     assert _run(*common, '--max-iters=7', f'--outdir={tmp_path / "part"}').exit_code == 0
     res = _run(*common, '--max-iters=12', f'--outdir={tmp_path / "part"}')
     assert res.exit_code == 0 and 'Resume: from iteration 7' in res.output, res.output
-    full = dpmot.load_potential(tmp_path / 'full' / 'potential.pt')
-    part = dpmot.load_potential(tmp_path / 'part' / 'potential.pt')
+    full = potential_lib.load_potential(tmp_path / 'full' / 'potential.pt')
+    part = potential_lib.load_potential(tmp_path / 'part' / 'potential.pt')
     assert full['solver']['num_iters'] == part['solver']['num_iters'] == 12
     torch.testing.assert_close(part['h'], full['h'], rtol=1e-12, atol=1e-12)
     assert [r['iter'] for r in part['solver']['history']] == list(range(1, 13))
@@ -115,10 +118,10 @@ def test_rerun_after_convergence_and_checkpoints_of_other_runs(tmp_path, vector_
     pkl, data, _ = vector_setup
     common = [f'--network={pkl}', f'--data={data}', '--num-targets=16', f'--outdir={tmp_path / "pot"}']
     assert _run(*common).exit_code == 0
-    first = dpmot.load_potential(tmp_path / 'pot' / 'potential.pt')
+    first = potential_lib.load_potential(tmp_path / 'pot' / 'potential.pt')
     res = _run(*common)                                  # converged: nothing more to do
     assert res.exit_code == 0 and 'Resume: from iteration' in res.output, res.output
-    again = dpmot.load_potential(tmp_path / 'pot' / 'potential.pt')
+    again = potential_lib.load_potential(tmp_path / 'pot' / 'potential.pt')
     assert torch.equal(again['h'], first['h']) and again['solver']['converged']
     res = _run(*common, '--seed=1')
     assert res.exit_code != 0 and 'checkpoint of another run' in res.output and 'seed' in res.output
@@ -174,23 +177,23 @@ def test_two_gloo_processes_give_the_single_process_answer(tmp_path, vector_setu
     assert CliRunner().invoke(potential.main, common + [f'--outdir={tmp_path / "one"}']).exit_code == 0
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'potential.py')
     torchrun(script, *common, f'--outdir={tmp_path / "two"}', nproc=2)
-    one = dpmot.load_potential(tmp_path / 'one' / 'potential.pt')
-    two = dpmot.load_potential(tmp_path / 'two' / 'potential.pt')
+    one = potential_lib.load_potential(tmp_path / 'one' / 'potential.pt')
+    two = potential_lib.load_potential(tmp_path / 'two' / 'potential.pt')
     assert two['provenance']['world_size'] == 2
     torch.testing.assert_close(two['h'], one['h'], rtol=1e-9, atol=1e-9)
 
 
 def test_safe_export_of_the_denoiser_gives_the_same_potential(tmp_path, vector_setup):
     """A code-free export (generate.py --export-safe) loads with weights_only and solves identically."""
-    from training import generation
+
     pkl, data, net = vector_setup
     export = tmp_path / 'export'
-    generation.export_safe(generation.load_network(pkl), str(export))
+    snapshots.export_safe(snapshots.load_network(pkl), str(export))
     common = [f'--data={data}', '--steps=10', '--back-steps=3', '--num-targets=16', '--seed=4']
     res_a = _run(f'--network={pkl}', f'--outdir={tmp_path / "a"}', *common)
     res_b = _run(f'--network={export}', f'--outdir={tmp_path / "b"}', *common)
     assert res_a.exit_code == 0 and res_b.exit_code == 0, res_a.output + res_b.output
-    pa, pb = dpmot.load_potential(tmp_path / 'a' / 'potential.pt'), dpmot.load_potential(tmp_path / 'b' / 'potential.pt')
+    pa, pb = potential_lib.load_potential(tmp_path / 'a' / 'potential.pt'), potential_lib.load_potential(tmp_path / 'b' / 'potential.pt')
     assert torch.equal(pa['h'], pb['h']) and torch.equal(pa['targets'], pb['targets'])
     assert pa['provenance']['denoiser_sha256'] == pb['provenance']['denoiser_sha256']
 
@@ -204,7 +207,7 @@ def test_generate_passes_the_angle_threshold_to_top_k(tmp_path, vector_setup):
                 f'--outdir={out}').exit_code == 0
     with open(pkl, 'rb') as f:
         loaded = pickle.load(f)['ema']
-    pot = dpmot.load_potential(out / 'potential.pt')
+    pot = potential_lib.load_potential(out / 'potential.pt')
     outputs = {}
     for name, extra in (('cut', ['--angle-threshold=0']), ('default', [])):
         res = CliRunner().invoke(generate.main, [f'--network={pkl}', f'--potential={out / "potential.pt"}',

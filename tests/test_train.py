@@ -57,7 +57,7 @@ def test_one_tick_image_run_writes_every_file(tmp_path, image_domains):
     with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
         snap = pickle.load(f)
     assert snap['kind'] == 'eot' and snap['gamma'] == 0.5 and snap['sde_steps'] == 10 and snap['data_shape'] == [3, 8, 8]
-    from training.dataset import ImageFolderDataset
+    from data.dataset import ImageFolderDataset
     assert snap['provenance']['data1_sha256'] == ImageFolderDataset(image_domains['data1train']).data_hash()
     x = torch.zeros(2, 3, 8, 8)
     assert snap['G'](x).shape == x.shape and snap['f'](x, torch.zeros(2)).shape == x.shape and snap['D'](x).shape == (2,)
@@ -126,7 +126,7 @@ def test_kinetic_g_loss_vector_run(tmp_path, vector_domains):
     run_dir = _only_run_dir(tmp_path / 'runs')
     assert run_dir.endswith('-gamma0.5-kinetic')
     task = json.load(open(os.path.join(run_dir, 'training_options.json')))['task_kwargs']
-    assert task['G_loss'] == 'kinetic' and task['f_kwargs']['class_name'] == 'training.networks.VelocityDrift'
+    assert task['G_loss'] == 'kinetic' and task['f_kwargs']['class_name'] == 'models.networks.VelocityDrift'
     with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
         snap = pickle.load(f)
     assert snap['G_loss'] == 'kinetic' and type(snap['loss']).__name__ == 'KineticEOTLoss'
@@ -136,7 +136,7 @@ def test_kinetic_g_loss_vector_run(tmp_path, vector_domains):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
     assert all(math.isfinite(r[k]['mean']) for r in rows for k in ('Loss/G', 'Loss/f', 'Loss/G_transport'))
     stated = _dry_run_options(_args(tmp_path / 'runs2', vector_domains))['task_kwargs']
-    assert stated['G_loss'] == 'stated' and stated['f_kwargs']['class_name'] == 'training.networks.MLPDrift'
+    assert stated['G_loss'] == 'stated' and stated['f_kwargs']['class_name'] == 'models.networks.MLPDrift'
 
 
 @pytest.mark.parametrize('case', ['shape', 'batch', 'missing', 'resume', 'metrics'])
@@ -177,7 +177,7 @@ def test_two_gloo_processes_train_and_stay_consistent(tmp_path, vector_domains, 
 
 def _standin_ref_stats(path, data):
     from metrics import detector as detector_lib, fid as fid_lib
-    from training.dataset import ImageFolderDataset
+    from data.dataset import ImageFolderDataset
     det = detector_lib.load_detector('standin:0', device='cpu')
     mu, sigma = fid_lib.compute_feature_stats(fid_lib.dataset_batches(ImageFolderDataset(data), batch_size=8), det)
     fid_lib.save_ref_stats(path, mu, sigma, detector=det.name)
@@ -201,7 +201,7 @@ def test_metrics_at_snapshots_and_samples_dirs(tmp_path, image_domains):
     files = sorted(os.listdir(os.path.join(run_dir, 'samples_G')))
     assert files == [f'{i:06d}.png' for i in range(8)]
     from metrics import detector as detector_lib, fid as fid_lib
-    from training.dataset import ImageFolderDataset
+    from data.dataset import ImageFolderDataset
     det = detector_lib.load_detector('standin:0', device='cpu')
     mu, sigma = fid_lib.compute_feature_stats(
         fid_lib.dataset_batches(ImageFolderDataset(os.path.join(run_dir, 'samples_G')), batch_size=8), det)
@@ -223,7 +223,7 @@ def test_missing_detector_prints_one_line_and_trains_on(tmp_path, image_domains)
 
 
 def test_nan_parameters_never_replace_a_good_snapshot(tmp_path, vector_domains, monkeypatch):
-    from training.training_loop import Trainer
+    from training.trainer import Trainer
     orig = Trainer.update_ema
     calls = []
 
@@ -351,7 +351,7 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, image_domains):
 
 
 def test_find_latest_state_ignores_unfinished_writes(tmp_path):
-    from training.training_loop import find_latest_state
+    from training.loop import find_latest_state
     assert find_latest_state(str(tmp_path)) is None
     for name in ('training-state-000004.pt', 'training-state-000012.pt', '.training-state-000016.pt.abc.tmp',
                  'training-state-000020.pt.tmp', 'network-snapshot-000024.pkl'):

@@ -47,8 +47,8 @@ def test_vector_run_writes_an_edm_style_snapshot(tmp_path, vectors):
                  'training-state-000000.pt'):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     options = json.load(open(os.path.join(run_dir, 'training_options.json')))
-    assert options['task_kwargs']['class_name'] == 'training.diffusion.DenoiserTask'
-    assert options['task_kwargs']['loss_kwargs'] == dict(class_name='training.diffusion.EDMLoss', sigma_data=0.5)
+    assert options['task_kwargs']['class_name'] == 'training.denoiser_task.DenoiserTask'
+    assert options['task_kwargs']['loss_kwargs'] == dict(class_name='models.diffusion_loss.EDMLoss', sigma_data=0.5)
     assert options['task_kwargs']['network_kwargs']['data_shape'] == [2]
     stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
     for key in ('Loss/denoiser', 'Denoise/mse_sigma0.2', 'Grad/nonfinite_denoiser'):
@@ -58,13 +58,13 @@ def test_vector_run_writes_an_edm_style_snapshot(tmp_path, vectors):
     net = snap['ema']
     assert snap['kind'] == 'denoiser' and type(net).__name__ == 'Denoiser' and net.precond == 'edm'
     assert type(snap['loss_fn']).__name__ == 'EDMLoss' and snap['data_shape'] == [2]
-    from training.dataset import VectorDataset
+    from data.dataset import VectorDataset
     assert snap['provenance']['data_sha256'] == VectorDataset(vectors).data_hash()
     assert net(torch.zeros(3, 2), torch.ones(3)).shape == (3, 2)
     state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
     assert set(state['trainer']['nets']) == {'denoiser'} and state['trainer']['cur_nimg'] == 16
     # The snapshot drives the samplers (the plain baseline of DPM-OT).
-    from training.dpmot import generate_samples
+    from sampling.dpmot import generate_samples
     x, info = generate_samples(net, [0, 1, 2], sampler='heun', steps=4)
     assert x.shape == (3, 2) and info['nfe'] == 7 and torch.isfinite(x).all()
 
@@ -104,7 +104,7 @@ def test_stop_and_resume_gives_the_same_losses(tmp_path, vectors):
 def test_dry_run_picks_the_loss_of_the_preconditioning(tmp_path, vectors, precond, loss):
     res = _run(_args(tmp_path / 'runs', vectors, f'--precond={precond}', '--lr=0.002', '--dry-run'))
     assert res.exit_code == 0 and 'Dry run; exiting.' in res.output
-    assert f'"training.diffusion.{loss}"' in res.output and '"lr": 0.002' in res.output
+    assert f'"models.diffusion_loss.{loss}"' in res.output and '"lr": 0.002' in res.output
     assert not os.path.exists(tmp_path / 'runs')
 
 

@@ -1,7 +1,8 @@
 """Helpers for training loops: a resumable sharded sampler, DDP gradient-sync control, parameter
-copying, module summaries and a cross-rank consistency check."""
+copying, module summaries, a cross-rank consistency check and content hashes of tensors and networks."""
 
 import contextlib
+import hashlib
 
 import numpy as np
 import torch
@@ -187,3 +188,25 @@ def constant(value, shape=None, dtype=None, device=None):
     """A tensor holding `value` (optionally broadcast to `shape`)."""
     t = torch.as_tensor(np.asarray(value), dtype=dtype, device=device)
     return t.expand(shape).contiguous() if shape is not None else t
+
+#----------------------------------------------------------------------------
+# Hashes (provenance).
+
+def tensor_sha256(t):
+    """sha256 hex digest of a tensor's dtype, shape and bytes."""
+    t = t.detach().to('cpu').contiguous()
+    h = hashlib.sha256(f'{t.dtype}:{list(t.shape)}:'.encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+    return h.hexdigest()
+
+
+def state_dict_sha256(net):
+    """sha256 hex digest of a network's state_dict (names, dtypes, shapes and values, in name order), or None
+    for a denoiser without a state_dict (e.g. a closed-form one)."""
+    if not hasattr(net, 'state_dict'):
+        return None
+    h = hashlib.sha256()
+    for name, value in sorted(net.state_dict().items()):
+        h.update(name.encode() + b'\0')
+        h.update(tensor_sha256(value).encode() if torch.is_tensor(value) else repr(value).encode())
+    return h.hexdigest()

@@ -13,7 +13,9 @@ into a private module (one per distinct source text, cached) and the instance is
 `state` without calling `__init__`. When the embedded source equals the source of a module already
 imported under its own name, that live module is used, so a fresh snapshot of current code gives
 instances of the current classes. This meta layout is the one NVlabs/edm snapshots use, so their
-pickles load as well.
+pickles load as well. When the embedded source no longer imports (a module it imports was moved or
+removed by later code), the current persistent class of the same name is used instead, provided it has
+been imported (sampling.snapshots imports every class that our snapshots hold).
 
 Everything else an instance refers to must itself be picklable by reference from torch, numpy or
 the standard library, or be another persistent class. Loading a pickle executes code: load only
@@ -114,6 +116,13 @@ def _module_from_src(src):
     return module
 
 
+def _live_class(class_name):
+    """The one persistent class of the current code named `class_name` (among those imported), or None."""
+    found = [c for c in _persistent_classes if c._orig_class_name == class_name and
+             c.__module__ not in _src_by_module_name] # Not a class built from embedded source.
+    return found[0] if len(found) == 1 else None
+
+
 def _reconstruct_persistent_obj(meta):
     """Rebuild an instance pickled by a persistent class (see the module docstring for `meta`)."""
     meta = dict(meta)
@@ -122,8 +131,18 @@ def _reconstruct_persistent_obj(meta):
     if meta.get('version', 0) > _FORMAT_VERSION:
         raise ValueError(f'Persistent object format version {meta["version"]} is newer than this code '
                          f'understands ({_FORMAT_VERSION}); update torch_utils')
-    module = _module_from_src(meta['module_src'])
-    cls = getattr(module, meta['class_name'], None)
+    try:
+        module = _module_from_src(meta['module_src'])
+    except ImportError as err:
+        # The embedded source imports a module that was moved or removed since the pickle was written
+        # (e.g. training/eot.py before the losses moved to models/eot_loss.py): use the current class of
+        # that name, which the caller must have imported, and give it the pickled state.
+        cls = _live_class(meta['class_name'])
+        if cls is None:
+            raise ImportError(f'The pickled class {meta["class_name"]!r} comes with source that no longer imports '
+                              f'({err}), and no current persistent class has that name') from err
+    else:
+        cls = getattr(module, meta['class_name'], None)
     if cls is None:
         raise ValueError(f'Embedded source defines no class named {meta["class_name"]!r}')
     obj = cls.__new__(cls)

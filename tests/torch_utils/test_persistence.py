@@ -173,7 +173,7 @@ def test_loads_pickles_in_the_edm_snapshot_format(tmp_path):
     pkl = tmp_path / 'network-snapshot-000000.pkl'
     with open(pkl, 'wb') as f:
         pickle.dump(dict(ema=_EDMFormatPickler(dict(net.__dict__), 'EDMPrecondLike'),
-                         dataset_kwargs={'class_name': 'training.dataset.ImageFolderDataset'}), f)
+                         dataset_kwargs={'class_name': 'data.dataset.ImageFolderDataset'}), f)
     code = textwrap.dedent('''
         import pickle, sys, torch
         with open(sys.argv[1], 'rb') as f:

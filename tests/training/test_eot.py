@@ -8,13 +8,15 @@ import pytest
 import torch
 
 import dnnlib
-from training import eot
-from training.training_loop import Trainer
+from models import eot_loss
+from training import eot_task
+from sampling import translation
+from training.trainer import Trainer
 from torch_utils import training_stats
 
 
 def test_bridge_moments_match_closed_form():
-    loss = eot.EOTLoss(gamma=2.0)
+    loss = eot_loss.EOTLoss(gamma=2.0)
     n = 200_000
     x0, xN = torch.full([n, 1], -1.0), torch.full([n, 1], 3.0)
     t = torch.full([n], 0.3)
@@ -25,7 +27,7 @@ def test_bridge_moments_match_closed_form():
     assert torch.equal(loss.bridge(x0, xN, torch.zeros(n), torch.randn(n, 1)), x0)
     assert torch.equal(loss.bridge(x0, xN, torch.ones(n), torch.randn(n, 1)), xN)
     with pytest.raises(ValueError, match='gamma'):
-        eot.EOTLoss(gamma=-1)
+        eot_loss.EOTLoss(gamma=-1)
 
 
 class Affine(torch.nn.Module):
@@ -47,7 +49,7 @@ def test_losses_match_the_formulas():
     D = lambda x: D_lin(x).squeeze(1)
     x0, xN, x1 = torch.randn(n, d), torch.randn(n, d), torch.randn(n, d)
     t, noise = torch.rand(n), torch.randn(n, d)
-    loss = eot.EOTLoss(gamma=0.7)
+    loss = eot_loss.EOTLoss(gamma=0.7)
     xt = x0 + t[:, None] * (xN - x0) + torch.sqrt(0.7 * t * (1 - t))[:, None] * noise
     # ARCHITECTURE.md, written with whole-batch means.
     f_ref = ((f(xt, t) - xN) ** 2).mean()
@@ -65,7 +67,7 @@ def test_gradient_penalty_matches_closed_form_and_finite_differences():
     torch.manual_seed(0)
     n, d = 12, 5
     xN, x1, alpha = torch.randn(n, d), torch.randn(n, d), torch.rand(n)
-    loss = eot.EOTLoss(gamma=0.5)
+    loss = eot_loss.EOTLoss(gamma=0.5)
     # Linear critic: grad D = w everywhere, so the penalty is (|w| - 1)^2 for every sample.
     D_lin = torch.nn.Linear(d, 1)
     D = lambda x: D_lin(x).squeeze(1)
@@ -90,7 +92,7 @@ def test_gradient_penalty_matches_closed_form_and_finite_differences():
     loss.D_loss(D2, xN, x1).mean().backward()
     assert any(not torch.allclose(a, p.grad) for a, p in zip(with_pen, net.parameters()))
     with pytest.raises(ValueError, match='D_gp'):
-        eot.EOTTask({}, {}, D_gp=-1)
+        eot_task.EOTTask({}, {}, D_gp=-1)
 
 
 def test_kinetic_loss_weights_the_transport_term_by_brute_force():
@@ -99,7 +101,7 @@ def test_kinetic_loss_weights_the_transport_term_by_brute_force():
     f, D_lin = Affine(d, 2), torch.nn.Linear(d, 1)
     D = lambda x: D_lin(x).squeeze(1)
     x0, xN, noise = torch.randn(n, d), torch.randn(n, d), torch.randn(n, d)
-    loss = eot.KineticEOTLoss(gamma)
+    loss = eot_loss.KineticEOTLoss(gamma)
     t = loss.sample_t(torch.tensor([1.0, 0.7, 0.3, 0.1, 0.01, 0.0]))
     with torch.no_grad():
         got, transport = loss.G_loss(f, D, x0, xN, t, noise)
@@ -113,13 +115,13 @@ def test_kinetic_loss_weights_the_transport_term_by_brute_force():
             weight = 1 / (1 - ti) ** 2 / q
             assert float(transport[i]) == pytest.approx(weight * term, rel=1e-4), i
             assert float(got[i]) == pytest.approx(weight * term - float(D(xN[i:i + 1])), rel=1e-4, abs=1e-5), i
-    assert float(t[-1]) == pytest.approx(1 - eot.KineticEOTLoss.U_MIN ** 2)   # u = 0 is clamped
+    assert float(t[-1]) == pytest.approx(1 - eot_loss.KineticEOTLoss.U_MIN ** 2)   # u = 0 is clamped
     # t = 1 - u^2 has the CDF 1 - sqrt(1 - s); the stated loss keeps u and weight 1.
     u = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
     ts = torch.sort(loss.sample_t(u)).values.double()
     ecdf = torch.arange(1, len(ts) + 1, dtype=torch.float64) / len(ts)
     assert (ecdf - (1 - (1 - ts).sqrt())).abs().max() < 0.005   # Kolmogorov-Smirnov, 99.9 % ~ 1.95 / sqrt(N)
-    stated = eot.EOTLoss(gamma)
+    stated = eot_loss.EOTLoss(gamma)
     assert torch.equal(stated.sample_t(u), u) and torch.equal(stated.transport_weight(u), torch.ones_like(u))
 
 
@@ -127,8 +129,8 @@ def test_kinetic_loss_weights_the_transport_term_by_brute_force():
 def test_transport_term_with_the_exact_drift_is_the_bridge_objective(G_loss, weight):
     """On Gaussians, with f = E[x1 | x_t] exact, the batch mean of the G-step transport term estimates
     training.gaussian_eot.bridge_objective / D (the kinetic energy for 'kinetic'), within Monte Carlo error."""
-    from training import gaussian_eot as ge
-    from training import toy
+    from transport import gaussian as ge
+    from data import toy
     rng = np.random.default_rng(3)
     dim, gamma, num = 2, 0.7, 400_000
     s0, s1 = toy.random_covariance(dim, rng), toy.random_covariance(dim, rng)
@@ -142,7 +144,7 @@ def test_transport_term_with_the_exact_drift_is_the_bridge_objective(G_loss, wei
         k_t = (1 - t) * cross.T + t * cov1
         return (k_t @ torch.linalg.solve(var_t, xt.double()[:, :, None]))[:, :, 0]
 
-    loss = eot.G_LOSSES[G_loss](gamma)
+    loss = eot_loss.G_LOSSES[G_loss](gamma)
     gen = torch.Generator().manual_seed(1)
     t = loss.sample_t(torch.rand(num, generator=gen, dtype=torch.float64))
     _, transport = loss.G_loss(exact_f, lambda a: torch.zeros(len(a)), x, y, t,
@@ -159,7 +161,7 @@ def test_sde_lands_on_the_target_and_matches_euler_maruyama_variance():
     x0 = torch.zeros(100_000, 2)
     g = torch.Generator().manual_seed(0)
     randn_like = lambda x: torch.randn(x.shape, generator=g)
-    out, traj = eot.sample_sde(f, x0, gamma=1.5, num_steps=5, randn_like=randn_like, return_trajectory=True)
+    out, traj = translation.sample_sde(f, x0, gamma=1.5, num_steps=5, randn_like=randn_like, return_trajectory=True)
     assert torch.allclose(out, y.expand_as(out)) # No noise on the last step.
     # Exact moments of the Euler-Maruyama recursion u_{k+1} = u_k (1 - t_{k+1}) / (1 - t_k) + sqrt(g dt) n.
     dt, var = 0.2, 0.0
@@ -169,9 +171,9 @@ def test_sde_lands_on_the_target_and_matches_euler_maruyama_variance():
         assert torch.allclose(emp, torch.full_like(emp, var), rtol=0.03), (k, emp, var)
         mean = traj[k + 1].mean(dim=0)
         assert torch.allclose(mean, y[0] * (k + 1) * dt, atol=0.02)
-    assert torch.equal(eot.sample_sde(f, x0[:3], gamma=0.0, num_steps=3), y.expand(3, 2))
+    assert torch.equal(translation.sample_sde(f, x0[:3], gamma=0.0, num_steps=3), y.expand(3, 2))
     with pytest.raises(ValueError, match='num_steps'):
-        eot.sample_sde(f, x0, gamma=1.0, num_steps=0)
+        translation.sample_sde(f, x0, gamma=1.0, num_steps=0)
 
 
 def _trainer(batch_size, batch_gpu, **kwargs):
@@ -221,11 +223,11 @@ def test_lr_rampup_and_ema_follow_their_formulas():
 
 
 def test_eot_task_keeps_g_out_of_the_graph_in_f_and_d_steps(vector_domains):
-    from training.networks import eot_network_kwargs
+    from models.networks import eot_network_kwargs
     G_kw, f_kw, D_kw = eot_network_kwargs((2,), model_channels=4)
     adam = dict(class_name='torch.optim.Adam', lr=1e-3)
-    task = eot.EOTTask(dnnlib.EasyDict(class_name='training.dataset.VectorDataset', path=vector_domains['data1train']),
-                       dnnlib.EasyDict(class_name='training.dataset.VectorDataset', path=vector_domains['data2train']),
+    task = eot_task.EOTTask(dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=vector_domains['data1train']),
+                       dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=vector_domains['data2train']),
                        G_kwargs=G_kw, f_kwargs=f_kw, D_kwargs=D_kw, G_opt_kwargs=adam, f_opt_kwargs=adam,
                        D_opt_kwargs=adam, gamma=0.5, G_iters=2, f_iters=2, D_iters=1)
     trainer = _trainer(8, 4, lr_rampup_kimg=0)
@@ -249,22 +251,22 @@ def test_eot_task_keeps_g_out_of_the_graph_in_f_and_d_steps(vector_domains):
 
 
 def test_eot_task_kinetic_needs_a_velocity_drift(vector_domains):
-    from training.networks import eot_network_kwargs
-    data = [dnnlib.EasyDict(class_name='training.dataset.VectorDataset', path=vector_domains[k])
+    from models.networks import eot_network_kwargs
+    data = [dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=vector_domains[k])
             for k in ('data1train', 'data2train')]
     _, f_end, _ = eot_network_kwargs((2,), model_channels=4)
     with pytest.raises(ValueError, match='VelocityDrift'):
-        eot.EOTTask(*data, f_kwargs=f_end, G_loss='kinetic')
+        eot_task.EOTTask(*data, f_kwargs=f_end, G_loss='kinetic')
     with pytest.raises(ValueError, match='G_loss'):
-        eot.EOTTask(*data, f_kwargs=f_end, G_loss='weighted')
+        eot_task.EOTTask(*data, f_kwargs=f_end, G_loss='weighted')
     _, f_vel, _ = eot_network_kwargs((2,), model_channels=4, drift='velocity')
-    task = eot.EOTTask(*data, f_kwargs=f_vel, G_loss='kinetic', gamma=0.3)
-    assert type(task.loss) is eot.KineticEOTLoss and task.loss.gamma == 0.3
-    assert type(eot.EOTTask(*data, f_kwargs=f_end).loss) is eot.EOTLoss
+    task = eot_task.EOTTask(*data, f_kwargs=f_vel, G_loss='kinetic', gamma=0.3)
+    assert type(task.loss) is eot_loss.KineticEOTLoss and task.loss.gamma == 0.3
+    assert type(eot_task.EOTTask(*data, f_kwargs=f_end).loss) is eot_loss.EOTLoss
 
 
 def test_nonfinite_loss_skips_or_stops():
-    from training.training_loop import DivergenceError
+    from training.trainer import DivergenceError
     for policy in ('skip', 'stop'):
         trainer = _trainer(4, 2, lr_rampup_kimg=0, nan_policy=policy)
         net = Affine(2, 0)

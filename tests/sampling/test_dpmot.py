@@ -6,9 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from training import diffusion, dpmot
-from training.semidiscrete import SemidiscreteProblem
+from sampling import diffusion
+from sampling import dpmot
+from torch_utils import misc
+from sampling import potential as potential_lib
+from transport.semidiscrete import SemidiscreteProblem
 
 
 class IdealGaussianDenoiser(torch.nn.Module):
@@ -65,13 +67,13 @@ def _potential(tmp_path, targets, h, sigmas, back_steps, source='uniform', net=N
     """Write and read back a potential file for targets [N, *shape] with heights h."""
     N = targets.shape[0]
     prob = SemidiscreteProblem(targets=targets.reshape(N, -1).to(torch.float32), source=source)
-    gap = dpmot.mean_score_gap(prob, h)
-    path = dpmot.save_potential(tmp_path / name, h=h, sigmas=sigmas, back_steps=back_steps, source=source,
+    gap = potential_lib.mean_score_gap(prob, h)
+    path = potential_lib.save_potential(tmp_path / name, h=h, sigmas=sigmas, back_steps=back_steps, source=source,
                                 data_shape=list(targets.shape[1:]), score_gap=gap, targets=targets,
                                 solver=dict(converged=True), provenance=dict(
-                                    denoiser_sha256=dpmot.state_dict_sha256(net) if net is not None else None,
+                                    denoiser_sha256=misc.state_dict_sha256(net) if net is not None else None,
                                     data_sha256='ab' * 32), **kw)
-    return dpmot.load_potential(path)
+    return potential_lib.load_potential(path)
 
 
 @pytest.fixture
@@ -93,24 +95,24 @@ def toy(tmp_path):
 def test_potential_file_round_trip(tmp_path, toy, separate):
     net, pot = toy
     tpath = tmp_path / 'targets.pt' if separate else None
-    path = dpmot.save_potential(tmp_path / 'p2.pt', h=pot['h'], sigmas=pot['sigmas'], back_steps=3, source='uniform',
+    path = potential_lib.save_potential(tmp_path / 'p2.pt', h=pot['h'], sigmas=pot['sigmas'], back_steps=3, source='uniform',
                                 data_shape=[2], score_gap=pot['score_gap'], targets=pot['targets'], targets_path=tpath,
                                 indices=np.arange(8), solver=dict(converged=True, history=[dict(iter=1, rms=0.5)]),
                                 provenance=dict(seed=0))
     raw = torch.load(path, weights_only=True)
     assert (raw['targets'] is None) == separate and raw['sigma'] == pytest.approx(float(pot['sigmas'][5]))
-    back = dpmot.load_potential(path)
+    back = potential_lib.load_potential(path)
     assert torch.equal(back['h'], pot['h']) and torch.equal(back['targets'], pot['targets'])
     assert back['num_steps'] == 8 and back['back_steps'] == 3 and back['indices'].tolist() == list(range(8))
     assert back['solver']['history'][0]['rms'] == 0.5
     if separate:
         assert raw['targets_path'] == 'targets.pt'
         torch.save(pot['targets'] + 1, tpath)             # a replaced latents file is caught
-        with pytest.raises(dpmot.PotentialError, match='do not match the hash'):
-            dpmot.load_potential(path)
+        with pytest.raises(potential_lib.PotentialError, match='do not match the hash'):
+            potential_lib.load_potential(path)
         tpath.unlink()
-        with pytest.raises(dpmot.PotentialError, match='does not exist'):
-            dpmot.load_potential(path)
+        with pytest.raises(potential_lib.PotentialError, match='does not exist'):
+            potential_lib.load_potential(path)
 
 
 def test_foreign_or_damaged_files_are_refused(tmp_path, toy):
@@ -121,10 +123,10 @@ def test_foreign_or_damaged_files_are_refused(tmp_path, toy):
     torch.save(damaged, tmp_path / 'damaged.pt')
     for name, expect in (('junk.pt', 'not a readable'), ('other.pt', 'not a DPM-OT potential'),
                          ('damaged.pt', '"h" should be'), ('absent.pt', 'No such potential')):
-        with pytest.raises(dpmot.PotentialError, match=expect):
-            dpmot.load_potential(tmp_path / name)
+        with pytest.raises(potential_lib.PotentialError, match=expect):
+            potential_lib.load_potential(tmp_path / name)
     with pytest.raises(TypeError, match='weights_only'):
-        dpmot.save_potential(tmp_path / 'x.pt', h=pot['h'], sigmas=pot['sigmas'], back_steps=3, source='uniform',
+        potential_lib.save_potential(tmp_path / 'x.pt', h=pot['h'], sigmas=pot['sigmas'], back_steps=3, source='uniform',
                              data_shape=[2], score_gap=1.0, targets=pot['targets'], provenance=dict(when=object()))
     assert not (tmp_path / 'x.pt').exists()
 
@@ -132,14 +134,14 @@ def test_foreign_or_damaged_files_are_refused(tmp_path, toy):
 def test_mismatches_are_caught(toy):
     net, pot = toy
     other = IdealGaussianDenoiser([0.0, 0.1], 1.0)
-    with pytest.raises(dpmot.PotentialError, match='another denoiser'):
+    with pytest.raises(potential_lib.PotentialError, match='another denoiser'):
         dpmot.generate_samples(other, [0], pot)
     dpmot.generate_samples(other, [0], pot, check_network=False)
-    with pytest.raises(dpmot.PotentialError, match='shape'):
+    with pytest.raises(potential_lib.PotentialError, match='shape'):
         dpmot.generate_samples(IdealGaussianDenoiser([0.0, 0.0, 0.0], 1.0), [0], pot)
-    with pytest.raises(dpmot.PotentialError, match='another data set'):
-        dpmot.check_potential(pot, data_hash='cd' * 32)
-    dpmot.check_potential(pot, net=net, data_hash='ab' * 32, data_shape=[2])
+    with pytest.raises(potential_lib.PotentialError, match='another data set'):
+        potential_lib.check_potential(pot, data_hash='cd' * 32)
+    potential_lib.check_potential(pot, net=net, data_hash='ab' * 32, data_shape=[2])
     with pytest.raises(ValueError, match='--steps=12'):
         dpmot.generate_samples(net, [0], pot, steps=12)
     with pytest.raises(ValueError, match='topk'):
@@ -296,7 +298,7 @@ def test_dpmot_with_the_ideal_denoiser_reproduces_gaussian_data(tmp_path):
     mu, s = 2.0, 0.5
     sigmas = diffusion.edm_sigma_schedule(12)
     x = mu + s * torch.randn(2000, 1, generator=torch.Generator().manual_seed(1))
-    targets = dpmot.forward_diffuse(x, float(sigmas[8]), seed=3)
+    targets = potential_lib.forward_diffuse(x, float(sigmas[8]), seed=3)
     net = IdealGaussianDenoiser([mu], s)
     pot = _potential(tmp_path, targets, exact_1d_heights(targets), sigmas, 4, net=net)
     out, info = dpmot.generate_samples(net, range(4000), pot, sampler='heun', batch_size=1000)
@@ -318,10 +320,10 @@ def test_a_net_with_only_edms_interface(tmp_path):
 
 def test_forward_diffuse_is_the_documented_draw():
     x = torch.arange(6, dtype=torch.float32).reshape(3, 2)
-    y = dpmot.forward_diffuse(x, 0.5, seed=7)
+    y = potential_lib.forward_diffuse(x, 0.5, seed=7)
     torch.testing.assert_close(y, x + 0.5 * torch.randn([3, 2], generator=torch.Generator().manual_seed(7)))
-    assert dpmot.select_indices(10, 10, 0).tolist() == list(range(10))
-    idx = dpmot.select_indices(10, 4, 3)
+    assert potential_lib.select_indices(10, 10, 0).tolist() == list(range(10))
+    idx = potential_lib.select_indices(10, 4, 3)
     assert idx.tolist() == sorted(np.random.default_rng(3).permutation(10)[:4].tolist())
     with pytest.raises(ValueError, match='num_targets=11'):
-        dpmot.select_indices(10, 11, 0)
+        potential_lib.select_indices(10, 11, 0)

@@ -1,16 +1,8 @@
-"""One-step entropic optimal transport (ARCHITECTURE.md, "One-step EOT").
-
-A generator G maps a source sample x0 and fresh noise to xN in one call; a drift network f defines
-the Schrodinger-bridge SDE; a Wasserstein critic D pulls G's outputs onto the target set. `gamma`
-is the entropy: the bridge has volatility sqrt(gamma), i.e. EOT with cost |x - y|^2 / 2 and
-eps = gamma. This module holds the losses (the G-step as stated, `EOTLoss`, and its 1 / (1 - t)^2-weighted
-"kinetic" variant, `KineticEOTLoss`; docs/gaussian_eot.md), the two samplers, and `EOTTask`, which plugs the
-method into the shared training loop (training/training_loop.py).
-"""
+"""One-step EOT as a task of the shared training loop (training/loop.py): datasets, networks G, f, D and
+one outer iteration, figures and FID at snapshots."""
 
 import contextlib
 import json
-import math
 import os
 import time
 
@@ -18,134 +10,16 @@ import numpy as np
 import torch
 
 import dnnlib
+from metrics import detector as detector_lib
+from metrics import fid as fid_lib
+from models.eot_loss import G_LOSSES
+from sampling.translation import sample_sde
 from torch_utils import distributed as dist
+from torch_utils import images
 from torch_utils import misc
-from torch_utils import persistence
 from torch_utils import training_stats
-from training import visualize
-from training.dataset import to_model_space, to_uint8
-from training.training_loop import DataStream, cpu_copy
-
-#----------------------------------------------------------------------------
-# Losses.
-
-def _per_sample_mean(x):
-    return x.flatten(1).mean(dim=1)
-
-
-@persistence.persistent_class
-class EOTLoss:
-    """The three losses of one-step EOT, per sample (their batch means are the losses of ARCHITECTURE.md)."""
-
-    def __init__(self, gamma=1.0):
-        if not gamma >= 0:
-            raise ValueError(f'gamma must be >= 0 (it is the entropy eps of EOT); got {gamma}')
-        self.gamma = float(gamma)
-
-    def sample_t(self, u):
-        """Bridge times t [N] from uniform draws u [N]: t ~ U(0, 1), as stated."""
-        return u
-
-    def transport_weight(self, t):
-        """Per-sample weight [N] of the G-step transport term at times t drawn by sample_t: 1, as stated."""
-        return torch.ones_like(t)
-
-    def bridge(self, x0, xN, t, n):
-        """Brownian-bridge point x_t = x0 + t (xN - x0) + sqrt(gamma t (1 - t)) n, with t [N] in [0, 1]."""
-        t = t.reshape(-1, *([1] * (x0.ndim - 1)))
-        return x0 + t * (xN - x0) + (self.gamma * t * (1 - t)).sqrt() * n
-
-    def f_loss(self, f, x0, xN, t, n):
-        """|f(x_t, t) - xN|^2: f regresses the bridge's end point (xN must carry no graph to G)."""
-        xt = self.bridge(x0, xN, t, n)
-        return _per_sample_mean((f(xt, t).float() - xN).square())
-
-    def G_loss(self, f, D, x0, xN, t, n):
-        """w(t) 2 ( <f(x_t,t) - x_t, xN - x_t> - |f(x_t,t) - x_t|^2 / 2 ) - D(xN), w = transport_weight (1 here).
-
-        Returns (loss, weighted transport term), both per sample; gradients reach G through xN and x_t.
-        """
-        xt = self.bridge(x0, xN, t, n)
-        drift = f(xt, t).float() - xt
-        transport = 2 * (_per_sample_mean(drift * (xN - xt)) - _per_sample_mean(drift.square()) / 2)
-        transport = self.transport_weight(t).float() * transport
-        return transport - D(xN).float(), transport
-
-    def D_loss(self, D, xN, x1, gp_weight=0.0, alpha=None):
-        """D(xN) - D(x1): a Wasserstein critic, low on targets and high on G's outputs.
-
-        With `gp_weight` > 0 adds the WGAN-GP penalty (Gulrajani et al. 2017) gp_weight (|grad D(x_hat)| - 1)^2
-        at x_hat = alpha xN + (1 - alpha) x1, alpha [N] in [0, 1] (not in ARCHITECTURE.md; train.py --D-gp).
-        """
-        n = xN.shape[0]
-        if not gp_weight:
-            scores = D(torch.cat([xN, x1])).float() # One pass through D (and its DDP wrapper) for both.
-            return scores[:n] - scores[n:]
-        alpha = alpha.reshape(-1, *([1] * (xN.ndim - 1)))
-        x_hat = (alpha * xN + (1 - alpha) * x1).detach().requires_grad_(True)
-        scores = D(torch.cat([xN, x1, x_hat])).float() # Still one pass (one DDP forward per backward).
-        grad, = torch.autograd.grad(scores[2 * n:].sum(), x_hat, create_graph=True)
-        penalty = (grad.float().flatten(1).norm(dim=1) - 1).square()
-        training_stats.report('Loss/D_gp', penalty)
-        return scores[:n] - scores[n:2 * n] + gp_weight * penalty
-
-
-@persistence.persistent_class
-class KineticEOTLoss(EOTLoss):
-    """The G-step transport term weighted by 1 / (1 - t)^2 (`train.py --G-loss=kinetic`; docs/gaussian_eot.md).
-
-    With an exact f the weighted term is the kinetic energy int E |E[x1 | x_t] - x_t|^2 / (1 - t)^2 dt of the
-    bridge's Markovian projection, whose minimiser over plans is the EOT plan (the stated, unweighted term's is
-    not). Per sample that term has a standard deviation ~ (1 - t)^-1/2, so t is importance-sampled with density
-    q(t) = 1 / (2 sqrt(1 - t)) (t = 1 - u^2) and weighted by (1 - t)^-2 / q(t) = 2 (1 - t)^-3/2: bounded
-    variance, the same scale as the stated term, no clipping. The f-step draws t the same way (f's minimiser
-    E[x1 | x_t] does not depend on how t is drawn, and f is then accurate where the G-step queries it). Use it
-    with f = x + (1 - t) v (networks.VelocityDrift), so that f - x vanishes at t = 1 whatever v's error.
-    """
-
-    U_MIN = 1e-3 # u >= U_MIN keeps 1 - t >= 1e-6 in float32; the bias is far below the benchmark's floors.
-
-    def sample_t(self, u):
-        """t = 1 - u^2 (density 1 / (2 sqrt(1 - t))), with u clamped at U_MIN."""
-        return 1 - u.clamp(min=self.U_MIN).square()
-
-    def transport_weight(self, t):
-        """(1 - t)^-2 / q(t) = 2 (1 - t)^-3/2."""
-        return 2 * (1 - t).rsqrt() / (1 - t)
-
-
-G_LOSSES = dict(stated=EOTLoss, kinetic=KineticEOTLoss)
-
-#----------------------------------------------------------------------------
-# Samplers.
-
-@torch.no_grad()
-def translate_one_step(G, x0, z=None):
-    """The one-step map: G(x0, z), with z drawn by G when omitted."""
-    return G(x0, z)
-
-
-@torch.no_grad()
-def sample_sde(f, x0, gamma, num_steps=10, randn_like=torch.randn_like, return_trajectory=False):
-    """Euler-Maruyama for dx = (f(x, t) - x) / (1 - t) dt + sqrt(gamma) dW from t = 0 to 1.
-
-    No noise is added on the last step, which lands on f's end-point prediction. `randn_like` draws
-    the noise (pass a per-sample seeded one for reproducibility). Returns x1, or (x1, [x_0, ..., x_1]).
-    """
-    if num_steps < 1:
-        raise ValueError(f'the SDE needs at least one step; got num_steps={num_steps}')
-    x = x0
-    dt = 1.0 / num_steps
-    trajectory = [x0]
-    for k in range(num_steps):
-        t = k * dt
-        tt = torch.full([x.shape[0]], t, device=x.device, dtype=torch.float32)
-        x = x + dt * (f(x, tt).to(x.dtype) - x) / (1 - t)
-        if k < num_steps - 1 and gamma > 0:
-            x = x + math.sqrt(gamma * dt) * randn_like(x)
-        if return_trajectory:
-            trajectory.append(x)
-    return (x, trajectory) if return_trajectory else x
+from torch_utils.images import to_model_space, to_uint8
+from training.trainer import DataStream, cpu_copy
 
 #----------------------------------------------------------------------------
 
@@ -162,14 +36,13 @@ def frozen(*modules):
             for p, flag in zip(m.parameters(), fl):
                 p.requires_grad_(flag)
 
-
 class EOTTask:
     """One-step EOT in the shared training loop: datasets, networks G, f, D and one outer iteration.
 
     One iteration: `G_iters` x (`f_iters` f-steps, one G-step), then `D_iters` D-steps; every step
     draws fresh batches. G runs under no_grad in f- and D-steps (no graph through G there), and f and
     D are called outside their DDP wrappers with frozen parameters in the G-step (they get no gradients).
-    `G_loss`: 'stated' (EOTLoss, ARCHITECTURE.md) or 'kinetic' (KineticEOTLoss; f must be a velocity
+    `G_loss`: 'stated' (EOTLoss, docs/architecture.md) or 'kinetic' (KineticEOTLoss; f must be a velocity
     drift, see networks.eot_network_kwargs(drift='velocity')).
     """
 
@@ -187,7 +60,7 @@ class EOTTask:
         f_class = (f_kwargs or {}).get('class_name', '')
         if G_loss == 'kinetic' and not f_class.endswith('VelocityDrift'):
             # Measured (docs/gaussian_eot.md): with an end-point f the weighted G-step diverges (loss_G -> -1e16).
-            raise ValueError(f'G_loss="kinetic" needs f = x + (1 - t) v (training.networks.VelocityDrift or '
+            raise ValueError(f'G_loss="kinetic" needs f = x + (1 - t) v (models.networks.VelocityDrift or '
                              f'UNetVelocityDrift); got f class {f_class!r}. Build the networks with '
                              'eot_network_kwargs(..., drift="velocity")')
         self.G_loss = G_loss
@@ -249,8 +122,6 @@ class EOTTask:
         self.detector_net, self.ref_stats = None, None
         if not self.metrics:
             return
-        from metrics import detector as detector_lib
-        from metrics import fid as fid_lib
         try:
             self.detector_net = detector_lib.load_detector(self.detector, device=trainer.device)
             self.ref_stats = fid_lib.load_ref_stats(self.data2stats)
@@ -310,7 +181,7 @@ class EOTTask:
     def translate(self, trainer, x0, sampler, z=None, randn_like=torch.randn_like):
         """Translate x0 with the EMA networks: sampler 'G' (one step) or 'SDE'."""
         if sampler == 'G':
-            return translate_one_step(trainer.ema['G'], x0, z)
+            return trainer.ema['G'](x0, z)
         return sample_sde(trainer.ema['f'], x0, self.loss.gamma, self.sde_steps, randn_like=randn_like)
 
     @torch.no_grad()
@@ -338,7 +209,7 @@ class EOTTask:
             sets = dict(source=x0, target=self.fixed_x1, G=self.translate(trainer, x0, 'G', z=self.fixed_z),
                         SDE=self.translate(trainer, x0, 'SDE',
                                            randn_like=lambda x: torch.randn(x.shape, generator=gen, device=x.device)))
-            visualize.save_translation_figure(sets, os.path.join(run_dir, f'fakes-{kimg_str}.png'))
+            images.save_translation_figure(sets, os.path.join(run_dir, f'fakes-{kimg_str}.png'))
         self._evaluate(trainer, run_dir, kimg_str)
 
     def _test_batches(self, trainer, sampler):
@@ -356,7 +227,6 @@ class EOTTask:
 
     def _evaluate(self, trainer, run_dir, kimg_str):
         """FID of G and SDE translations of the test set, and/or the translations as PNGs."""
-        from metrics import fid as fid_lib
         for sampler in ('G', 'SDE'):
             metric = f'fid_{sampler}'
             want_fid = metric in self.metrics and self.detector_net is not None
@@ -367,20 +237,20 @@ class EOTTask:
                 out_dir = out_dir if os.path.isabs(out_dir) else os.path.join(self.run_dir or '.', out_dir)
                 os.makedirs(out_dir, exist_ok=True)
 
-            def images():
+            def uint8_batches():
                 for chunk, out in self._test_batches(trainer, sampler):
                     u8 = to_uint8(out)
                     if out_dir is not None and len(self.data_shape) == 3:
                         for i, img in zip(chunk, u8.cpu().numpy()):
-                            visualize.save_png(img.transpose(1, 2, 0).squeeze(2) if img.shape[0] == 1 else
+                            images.save_png(img.transpose(1, 2, 0).squeeze(2) if img.shape[0] == 1 else
                                                img.transpose(1, 2, 0), os.path.join(out_dir, f'{int(i):06d}.png'))
                     yield u8
 
             if not want_fid:
-                for _ in images():
+                for _ in uint8_batches():
                     pass
                 continue
-            mu, sigma = fid_lib.compute_feature_stats(images(), self.detector_net, batch_size=trainer.batch_gpu)
+            mu, sigma = fid_lib.compute_feature_stats(uint8_batches(), self.detector_net, batch_size=trainer.batch_gpu)
             value = float(fid_lib.calculate_fid_from_inception_stats(mu, sigma, *self.ref_stats))
             self.best[metric] = min(self.best.get(metric, float('inf')), value)
             if dist.get_rank() == 0:
@@ -399,4 +269,3 @@ class EOTTask:
         self.data1.load_state_dict(state['data1'])
         self.data2.load_state_dict(state['data2'])
         self.best = dict(state.get('best', {}))
-

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import logsumexp
 
-from training import gaussian_eot as ge
-from training import toy
+from transport import gaussian as ge
+from data import toy
 
 
 def sinkhorn(x, y, a, b, eps, tol=1e-11, max_iters=20000):

@@ -1,18 +1,12 @@
 """The metrics of benchmarks/dpmot_digits.py (and the dpmot_quality functions it uses) on tiny inputs, against
 independent NumPy / SciPy computations. The benchmark itself (minutes) is not run here."""
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import scipy.optimize
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-import dpmot_digits  # noqa: E402
-import dpmot_quality  # noqa: E402
+from benchmarks import dpmot_digits, dpmot_quality
 
 
 def _np_quantize(x):

@@ -1,4 +1,4 @@
-"""Tests for training/semidiscrete.py: numbers are checked against closed forms and brute force."""
+"""Tests for transport/semidiscrete.py: numbers are checked against closed forms and brute force."""
 
 import math
 import os
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from training import semidiscrete as sd
+from transport import semidiscrete as sd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, '..', '..'))

@@ -12,8 +12,8 @@ import PIL.Image
 import pytest
 import torch
 
-from training import digits, toy
-from training.dataset import (DatasetError, ImageFolderDataset, VectorDataset, decode_image, image_header,
+from data import digits, toy
+from data.dataset import (DatasetError, ImageFolderDataset, VectorDataset, decode_image, image_header,
                               open_dataset)
 
 #----------------------------------------------------------------------------
@@ -422,17 +422,3 @@ def test_two_dimensional_sources():
         toy.make_toy('moons', 10, 0, dim=3)
     with pytest.raises(ValueError, match='Unknown toy source'):
         toy.make_toy('spiral', 10, 0)
-
-#----------------------------------------------------------------------------
-
-
-def test_model_space_conversions_invert_each_other():
-    import torch
-    from training.dataset import to_model_space, to_uint8
-    u = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
-    x = to_model_space(u)
-    assert x.dtype == torch.float32 and x.min() == -1 and x.max() == 1
-    assert torch.equal(to_uint8(x), u)
-    assert to_uint8(torch.tensor([-5.0, 5.0])).tolist() == [0, 255]
-    v = np.arange(6, dtype=np.float32).reshape(2, 3)
-    assert torch.equal(to_model_space(v), torch.from_numpy(v))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import dnnlib
 from torch_utils import misc, persistence
-from training import networks
+from models import networks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(num_blocks=1, G=dict(model_channels=8), f=dict(model_channels=8), D=dict(model_channels=8))
@@ -66,8 +66,8 @@ def test_vector_shapes(dim):
 
 def test_factory_defaults_and_overrides():
     G, f, D = networks.eot_network_kwargs((3, 32, 32))
-    assert G.class_name == 'training.networks.UNetGenerator' and f.class_name == 'training.networks.UNetDrift'
-    assert D.class_name == 'training.networks.UNetCritic'
+    assert G.class_name == 'models.networks.UNetGenerator' and f.class_name == 'models.networks.UNetDrift'
+    assert D.class_name == 'models.networks.UNetCritic'
     assert G.model_channels == f.model_channels == 32 and G.channel_mult == f.channel_mult == [2, 2, 2]
     for c, c_d in [(16, 32), (32, 64), (63, 64), (64, 96), (128, 160)]:
         assert networks.eot_network_kwargs((1, 16, 16), c)[2].model_channels == c_d
@@ -347,7 +347,7 @@ def test_summary_total_matches_parameter_count(capsys):
         assert total == sum(p.numel() for p in net.parameters()) > 0
 
 #----------------------------------------------------------------------------
-# Snapshots that load in a fresh process, with and without training/networks.py.
+# Snapshots that load in a fresh process, with and without models/networks.py.
 
 LOAD_CODE = textwrap.dedent('''
     import pickle, sys, torch
@@ -401,7 +401,7 @@ def test_snapshot_loads_without_the_code(tmp_path):
     clean = tmp_path / 'clean'
     clean.mkdir()
     run(clean, REPO)
-    # A tree holding only torch_utils and dnnlib: training/networks.py is gone.
+    # A tree holding only torch_utils and dnnlib: models/networks.py is gone.
     bare = tmp_path / 'bare'
     for pkg in ('torch_utils', 'dnnlib'):
         shutil.copytree(os.path.join(REPO, pkg), bare / pkg, ignore=shutil.ignore_patterns('__pycache__'))

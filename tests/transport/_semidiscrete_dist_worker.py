@@ -1,4 +1,4 @@
-"""Run by tests/training/test_semidiscrete.py under torchrun: solve a small problem and save rank 0's result.
+"""Run by tests/transport/test_semidiscrete.py under torchrun: solve a small problem and save rank 0's result.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 _semidiscrete_dist_worker.py OUT
 
@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..')))
 
 from torch_utils import distributed as dist_utils           # noqa: E402
-from training import semidiscrete as sd                       # noqa: E402
+from transport import semidiscrete as sd                       # noqa: E402
 
 CONFIGS = {
     'samples': dict(source='uniform', settings=dict()),

@@ -1,4 +1,10 @@
-"""Figures without plotting dependencies: image grids and 2-D scatter plots, drawn with Pillow."""
+"""Model space <-> uint8 images, and figures without plotting dependencies.
+
+The one convention of the project: images live in model space as float32 in [-1, 1]
+(`to_model_space`: u / 127.5 - 1), and go back to uint8 by round-half-up (`to_uint8`), the exact inverse
+for uint8 data (EDM's convention). PNGs, figures, generated images and FID all use these two functions.
+Figures (image grids, 2-D scatter plots) are drawn with Pillow.
+"""
 
 import numpy as np
 import PIL.Image
@@ -6,11 +12,33 @@ import PIL.ImageDraw
 import torch
 
 import dnnlib
-from training.dataset import to_uint8
 
-# Colours of the point sets in scatter plots, in order.
+#----------------------------------------------------------------------------
+# Model space.
+
+def to_model_space(items, device=None):
+    """A collated batch as float32 in model space, on `device`: uint8 images -> [-1, 1] (u / 127.5 - 1),
+    float vectors unchanged."""
+    items = torch.as_tensor(items)
+    if device is not None:
+        items = items.to(device, non_blocking=True)
+    if items.dtype == torch.uint8:
+        return items.to(torch.float32) / 127.5 - 1
+    return items.to(torch.float32)
+
+def to_uint8(x):
+    """Images in model space ([-1, 1]) -> uint8: floor(127.5 x + 128), clipped to [0, 255].
+
+    Round-half-up of 127.5 (x + 1): the exact inverse of to_model_space for uint8 data (EDM's
+    convention). Used for PNGs, figures and FID alike.
+    """
+    x = torch.as_tensor(x)
+    return torch.floor(x.detach().to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+#----------------------------------------------------------------------------
+# Figures.
+
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
 
 def image_grid(rows):
     """Stack rows of images (each a float tensor [N, C, H, W] in [-1, 1]) into one uint8 HWC array."""
@@ -22,7 +50,6 @@ def image_grid(rows):
         for j in range(a.shape[0]):
             grid[i * h:(i + 1) * h, j * w:(j + 1) * w] = a[j].transpose(1, 2, 0)
     return grid[:, :, 0] if c == 1 else grid
-
 
 def scatter_plot(point_sets, size=512, radius=1.5, margin=0.05):
     """Draw named 2-D point sets ({name: array [N, >=2]}, first two coordinates) with a legend; RGB uint8."""
@@ -44,12 +71,10 @@ def scatter_plot(point_sets, size=512, radius=1.5, margin=0.05):
         draw.text((20, 6 + 14 * k), name, fill=(0, 0, 0))
     return np.asarray(img)
 
-
 def save_png(array, path):
     """Write a uint8 HW or HWC array as a PNG, atomically."""
     with dnnlib.util.atomic_write(path, 'wb') as f:
         PIL.Image.fromarray(array).save(f, format='PNG')
-
 
 def save_translation_figure(sets, path):
     """Source, outputs (and for vectors the target) of a translation, as one PNG.

@@ -19,7 +19,7 @@ halves both W2^2 and Var, which leaves the ratio unchanged.)
 one-step EOT G-step (ARCHITECTURE.md), with uniform t weights as stated there or with the kinetic-energy
 weights 1 / (1 - t)^2 of the Schrodinger bridge; `bridge_objective_optimum` minimises it over plans, and
 `markovian_projection` gives the plan the f-SDE samples. With uniform weights the minimiser is not the
-EOT plan (docs/gaussian_eot.md); the 1 / (1 - t)^2-weighted G-step is training.eot.KineticEOTLoss
+EOT plan (docs/gaussian_eot.md); the 1 / (1 - t)^2-weighted G-step is models.eot_loss.KineticEOTLoss
 (`train.py --G-loss=kinetic`).
 """
 
@@ -256,7 +256,7 @@ def bridge_objective(cross, cov0, cov1, gamma, weight='uniform', nodes=96, t_max
     weight 'uniform' is the stated algorithm (t ~ U(0, 1), no weight); 'kinetic' weights by 1 / (1 - t)^2,
     which makes it the kinetic energy int E |drift|^2 dt of the bridge's Markovian projection, whose minimiser
     is the EOT plan with eps = gamma; t_max clips that weight at 1 / (1 - t_max)^2 (a sampled loss must
-    bound it somehow: training.eot.KineticEOTLoss draws t = 1 - u^2 with u >= U_MIN, i.e. t <= 1 - U_MIN^2).
+    bound it somehow: models.eot_loss.KineticEOTLoss draws t = 1 - u^2 with u >= U_MIN, i.e. t <= 1 - U_MIN^2).
     Torch tensors in and out.
     """
     t, w = _t_nodes(nodes, weight, t_max)

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from training import diffusion
-from training.diffusion import edm_sigma_schedule, expected_nfe, run_sampler
-from training.networks import Denoiser
+from sampling import diffusion
+from models import diffusion_loss
+from sampling.diffusion import edm_sigma_schedule, expected_nfe, run_sampler
+from models.networks import Denoiser
 
 
 class IdealGaussianDenoiser(torch.nn.Module):
@@ -256,7 +256,7 @@ def test_edm_loss_of_the_ideal_denoiser_is_one_at_every_sigma():
 
     rng = Rng(0)
     y = rng.randn([40000, 4]) * sd
-    loss = diffusion.EDMLoss(sigma_data=sd)(Recording([0.0] * 4, sd), y, rng)
+    loss = diffusion_loss.EDMLoss(sigma_data=sd)(Recording([0.0] * 4, sd), y, rng)
     assert loss.shape == (40000,)
     assert float(loss.mean()) == pytest.approx(1.0, abs=0.02)
     logs = torch.cat(seen).log()
@@ -271,11 +271,11 @@ def test_vp_and_ve_losses_of_the_ideal_denoiser_match_quadrature(kind):
     y = rng.randn([40000, 2]) * s
     net = IdealGaussianDenoiser([0.0, 0.0], s)
     if kind == 'vp':
-        loss_fn = diffusion.VPLoss()
+        loss_fn = diffusion_loss.VPLoss()
         t = np.linspace(1e-5, 1, 200001)
         sig2 = np.exp(0.5 * 19.9 * t ** 2 + 0.1 * t) - 1
     else:
-        loss_fn = diffusion.VELoss()
+        loss_fn = diffusion_loss.VELoss()
         sig2 = np.exp(np.linspace(np.log(0.02), np.log(100), 200001)) ** 2
     expect = np.mean(s * s / (s * s + sig2))
     assert float(loss_fn(net, y, rng).mean()) == pytest.approx(expect, rel=0.03)
@@ -283,5 +283,5 @@ def test_vp_and_ve_losses_of_the_ideal_denoiser_match_quadrature(kind):
 
 def test_losses_pickle_with_their_source():
     import pickle
-    loss = pickle.loads(pickle.dumps(diffusion.EDMLoss(P_mean=-1.0, sigma_data=0.3)))
+    loss = pickle.loads(pickle.dumps(diffusion_loss.EDMLoss(P_mean=-1.0, sigma_data=0.3)))
     assert (loss.P_mean, loss.P_std, loss.sigma_data) == (-1.0, 1.2, 0.3)

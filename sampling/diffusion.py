@@ -4,23 +4,19 @@ Samplers share one signature (k-diffusion style: the noise schedule is separate 
 
     x = sample_<name>(net, x, sigmas, *, randn_like=torch.randn_like, callback=None, **opts)
 
-`net(x, sigma)` is a denoiser D(x; sigma) with EDM's interface (training.networks.Denoiser or an NVlabs/edm
+`net(x, sigma)` is a denoiser D(x; sigma) with EDM's interface (models.networks.Denoiser or an NVlabs/edm
 snapshot's `ema`); `x` starts at noise level sigmas[0]; `sigmas` is a decreasing schedule, usually
 `edm_sigma_schedule(...)` ending with 0. `randn_like` draws the sampler's noise (pass a per-sample seeded one
 for reproducibility) and `callback(dict(i, x, sigma, sigma_next, denoised))` is called after every step.
 `run_sampler(name, ...)` returns (x, nfe) with nfe counted from the network calls; `expected_nfe` gives the
 formula (Euler K, Heun 2K - 1 when the schedule ends at 0, Langevin K * n_steps_each + 1).
 
-Persistent classes here (the losses) are pickled into snapshots with this file's source, so at import time
-this module imports only torch, numpy and torch_utils; everything else is imported where it is used.
 """
 
 import math
 
 import numpy as np
 import torch
-
-from torch_utils import persistence
 
 #----------------------------------------------------------------------------
 # Noise schedule.
@@ -46,7 +42,6 @@ def edm_sigma_schedule(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     sigmas[0], sigmas[-1] = float(sigma_max), (float(sigma_min) if num_steps > 1 else float(sigma_max))  # exact ends
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
-
 def net_sigma_schedule(net, num_steps, sigma_min=None, sigma_max=None, rho=7.0):
     """`edm_sigma_schedule` within the range the denoiser supports, rounded by `net.round_sigma` (as EDM does).
 
@@ -61,7 +56,6 @@ def net_sigma_schedule(net, num_steps, sigma_min=None, sigma_max=None, rho=7.0):
     if round_sigma is not None:
         sigmas[:-1] = torch.as_tensor(round_sigma(sigmas[:-1]), dtype=torch.float64)
     return sigmas
-
 
 def check_sigmas(sigmas):
     """`sigmas` as a float64 CPU tensor [K + 1], checked: K >= 1, finite, >= 0, non-increasing, only the last 0."""
@@ -84,17 +78,14 @@ def sampling_dtype(device):
     """float64 for sampling where the device has it (as EDM), float32 on Apple's MPS."""
     return torch.float32 if torch.device(device).type == 'mps' else torch.float64
 
-
 def _denoise(net, x, sigma):
     """D(x; sigma) in x's dtype, with sigma as one value per sample (EDM's networks accept [N] or scalars)."""
     sig = torch.full([x.shape[0]], float(sigma), dtype=x.dtype, device=x.device)
     return net(x, sig).to(x.dtype)
 
-
 def _round(net, sigma):
     round_sigma = getattr(net, 'round_sigma', None)
     return float(round_sigma(torch.as_tensor(sigma, dtype=torch.float64))) if round_sigma is not None else float(sigma)
-
 
 def _edm_sampler(net, x, sigmas, second_order, randn_like, callback, S_churn, S_min, S_max, S_noise):
     """Karras et al. 2022, Algorithm 2 (Heun, `second_order`) or its first-order version (Euler), with churn."""
@@ -122,7 +113,6 @@ def _edm_sampler(net, x, sigmas, second_order, randn_like, callback, S_churn, S_
             callback(dict(i=i, x=x, sigma=sigma, sigma_hat=sigma_hat, sigma_next=sigma_next, denoised=denoised))
     return x
 
-
 @torch.no_grad()
 def sample_euler(net, x, sigmas, *, randn_like=torch.randn_like, callback=None, S_churn=0.0, S_min=0.0,
                  S_max=math.inf, S_noise=1.0):
@@ -134,14 +124,12 @@ def sample_euler(net, x, sigmas, *, randn_like=torch.randn_like, callback=None, 
     """
     return _edm_sampler(net, x, sigmas, False, randn_like, callback, S_churn, S_min, S_max, S_noise)
 
-
 @torch.no_grad()
 def sample_heun(net, x, sigmas, *, randn_like=torch.randn_like, callback=None, S_churn=0.0, S_min=0.0,
                 S_max=math.inf, S_noise=1.0):
     """Heun's second-order method (EDM Algorithm 2): 2K - 1 network calls on a schedule ending at 0
     (no correction on the last step to sigma = 0), 2K otherwise. Churn options as in sample_euler."""
     return _edm_sampler(net, x, sigmas, True, randn_like, callback, S_churn, S_min, S_max, S_noise)
-
 
 @torch.no_grad()
 def sample_langevin(net, x, sigmas, *, randn_like=torch.randn_like, callback=None, n_steps_each=1, step_scale=0.5,
@@ -179,16 +167,13 @@ def sample_langevin(net, x, sigmas, *, randn_like=torch.randn_like, callback=Non
             callback(dict(i=step, x=x, sigma=levels[-1], sigma_hat=levels[-1], sigma_next=0.0, denoised=x))
     return x
 
-
 SAMPLERS = dict(euler=sample_euler, heun=sample_heun, langevin=sample_langevin)
-
 
 def get_sampler(name):
     """The sampler function called `name` (a key of SAMPLERS)."""
     if name not in SAMPLERS:
         raise ValueError(f'Unknown sampler {name!r}; choose one of {", ".join(SAMPLERS)}')
     return SAMPLERS[name]
-
 
 def expected_nfe(name, sigmas, **opts):
     """Network evaluations of sampler `name` on schedule `sigmas` (K = len(sigmas) - 1 steps):
@@ -206,7 +191,6 @@ def expected_nfe(name, sigmas, **opts):
     denoise = ends_at_zero if denoise is None else bool(denoise)
     return int(opts.get('n_steps_each', 1)) * levels + int(denoise)
 
-
 class _CountingNet:
     """Wraps a denoiser and counts its calls (attribute access goes to the wrapped network)."""
 
@@ -221,198 +205,9 @@ class _CountingNet:
     def __getattr__(self, name):
         return getattr(self.net, name)
 
-
 def run_sampler(name, net, x, sigmas, randn_like=torch.randn_like, callback=None, **opts):
     """Run sampler `name` ('euler', 'heun' or 'langevin'); returns (x, nfe), nfe = network calls made."""
     fn = get_sampler(name)
     counter = _CountingNet(net)
     x = fn(counter, x, sigmas, randn_like=randn_like, callback=callback, **opts)
     return x, counter.calls
-
-#----------------------------------------------------------------------------
-# Losses (Karras et al. 2022, Table 1), per sample: the mean over the data dimensions (EDM sums them; a
-# constant factor that Adam ignores, and it keeps the element-wise gradient clip meaningful).
-
-def _per_sample_mean(x):
-    return x.flatten(1).mean(dim=1)
-
-
-def _sigma_shape(n, y):
-    return [n] + [1] * (y.ndim - 1)
-
-
-@persistence.persistent_class
-class EDMLoss:
-    """EDM loss: ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2,
-    loss = weight |D(y + sigma n; sigma) - y|^2."""
-
-    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
-        if not (P_std > 0 and sigma_data > 0):
-            raise ValueError(f'EDMLoss needs P_std > 0 and sigma_data > 0; got P_std={P_std}, sigma_data={sigma_data}')
-        self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
-
-    def __call__(self, net, y, rng):
-        """Per-sample losses [N] of denoiser `net` on clean data y; `rng` has randn(shape) (the Trainer)."""
-        sigma = (rng.randn(_sigma_shape(y.shape[0], y)) * self.P_std + self.P_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-        n = rng.randn(y.shape) * sigma
-        D_yn = net(y + n, sigma.flatten()).float()
-        return _per_sample_mean(weight * (D_yn - y).square())
-
-
-@persistence.persistent_class
-class VPLoss:
-    """VP loss (Song et al. 2021): t ~ U(epsilon_t, 1), sigma = sigma_vp(t), weight 1 / sigma^2."""
-
-    def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5):
-        if not 0 < epsilon_t < 1:
-            raise ValueError(f'VPLoss needs 0 < epsilon_t < 1; got {epsilon_t}')
-        self.beta_d, self.beta_min, self.epsilon_t = float(beta_d), float(beta_min), float(epsilon_t)
-
-    def sigma(self, t):
-        # sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)
-        t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()
-
-    def __call__(self, net, y, rng):
-        t = 1 + rng.rand(_sigma_shape(y.shape[0], y)) * (self.epsilon_t - 1)
-        sigma = self.sigma(t)
-        n = rng.randn(y.shape) * sigma
-        D_yn = net(y + n, sigma.flatten()).float()
-        return _per_sample_mean((D_yn - y).square() / sigma ** 2)
-
-
-@persistence.persistent_class
-class VELoss:
-    """VE loss (Song et al. 2021): ln sigma ~ U(ln sigma_min, ln sigma_max), weight 1 / sigma^2."""
-
-    def __init__(self, sigma_min=0.02, sigma_max=100.0):
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f'VELoss needs 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}')
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
-
-    def __call__(self, net, y, rng):
-        u = rng.rand(_sigma_shape(y.shape[0], y))
-        sigma = self.sigma_min * (self.sigma_max / self.sigma_min) ** u
-        n = rng.randn(y.shape) * sigma
-        D_yn = net(y + n, sigma.flatten()).float()
-        return _per_sample_mean((D_yn - y).square() / sigma ** 2)
-
-
-LOSSES = dict(edm='training.diffusion.EDMLoss', vp='training.diffusion.VPLoss', ve='training.diffusion.VELoss')
-
-#----------------------------------------------------------------------------
-# The denoiser as a task of the shared training loop.
-
-class DenoiserTask:
-    """A preconditioned denoiser trained with a diffusion loss in the shared loop (training/training_loop.py).
-
-    One iteration: one optimisation step of the network 'denoiser' on a fresh batch. Snapshots hold the EMA
-    network under `ema` (as EDM's), the loss under `loss_fn`, and the data set's kwargs, shape and sha256.
-
-    Args:
-        data_kwargs: the data set (class_name + options).
-        loader_kwargs: DataLoader options.
-        network_kwargs: the Denoiser (class_name + options), e.g. training.networks.denoiser_kwargs(...).
-        loss_kwargs: the loss (class_name + options), e.g. dict(class_name='training.diffusion.EDMLoss').
-        optimizer_kwargs: the optimiser (class_name + options).
-        sample_steps: Heun steps of the figures made at each snapshot.
-        num_figure_samples: samples in those figures (default 16 images or 1024 vectors).
-    """
-
-    def __init__(self, data_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs, loader_kwargs=None,
-                 sample_steps=18, num_figure_samples=None, provenance=None):
-        self.data_kwargs = dict(data_kwargs)
-        self.loader_kwargs = dict(loader_kwargs or {})
-        self.network_kwargs = dict(network_kwargs)
-        self.loss_kwargs = dict(loss_kwargs)
-        self.optimizer_kwargs = dict(optimizer_kwargs)
-        self.sample_steps = int(sample_steps)
-        self.num_figure_samples = num_figure_samples
-        self.provenance = dict(provenance or {})
-
-    def setup(self, trainer, run_dir, seed):
-        import dnnlib
-        from torch_utils import distributed as dist
-        from training.training_loop import DataStream
-        self.run_dir = run_dir
-        dist.print0('Loading dataset...')
-        dataset = dnnlib.util.construct_class_by_name(**self.data_kwargs)
-        self.data_shape = tuple(dataset.item_shape)
-        self.dataset_size = len(dataset)
-        self.provenance.setdefault('data_sha256', dataset.data_hash())
-        self.data = DataStream(dataset, trainer.batch_gpu, trainer.device, seed=seed, loader_kwargs=self.loader_kwargs)
-        dist.print0(f'Dataset: {len(dataset)} items of shape {list(self.data_shape)}')
-        self.loss = dnnlib.util.construct_class_by_name(**self.loss_kwargs)
-        dist.print0('Constructing network...')
-        net = dnnlib.util.construct_class_by_name(**self.network_kwargs)
-        if tuple(net.data_shape) != self.data_shape:
-            raise ValueError(f'The network is built for data of shape {list(net.data_shape)} but the data set holds '
-                             f'{list(self.data_shape)}; build it with data_shape={list(self.data_shape)}')
-        trainer.add_network('denoiser', net, self.optimizer_kwargs)
-        dist.print0(f'Denoiser: {type(net).__name__} ({getattr(net, "precond", "-")}), '
-                    f'{sum(p.numel() for p in net.parameters()):,} parameters')
-        n = self.num_figure_samples or (16 if len(self.data_shape) == 3 else 1024)
-        gen = torch.Generator().manual_seed(seed)
-        self.fixed_noise = torch.randn([n, *self.data_shape], generator=gen)
-        self.fixed_data = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(min(n, len(dataset)))])
-
-    def iteration(self, trainer):
-        trainer.run_phase('denoiser', lambda ddp: self._step(trainer, ddp))
-
-    def _step(self, trainer, ddp):
-        y = self.data.next()
-        with trainer.autocast():
-            return self.loss(ddp, y, trainer)
-
-    @torch.no_grad()
-    def report_tick_stats(self, trainer):
-        """Denoising error |D(y + sigma n; sigma) - y|^2 of the EMA network at a few fixed noise levels."""
-        from torch_utils import distributed as dist
-        from torch_utils import training_stats
-        from training.dataset import to_model_space
-        if dist.get_rank() != 0:
-            return
-        net = trainer.ema['denoiser']
-        y = to_model_space(self.fixed_data, trainer.device)
-        gen = torch.Generator().manual_seed(1)
-        for sigma in (0.02, 0.2, 2.0):
-            n = torch.randn(y.shape, generator=gen).to(trainer.device)
-            err = _per_sample_mean((_denoise(net, y + sigma * n, sigma) - y).square())
-            training_stats.report(f'Denoise/mse_sigma{sigma:g}', err)
-
-    def sample(self, net, noise, num_steps=None):
-        """Heun samples from `noise` (N(0, I), scaled here to the network's sigma_max)."""
-        sigmas = net_sigma_schedule(net, num_steps or self.sample_steps)
-        x = noise.to(sampling_dtype(noise.device)) * sigmas[0]
-        return sample_heun(net, x, sigmas).to(torch.float32)
-
-    def snapshot_data(self, trainer):
-        from training.training_loop import cpu_copy
-        return dict(kind='denoiser', ema=cpu_copy(trainer.ema['denoiser']), loss_fn=self.loss,
-                    augment_pipe=None, data_shape=list(self.data_shape), dataset_kwargs=dict(self.data_kwargs),
-                    provenance=dict(self.provenance), kimg=trainer.cur_nimg / 1000)
-
-    def on_snapshot(self, trainer, run_dir, kimg_str):
-        import os
-        from torch_utils import distributed as dist
-        from training import visualize
-        from training.dataset import to_model_space
-        if dist.get_rank() != 0:
-            return
-        net = trainer.ema['denoiser']
-        samples = self.sample(net, self.fixed_noise.to(trainer.device)).cpu()
-        data = to_model_space(self.fixed_data, 'cpu')
-        path = os.path.join(run_dir, f'fakes-{kimg_str}.png')
-        if len(self.data_shape) == 3:
-            visualize.save_png(visualize.image_grid([data, samples]), path)
-        else:
-            visualize.save_png(visualize.scatter_plot(dict(data=data, samples=samples)), path)
-
-    def state_dict(self):
-        return dict(data=self.data.state_dict())
-
-    def load_state_dict(self, state):
-        self.data.load_state_dict(state['data'])
-
-#----------------------------------------------------------------------------

@@ -3,17 +3,12 @@ brute-force Adam runs, the reference implementation itself and a solved problem.
 hours) is not run here."""
 
 import math
-import os
-import sys
 
 import numpy as np
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-import semidiscrete_speed as bench  # noqa: E402
-
-from training import semidiscrete as sd  # noqa: E402
+from benchmarks import semidiscrete_speed as bench
+from transport import semidiscrete as sd
 
 
 def _adam_ratios(grads, beta1=0.9, beta2=0.999):

@@ -479,7 +479,7 @@ class VelocityDrift(MLPDrift):
     """MLPDrift parameterised as f(x, t) = x + (1 - t) v(x, t), v the MLP (same arguments and interface).
 
     f - x vanishes like (1 - t) whatever v's error, which the 1 / (1 - t)^2-weighted (kinetic) G-step needs
-    (training.eot.KineticEOTLoss; with a plain MLP f its error near t = 1 is amplified and G exploits it)."""
+    (models.eot_loss.KineticEOTLoss; with a plain MLP f its error near t = 1 is amplified and G exploits it)."""
 
     def forward(self, x, t):
         return _end_point_from_velocity(x, t, super().forward(x, t))
@@ -668,7 +668,7 @@ def eot_network_kwargs(data_shape, model_channels=32, drift='end_point', **overr
         kwargs = dict(G=dict(dim=shape[0], width=8 * c, depth=4), f=dict(dim=shape[0], width=8 * c, depth=4),
                       D=dict(dim=shape[0], width=8 * c_d, depth=4))
     _apply_overrides(kwargs, {k: _param_names(v) for k, v in classes.items()}, overrides)
-    return tuple(dnnlib.EasyDict(class_name=f'training.networks.{classes[k].__name__}', **kwargs[k])
+    return tuple(dnnlib.EasyDict(class_name=f'models.networks.{classes[k].__name__}', **kwargs[k])
                  for k in ('G', 'f', 'D'))
 
 
@@ -695,6 +695,6 @@ def denoiser_kwargs(data_shape, precond='edm', model_channels=None, **overrides)
     if bad:
         raise ValueError(f'Unknown Denoiser argument(s) {bad}; valid: {sorted(valid)}')
     kwargs.update(overrides)
-    return dnnlib.EasyDict(class_name='training.networks.Denoiser', data_shape=list(shape), precond=precond, **kwargs)
+    return dnnlib.EasyDict(class_name='models.networks.Denoiser', data_shape=list(shape), precond=precond, **kwargs)
 
 #----------------------------------------------------------------------------

@@ -598,27 +598,6 @@ def load_npz(path):
 
 #----------------------------------------------------------------------------
 
-def to_model_space(items, device=None):
-    """A collated batch as float32 in model space, on `device`: uint8 images -> [-1, 1] (u / 127.5 - 1),
-    float vectors unchanged."""
-    items = torch.as_tensor(items)
-    if device is not None:
-        items = items.to(device, non_blocking=True)
-    if items.dtype == torch.uint8:
-        return items.to(torch.float32) / 127.5 - 1
-    return items.to(torch.float32)
-
-
-def to_uint8(x):
-    """Images in model space ([-1, 1]) -> uint8: floor(127.5 x + 128), clipped to [0, 255].
-
-    Round-half-up of 127.5 (x + 1): the exact inverse of to_model_space for uint8 data (EDM's
-    convention). Used for PNGs, figures and FID alike.
-    """
-    x = torch.as_tensor(x)
-    return torch.floor(x.detach().to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-
-
 def open_dataset(path, **kwargs):
     """ImageFolderDataset or VectorDataset, chosen by the path: `.npz` -> vectors, else images."""
     if os.fspath(path).lower().endswith('.npz'):

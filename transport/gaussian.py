@@ -1,6 +1,6 @@
 """Entropic OT between Gaussians in closed form, and the (c)BW2-UVP quality measures.
 
-The EOT problem with cost |x - y|^2 / 2 and entropy eps (ARCHITECTURE.md: the bridge of volatility
+The EOT problem with cost |x - y|^2 / 2 and entropy eps (docs/architecture.md: the bridge of volatility
 sqrt(gamma) solves it with eps = gamma) between N(m0, S0) and N(m1, S1) has a Gaussian plan with
 cross-covariance (Janati et al. 2020, "Entropic OT between (unbalanced) Gaussian measures has a closed
 form", with sigma^2 = eps):
@@ -16,7 +16,7 @@ where W2 is the Bures-Wasserstein distance and Var the trace of the covariance. 
 halves both W2^2 and Var, which leaves the ratio unchanged.)
 
 `bridge_objective` evaluates, for any Gaussian plan, the population value of the transport term of the
-one-step EOT G-step (ARCHITECTURE.md), with uniform t weights as stated there or with the kinetic-energy
+one-step EOT G-step (docs/architecture.md), with uniform t weights as stated there or with the kinetic-energy
 weights 1 / (1 - t)^2 of the Schrodinger bridge; `bridge_objective_optimum` minimises it over plans, and
 `markovian_projection` gives the plan the f-SDE samples. With uniform weights the minimiser is not the
 EOT plan (docs/gaussian_eot.md); the 1 / (1 - t)^2-weighted G-step is models.eot_loss.KineticEOTLoss
@@ -218,7 +218,7 @@ WEIGHTS = ('uniform', 'kinetic')
 def bridge_transport(cross, cov0, cov1, gamma, t):
     """E |E[x1 | x_t] - x_t|^2 at times t [T] for the Gaussian plan with cross-covariance `cross` [D, D].
 
-    x_t = (1 - t) x0 + t x1 + sqrt(gamma t (1 - t)) n is the bridge point of ARCHITECTURE.md and E[x1 | x_t]
+    x_t = (1 - t) x0 + t x1 + sqrt(gamma t (1 - t)) n is the bridge point of docs/architecture.md and E[x1 | x_t]
     the optimal f, so this is the population value of the G-step transport term at t (times D: the loss
     averages over coordinates), less the mean term (1 - t)^2 |m1 - m0|^2, which no plan changes.
     Torch tensors (float64); returns [T], differentiable in `cross`.

@@ -51,7 +51,7 @@ def test_losses_match_the_formulas():
     t, noise = torch.rand(n), torch.randn(n, d)
     loss = eot_loss.EOTLoss(gamma=0.7)
     xt = x0 + t[:, None] * (xN - x0) + torch.sqrt(0.7 * t * (1 - t))[:, None] * noise
-    # ARCHITECTURE.md, written with whole-batch means.
+    # docs/architecture.md, written with whole-batch means.
     f_ref = ((f(xt, t) - xN) ** 2).mean()
     drift = f(xt, t) - xt
     G_ref = 2 * ((drift * (xN - xt)).mean() - (drift ** 2).mean() / 2) - D(xN).mean()

@@ -12,7 +12,7 @@ ALLOWED = {
     'torch_utils': {'dnnlib'},
     'data': {'torch_utils', 'dnnlib'},
     'transport': {'torch_utils', 'dnnlib'},
-    'models': {'torch_utils'},
+    'models': {'torch_utils', 'dnnlib'},  # dnnlib only inside the network factories, when called
     'metrics': {'torch_utils', 'dnnlib'},
     'sampling': {'models', 'transport', 'data', 'torch_utils', 'dnnlib'},
     'training': {'sampling', 'metrics', 'models', 'transport', 'data', 'torch_utils', 'dnnlib'},

@@ -2,7 +2,7 @@
 
 Builds its own data (synthetic digits, data.digits) in a temporary folder, so it runs offline:
 
-    python benchmarks/dataset_speed.py --num=4000 --workers=2
+    python -m benchmarks.dataset_speed --num=4000 --workers=2
 
 The decode-only loop reads each PNG from one open zip handle and decodes it with Pillow in this
 process: the floor of what any loader must do. The DataLoader rows go through ImageFolderDataset

@@ -1,9 +1,9 @@
 """What DPM-OT is for, measured offline: sample quality at ~10 network evaluations (NFE) on a Gaussian mixture
 with many modes, against the plain Euler / Heun samplers at ~10 NFE and at 35+ NFE.
 
-    python benchmarks/dpmot_quality.py --outdir=/tmp/dpmot-bench            # ~45 min on 2 shared CPU cores
-    python benchmarks/dpmot_quality.py --outdir=/tmp/dpmot-bench --quick    # a smoke run (~10 min)
-    python benchmarks/dpmot_quality.py --outdir=/tmp/dpmot-bench --reuse    # metrics again, same network
+    python -m benchmarks.dpmot_quality --outdir=/tmp/dpmot-bench            # ~45 min on 2 shared CPU cores
+    python -m benchmarks.dpmot_quality --outdir=/tmp/dpmot-bench --quick    # a smoke run (~10 min)
+    python -m benchmarks.dpmot_quality --outdir=/tmp/dpmot-bench --reuse    # metrics again, same network
 
 Pipeline, through the project's own tools:
 1. Data: a mixture of `--modes` isotropic Gaussians (std `--mode-std`, means uniform in [-2, 2]^dim), written as
@@ -31,8 +31,12 @@ import time
 import click
 import numpy as np
 import torch
+from scipy.stats import chi2
 
+import potential
+import train
 from data import toy
+from metrics import distances
 from sampling import dpmot, snapshots
 from sampling import potential as potential_lib
 
@@ -62,38 +66,10 @@ class MixtureDenoiser(torch.nn.Module):
         return (post @ self.means) * (1 - shrink) + shrink * x64
 
 #----------------------------------------------------------------------------
-# Metrics.
-
-def sliced_w2(a, b, directions=256, seed=0):
-    """sqrt(mean over random unit directions of W2^2 of the 1-D projections); a, b: [M, d], same M."""
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(a.shape[1], directions, generator=gen, dtype=torch.float64)
-    v /= v.norm(dim=0, keepdim=True)
-    pa, pb = (a.double() @ v).sort(dim=0)[0], (b.double() @ v).sort(dim=0)[0]
-    return float((pa - pb).square().mean().sqrt())
-
-
-def mmd2(a, b, widths=(0.2, 1.0, 5.0), chunk=2048):
-    """Unbiased MMD^2 with the sum of RBF kernels exp(-|x - y|^2 / (2 w^2))."""
-    def kernel_sum(x, y, same):
-        total = 0.0
-        for i in range(0, len(x), chunk):
-            d2 = torch.cdist(x[i:i + chunk], y).square()
-            k = sum(torch.exp(-d2 / (2 * w * w)) for w in widths)
-            if same:  # leave out the diagonal
-                idx = torch.arange(i, min(i + chunk, len(x)))
-                k[idx - i, idx] = 0
-            total += float(k.sum())
-        return total
-    a, b = a.double(), b.double()
-    m, n = len(a), len(b)
-    return (kernel_sum(a, a, True) / (m * (m - 1)) + kernel_sum(b, b, True) / (n * (n - 1))
-            - 2 * kernel_sum(a, b, False) / (m * n))
-
+# Metrics (the distances are metrics.distances).
 
 def mode_stats(x, means, weights, std):
     """(share of samples beyond the 99.9% radius of every mode, total variation of the nearest-mode histogram)."""
-    from scipy.stats import chi2
     d = torch.cdist(x.double(), torch.as_tensor(means)).min(dim=1)
     radius = std * math.sqrt(chi2.ppf(0.999, means.shape[1]))
     far = float((d.values > radius).double().mean())
@@ -102,15 +78,10 @@ def mode_stats(x, means, weights, std):
     return far, tv
 
 
-def nn_distance(x, ref):
-    """Median distance from each row of x to its nearest row of ref."""
-    return float(torch.cdist(x.double(), ref.double()).min(dim=1).values.median())
-
-
 def evaluate(x, fresh, fresh2, means, weights, std, train_targets):
     far, tv = mode_stats(x, means, weights, std)
-    return dict(sw2=sliced_w2(x, fresh), mmd2=mmd2(x, fresh), mixture=far, mode_tv=tv,
-                copy=nn_distance(x, train_targets) / nn_distance(fresh2, train_targets))
+    return dict(sw2=distances.sliced_w2(x, fresh), mmd2=distances.mmd2(x, fresh), mixture=far, mode_tv=tv,
+                copy=distances.median_nn_distance(x, train_targets) / distances.median_nn_distance(fresh2, train_targets))
 
 #----------------------------------------------------------------------------
 
@@ -141,7 +112,6 @@ def latest_snapshot(run_root):
 def solve_potentials(network, data_path, outdir, steps, back_steps, num_targets, seed, reuse, timing, extra=()):
     """potential.py once per K into outdir/potential-K<K> (resumed, or reused when finished, with --reuse);
     returns {K: potential} and adds potential_K<K>_s to `timing`."""
-    import potential
     pots = {}
     for K in back_steps:
         pot_dir = os.path.join(outdir, f'potential-K{K}')
@@ -177,84 +147,50 @@ def report_potentials(pots, steps):
     return potentials
 
 
-@click.command()
-@click.option('--outdir', help='Working directory (data, run, potential, results.json)', metavar='DIR', required=True)
-@click.option('--dim', help='Data dimension', type=click.IntRange(min=1), default=8, show_default=True)
-@click.option('--modes', help='Mixture components', type=click.IntRange(min=2), default=32, show_default=True)
-@click.option('--mode-std', help='Std of every component', type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True)
-@click.option('--num-train', help='Training items', type=click.IntRange(min=100), default=20000, show_default=True)
-@click.option('--train-kimg', help='Denoiser training duration (thousands of samples)', type=click.FloatRange(min=1), default=1200, show_default=True)
-@click.option('--num-targets', help='N: latents of the potential', type=click.IntRange(min=2), default=2000, show_default=True)
-@click.option('--steps', help='S: steps of the schedule the potential is made for', type=click.IntRange(min=2), default=18, show_default=True)
-@click.option('--back-steps', help='K: steps run after the OT map (Heun: 2K - 1 NFE); a comma list makes one potential each', metavar='LIST', default='5,8', show_default=True)
-@click.option('--samples', help='Samples per configuration (and fresh samples)', type=click.IntRange(min=100), default=5000, show_default=True)
-@click.option('--solver-step', help='potential.py --solver-step', default='adam', show_default=True)
-@click.option('--quick', help='A small smoke run (fewer items, shorter training, fewer samples)', is_flag=True)
-@click.option('--reuse', help='Reuse the trained snapshot and potentials already in --outdir (same settings)', is_flag=True)
-@click.option('--seed', help='Seed of the data, training and potential', type=int, default=0, show_default=True)
-def main(outdir, dim, modes, mode_std, num_train, train_kimg, num_targets, steps, back_steps, samples, solver_step,
-         quick, reuse, seed):
-    """Quality of DPM-OT at ~10 NFE against the plain samplers at ~10 and 35+ NFE on a Gaussian mixture."""
-    import train
-    if quick:
-        num_train, train_kimg, num_targets, samples = 4000, 300, 500, 2000
-    back_steps = parse_back_steps(back_steps, steps)
-    os.makedirs(outdir, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    timing = {}
+#----------------------------------------------------------------------------
 
-    # 1. Data.
+def make_data(outdir, num_train, dim, modes, mode_std, samples, seed):
+    """The training mixture (written to outdir/train.npz) and two fresh samples of it: dict with data_path,
+    means, weights, fresh, fresh2 (torch [samples, dim]) and sigma_data."""
     rng = np.random.default_rng(seed)
     mix = toy.gaussian_mixture(num_train, rng, dim=dim, components=modes, radius=2.0, std=mode_std)
-    means, weights = mix['means'], mix['weights']
     data_path = os.path.join(outdir, 'train.npz')
     np.savez(data_path, x=mix['x'])
     fresh_rng = np.random.default_rng(seed + 1000)
-    fresh = torch.as_tensor(toy.gaussian_mixture(samples, fresh_rng, means=means, std=mode_std)['x'])
-    fresh2 = torch.as_tensor(toy.gaussian_mixture(samples, fresh_rng, means=means, std=mode_std)['x'])
-    sigma_data = float(np.std(mix['x']))
+    fresh = torch.as_tensor(toy.gaussian_mixture(samples, fresh_rng, means=mix['means'], std=mode_std)['x'])
+    fresh2 = torch.as_tensor(toy.gaussian_mixture(samples, fresh_rng, means=mix['means'], std=mode_std)['x'])
+    return dict(data_path=data_path, means=mix['means'], weights=mix['weights'], fresh=fresh, fresh2=fresh2,
+                sigma_data=float(np.std(mix['x'])))
 
-    # 2. Denoiser training.
-    run_root = os.path.join(outdir, 'runs')
-    t0 = time.time()
-    trained = not (reuse and os.path.isdir(run_root))
-    if trained:
-        _cli(train.main, ['--kind=denoiser', '--name=gmm', f'--outdir={run_root}', f'--data={data_path}', '--precond=edm',
-                          '--model_channels=32', f'--net-opts={{"sigma_data": {sigma_data:.4f}}}', '--batch=512',
-                          '--lr=2e-3', f'--lr-rampup={train_kimg / 20:g}', f'--ema={train_kimg / 20000:g}',
-                          f'--duration={train_kimg / 1000:g}', f'--tick={train_kimg / 10:g}', '--snap=100', '--dump=100',
-                          '--workers=0', f'--seed={seed}', '--device=cpu', '--no-tensorboard', '--grad-clip=0'])
-    timing['train_s'] = time.time() - t0 if trained else None
-    _, network = latest_snapshot(run_root)
-    net, _ = snapshots.load_denoiser(network)
-    oracle = MixtureDenoiser(means, weights, mode_std)
 
-    # 3. Potentials (one per K; the solver resumes or reuses a finished one with the same settings).
-    pots = solve_potentials(network, data_path, outdir, steps, back_steps, num_targets, seed, reuse, timing,
-                            extra=[f'--solver-step={solver_step}'])
-    pot = pots[back_steps[0]]
-    targets_clean = torch.as_tensor(np.load(data_path)['x'][pot['indices'].numpy()])
+def train_denoiser(run_root, data_path, sigma_data, train_kimg, seed):
+    """train.py --kind=denoiser: an MLP denoiser with EDM preconditioning, into a new run under run_root."""
+    _cli(train.main, ['--kind=denoiser', '--name=gmm', f'--outdir={run_root}', f'--data={data_path}', '--precond=edm',
+                      '--model_channels=32', f'--net-opts={{"sigma_data": {sigma_data:.4f}}}', '--batch=512',
+                      '--lr=2e-3', f'--lr-rampup={train_kimg / 20:g}', f'--ema={train_kimg / 20000:g}',
+                      f'--duration={train_kimg / 1000:g}', f'--tick={train_kimg / 10:g}', '--snap=100', '--dump=100',
+                      '--workers=0', f'--seed={seed}', '--device=cpu', '--no-tensorboard', '--grad-clip=0'])
 
-    # 4. Generation and metrics.
-    configs = [('Euler', None, 'euler', 10, {}), ('Heun', None, 'heun', 6, {}),
-               ('Euler', None, 'euler', 35, {}), ('Heun', None, 'heun', 18, {}), ('Heun', None, 'heun', 50, {})]
-    configs += dpmot_configs(pots)
+
+def sample_and_score(denoisers, configs, samples, score):
+    """One row per (denoiser, configuration): generate `samples` seeds, score them; print each row as JSON."""
     seeds = range(10 ** 6, 10 ** 6 + samples)
     rows = []
-    floor = dict(sw2=sliced_w2(fresh2, fresh), mmd2=mmd2(fresh2, fresh), mixture=mode_stats(fresh2, means, weights, mode_std)[0],
-                 mode_tv=mode_stats(fresh2, means, weights, mode_std)[1], copy=1.0)
-    for den_name, den in (('oracle', oracle), ('MLP', net)):
+    for den_name, den, check_network in denoisers:
         for label, p, sampler, S, kw in configs:
             t0 = time.time()
             x, info = dpmot.generate_samples(den, seeds, potential=p, sampler=sampler, steps=S, batch_size=1000,
-                                             check_network=den is net, **kw)
+                                             check_network=check_network, **kw)
             row = dict(denoiser=den_name, method=label, sampler=sampler, nfe=info['nfe'],
                        steps=S if p is None else f'{p["num_steps"]}, K={p["back_steps"]}', time_s=time.time() - t0,
-                       **evaluate(x, fresh, fresh2, means, weights, mode_std, targets_clean))
+                       **score(x))
             rows.append(row)
             print(json.dumps(row), flush=True)
+    return rows
 
-    # Report.
+
+def report(rows, floor):
+    """Print the Markdown table and, per denoiser, each DPM-OT row against plain Heun at 35 NFE; return the table."""
     header = ('| denoiser | method | steps | NFE | sliced W2 | MMD^2 x1e3 | mode mixture | mode-weight TV | copying |\n'
               '|---|---|---|---:|---:|---:|---:|---:|---:|')
     lines = [header, f'| fresh data | (noise floor) | | | {floor["sw2"]:.4f} | {1e3 * floor["mmd2"]:.3f} | '
@@ -274,6 +210,64 @@ def main(outdir, dim, modes, mode_std, num_train, train_kimg, num_targets, steps
                 print(f'{den_name:6s} {r["method"]:30s} K={r["steps"].split("K=")[1]:>2s}: NFE {r["nfe"]}/35, sliced W2 x'
                       f'{r["sw2"] / ref["sw2"]:.2f}, mode mixture {100 * r["mixture"]:.2f}% vs '
                       f'{100 * ref["mixture"]:.2f}% of plain Heun at 35 NFE')
+    return table
+
+
+@click.command()
+@click.option('--outdir', help='Working directory (data, run, potential, results.json)', metavar='DIR', required=True)
+@click.option('--dim', help='Data dimension', type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--modes', help='Mixture components', type=click.IntRange(min=2), default=32, show_default=True)
+@click.option('--mode-std', help='Std of every component', type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True)
+@click.option('--num-train', help='Training items', type=click.IntRange(min=100), default=20000, show_default=True)
+@click.option('--train-kimg', help='Denoiser training duration (thousands of samples)', type=click.FloatRange(min=1), default=1200, show_default=True)
+@click.option('--num-targets', help='N: latents of the potential', type=click.IntRange(min=2), default=2000, show_default=True)
+@click.option('--steps', help='S: steps of the schedule the potential is made for', type=click.IntRange(min=2), default=18, show_default=True)
+@click.option('--back-steps', help='K: steps run after the OT map (Heun: 2K - 1 NFE); a comma list makes one potential each', metavar='LIST', default='5,8', show_default=True)
+@click.option('--samples', help='Samples per configuration (and fresh samples)', type=click.IntRange(min=100), default=5000, show_default=True)
+@click.option('--solver-step', help='potential.py --solver-step', default='adam', show_default=True)
+@click.option('--quick', help='A small smoke run (fewer items, shorter training, fewer samples)', is_flag=True)
+@click.option('--reuse', help='Reuse the trained snapshot and potentials already in --outdir (same settings)', is_flag=True)
+@click.option('--seed', help='Seed of the data, training and potential', type=int, default=0, show_default=True)
+def main(outdir, dim, modes, mode_std, num_train, train_kimg, num_targets, steps, back_steps, samples, solver_step,
+         quick, reuse, seed):
+    """Quality of DPM-OT at ~10 NFE against the plain samplers at ~10 and 35+ NFE on a Gaussian mixture."""
+    if quick:
+        num_train, train_kimg, num_targets, samples = 4000, 300, 500, 2000
+    back_steps = parse_back_steps(back_steps, steps)
+    os.makedirs(outdir, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    timing = {}
+
+    # 1. Data; 2. denoiser training (or the run already there, with --reuse).
+    data = make_data(outdir, num_train, dim, modes, mode_std, samples, seed)
+    run_root = os.path.join(outdir, 'runs')
+    t0 = time.time()
+    trained = not (reuse and os.path.isdir(run_root))
+    if trained:
+        train_denoiser(run_root, data['data_path'], data['sigma_data'], train_kimg, seed)
+    timing['train_s'] = time.time() - t0 if trained else None
+    _, network = latest_snapshot(run_root)
+    net, _ = snapshots.load_denoiser(network)
+    oracle = MixtureDenoiser(data['means'], data['weights'], mode_std)
+
+    # 3. Potentials (one per K; the solver resumes or reuses a finished one with the same settings).
+    pots = solve_potentials(network, data['data_path'], outdir, steps, back_steps, num_targets, seed, reuse, timing,
+                            extra=[f'--solver-step={solver_step}'])
+    targets_clean = torch.as_tensor(np.load(data['data_path'])['x'][pots[back_steps[0]]['indices'].numpy()])
+
+    # 4. Generation and metrics.
+    fresh, fresh2, means, weights = data['fresh'], data['fresh2'], data['means'], data['weights']
+    configs = [('Euler', None, 'euler', 10, {}), ('Heun', None, 'heun', 6, {}),
+               ('Euler', None, 'euler', 35, {}), ('Heun', None, 'heun', 18, {}), ('Heun', None, 'heun', 50, {})]
+    configs += dpmot_configs(pots)
+    floor = dict(sw2=distances.sliced_w2(fresh2, fresh), mmd2=distances.mmd2(fresh2, fresh),
+                 mixture=mode_stats(fresh2, means, weights, mode_std)[0],
+                 mode_tv=mode_stats(fresh2, means, weights, mode_std)[1], copy=1.0)
+    rows = sample_and_score([('oracle', oracle, False), ('MLP', net, True)], configs, samples,
+                            lambda x: evaluate(x, fresh, fresh2, means, weights, mode_std, targets_clean))
+
+    # Report.
+    table = report(rows, floor)
     print(f'\ntimes (s): {json.dumps({k: None if v is None else round(v) for k, v in timing.items()})}')
     potentials = report_potentials(pots, steps)
     summary = dict(config=dict(dim=dim, modes=modes, mode_std=mode_std, num_train=num_train, train_kimg=train_kimg,

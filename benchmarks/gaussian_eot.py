@@ -5,7 +5,7 @@ seeded random rotation (data.toy); trains through the project's train.py on .npz
 --gamma=eps, translates held-out inputs with generate.py --repeats (G and sde), and compares with
 transport.gaussian. A quick run on a CPU:
 
-    python benchmarks/gaussian_eot.py --dims=2 --eps=1 --kimg=20 --outdir=/tmp/geot-quick
+    python -m benchmarks.gaussian_eot --dims=2 --eps=1 --kimg=20 --outdir=/tmp/geot-quick
 
 Reported per (D, eps, sampler), all in %:
   BW2-UVP      of the fitted target against N(0, S1), over --marginal-samples held-out inputs, one output each;

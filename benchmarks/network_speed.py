@@ -16,10 +16,10 @@ precision). Options, combined with '+':
     tf32           TF32 matmuls and convolutions (CUDA only)
 
 Examples:
-    python benchmarks/network_speed.py                          # auto device, c = 32, 64; fp32, channels_last, bf16, both
-    python benchmarks/network_speed.py --threads=1              # shared CPU: one thread, no OpenMP spin-waiting
-    python benchmarks/network_speed.py --options=compile,compile+bf16 --channels=32 --rounds=3
-    python benchmarks/network_speed.py --device=cuda --batch=256 --options=channels_last,bf16,channels_last+bf16,tf32,compile
+    python -m benchmarks.network_speed                          # auto device, c = 32, 64; fp32, channels_last, bf16, both
+    python -m benchmarks.network_speed --threads=1              # shared CPU: one thread, no OpenMP spin-waiting
+    python -m benchmarks.network_speed --options=compile,compile+bf16 --channels=32 --rounds=3
+    python -m benchmarks.network_speed --device=cuda --batch=256 --options=channels_last,bf16,channels_last+bf16,tf32,compile
 """
 
 import os

@@ -1,7 +1,7 @@
 """2-D toy recipes for one-step EOT, with figures: source, target, one-step outputs, the spread of G for a
 few inputs, and SDE trajectories, for several gamma.
 
-    python benchmarks/toy2d.py --tasks=8gaussians-moons,gaussian-swissroll --gammas=0.01,0.1,1 \\
+    python -m benchmarks.toy2d --tasks=8gaussians-moons,gaussian-swissroll --gammas=0.01,0.1,1 \\
         --kimg=100 --outdir=/tmp/toy2d --figdir=docs
 
 Each (task, gamma) trains through train.py on .npz data (dataset_tool.py writes the same files with
@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.gaussian_eot import run
 from data import toy
+from metrics import distances
 from sampling.translation import sample_sde
 from torch_utils.images import PALETTE, save_png
 
@@ -127,12 +128,9 @@ def compose(rows, pad=4):
 # Training, sampling, measures.
 
 def sliced_w2(a, b, num_proj=256, seed=0):
-    """Sliced W2 between equal-size samples [N, 2]: sqrt of the mean over random directions of W2^2 in 1-D."""
-    rng = np.random.default_rng(seed)
-    theta = rng.normal(size=(2, num_proj))
-    theta /= np.linalg.norm(theta, axis=0)
-    pa, pb = np.sort(a @ theta, axis=0), np.sort(b @ theta, axis=0)
-    return float(np.sqrt(((pa - pb) ** 2).mean()))
+    """metrics.distances.sliced_w2 between equal-size samples [N, 2] along the random directions that the figures
+    of docs/toy2d.md were measured with (NumPy's generator; metrics.distances draws its own with torch's)."""
+    return distances.sliced_w2(a, b, directions=np.random.default_rng(seed).normal(size=(2, num_proj)))
 
 
 def train_and_sample(paths, run_dir, gamma, kimg, seed, train_args, threads, num_test, spread_inputs, spread_draws,

@@ -1,56 +1,28 @@
-"""The metrics of benchmarks/dpmot_digits.py (and the dpmot_quality functions it uses) on tiny inputs, against
-independent NumPy / SciPy computations. The benchmark itself (minutes) is not run here."""
+"""The metrics of benchmarks/dpmot_digits.py and benchmarks/dpmot_quality.py on tiny inputs, against independent
+NumPy / SciPy computations (the distances' own tests: tests/metrics/test_distances.py). The benchmarks themselves
+(minutes) are not run here."""
 
 import numpy as np
 import pytest
-import scipy.optimize
+import scipy.stats
 import torch
 
+import demo
 from benchmarks import dpmot_digits, dpmot_quality
+from tests.metrics.test_distances import np_median_nn, np_median_pairwise, np_mmd2, np_sliced_w2
 
 
 def _np_quantize(x):
     return np.clip(np.floor(x * 127.5 + 128), 0, 255) / 127.5 - 1
 
 
-def _np_mmd2(a, b, widths):
-    def k(x, y):
-        return sum(np.exp(-np.sum((x - y) ** 2) / (2 * w * w)) for w in widths)
-    m, n = len(a), len(b)
-    kaa = sum(k(a[i], a[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    kbb = sum(k(b[i], b[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
-    kab = sum(k(a[i], b[j]) for i in range(m) for j in range(n)) / (m * n)
-    return kaa + kbb - 2 * kab
-
-
-def _np_sliced_w2(a, b, directions=256, seed=0):
-    # The same random directions as the benchmark; the 1-D transport plans from an assignment solver.
-    v = torch.randn(a.shape[1], directions, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
-    v /= np.linalg.norm(v, axis=0, keepdims=True)
-    total = 0.0
-    for j in range(directions):
-        pa, pb = a @ v[:, j], b @ v[:, j]
-        cost = (pa[:, None] - pb[None, :]) ** 2
-        rows, cols = scipy.optimize.linear_sum_assignment(cost)
-        total += cost[rows, cols].mean()
-    return np.sqrt(total / directions)
-
-
-def _lower_median(values):
-    # torch.median's convention (the lower of the two middle values for an even count), which the benchmarks use.
-    return sorted(values)[(len(values) - 1) // 2]
-
-
-def _np_median_nn(x, ref):
-    return _lower_median([min(np.linalg.norm(xi - r) for r in ref) for xi in x])
-
-
-def _np_median_pairwise(x):
-    return _lower_median([np.linalg.norm(x[i] - x[j]) for i in range(len(x)) for j in range(i + 1, len(x))])
+def _directions(dim, num=256, seed=0):
+    # The benchmarks' sliced W2 directions: metrics.distances' default, 256 seeded N(0, I) draws, normalised.
+    v = torch.randn(dim, num, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
+    return v / np.linalg.norm(v, axis=0, keepdims=True)
 
 
 def _classifier(resolution=8, seed=0):
-    import demo
     torch.manual_seed(seed)
     return demo.make_classifier(resolution).eval().requires_grad_(False)
 
@@ -102,23 +74,38 @@ def test_evaluate_matches_independent_metrics():
 
     f1, f2, tr = fresh.double().numpy().reshape(m, -1), fresh2.double().numpy().reshape(m, -1), \
         train.double().numpy().reshape(n_train, -1)
-    pixel_widths = [c * _np_median_pairwise(f1) for c in (0.5, 1.0, 2.0)]
+    pixel_widths = [c * np_median_pairwise(f1) for c in (0.5, 1.0, 2.0)]
     np.testing.assert_allclose(ref['pixel_widths'], pixel_widths, rtol=1e-6)
-    assert got['sw2'] == pytest.approx(_np_sliced_w2(xq, f1), rel=1e-6)
-    assert got['mmd2'] == pytest.approx(_np_mmd2(xq, f1, pixel_widths), rel=1e-6, abs=1e-10)
-    assert got['copy'] == pytest.approx(_np_median_nn(xq, tr) / _np_median_nn(f2, tr), rel=1e-6)
+    assert got['sw2'] == pytest.approx(np_sliced_w2(xq, f1, _directions(xq.shape[1])), rel=1e-6)
+    assert got['mmd2'] == pytest.approx(np_mmd2(xq, f1, pixel_widths), rel=1e-6, abs=1e-10)
+    assert got['copy'] == pytest.approx(np_median_nn(xq, tr) / np_median_nn(f2, tr), rel=1e-6)
     assert got['distinct'] == 1.0
 
     assert 0 < got['unreadable'] < 1
     assert got['unreadable'] == pytest.approx(np.mean(probs.max(1) < threshold))
     hist = np.bincount(probs.argmax(1), minlength=10) / m
     assert got['class_tv'] == pytest.approx(0.5 * np.abs(hist - 0.1).sum())
-    feature_widths = [c * _np_median_pairwise(ffeats) for c in (0.5, 1.0, 2.0)]
-    assert got['feat_mmd2'] == pytest.approx(_np_mmd2(feats, ffeats, feature_widths), rel=1e-5, abs=1e-9)
+    feature_widths = [c * np_median_pairwise(ffeats) for c in (0.5, 1.0, 2.0)]
+    assert got['feat_mmd2'] == pytest.approx(np_mmd2(feats, ffeats, feature_widths), rel=1e-5, abs=1e-9)
 
 
-def test_shared_metrics_come_from_dpmot_quality():
-    # One implementation of the distances, used by both benchmarks.
-    assert dpmot_digits.sliced_w2 is dpmot_quality.sliced_w2
-    assert dpmot_digits.mmd2 is dpmot_quality.mmd2
-    assert dpmot_digits.nn_distance is dpmot_quality.nn_distance
+def test_gaussian_mixture_evaluate_matches_independent_metrics():
+    # dpmot_quality.evaluate: the distances, the share beyond every mode's 99.9 % radius and the nearest-mode TV.
+    rng = np.random.default_rng(4)
+    means = np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    weights = np.array([0.5, 0.3, 0.2])
+    std, m = 0.1, 30
+    x = means[rng.integers(0, 3, m)] + rng.normal(0, std, (m, 3))
+    x[:4] = rng.uniform(-1, 3, (4, 3))                        # some far from every mode
+    fresh, fresh2 = rng.normal(size=(m, 3)), rng.normal(size=(m, 3))
+    train = rng.normal(size=(9, 3))
+    got = dpmot_quality.evaluate(torch.as_tensor(x), torch.as_tensor(fresh), torch.as_tensor(fresh2), means,
+                                 weights, std, torch.as_tensor(train))
+    d = np.linalg.norm(x[:, None] - means[None], axis=2)
+    radius = std * np.sqrt(scipy.stats.chi2.ppf(0.999, 3))
+    assert got['mixture'] == pytest.approx(np.mean(d.min(1) > radius)) and 0 < got['mixture'] < 1
+    hist = np.bincount(d.argmin(1), minlength=3) / m
+    assert got['mode_tv'] == pytest.approx(0.5 * np.abs(hist - weights).sum())
+    assert got['sw2'] == pytest.approx(np_sliced_w2(x, fresh, _directions(3)), rel=1e-9)
+    assert got['mmd2'] == pytest.approx(np_mmd2(x, fresh, (0.2, 1.0, 5.0)), rel=1e-9, abs=1e-12)
+    assert got['copy'] == pytest.approx(np_median_nn(x, train) / np_median_nn(fresh2, train), rel=1e-9)

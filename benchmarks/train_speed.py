@@ -6,8 +6,8 @@ through G for nothing), calls D twice in the D-step, and trains f and D's weight
 G-step; ours runs G under no_grad there, freezes f and D in the G-step and scores D once. The two
 alternate (ABAB...) so that machine load hits both alike; the ratio of median times is printed.
 
-    python benchmarks/train_speed.py                       # 32x32 RGB, c=32, batch 16, the seed's 10/2/1 schedule
-    python benchmarks/train_speed.py --channels=64 --repeats=5 --device=cuda
+    python -m benchmarks.train_speed                       # 32x32 RGB, c=32, batch 16, the seed's 10/2/1 schedule
+    python -m benchmarks.train_speed --channels=64 --repeats=5 --device=cuda --precision=bf16
 """
 
 import statistics
@@ -79,12 +79,13 @@ def reference_iteration(nets, opts, data1, data2, gamma, G_iters, f_iters, D_ite
         step(D, opts['D'])
 
 
-def build(shape, channels, batch, device, net_opts):
+def build(shape, channels, batch, device, net_opts, precision='fp32'):
     """A Trainer and an EOTTask wired to in-memory data, and the same networks for the reference."""
-    trainer = Trainer(device, batch_size=batch, lr_rampup_kimg=0)
+    trainer = Trainer(device, batch_size=batch, lr_rampup_kimg=0, precision=precision)
     task = EOTTask.__new__(EOTTask)    # Bypass dataset loading: the streams below replace it.
     task.loss = EOTLoss(1.0)
     task.G_iters, task.f_iters, task.D_iters = 10, 2, 1
+    task.D_gp = 0.0                    # No critic penalty: the stated method, as the reference.
     task.data1, task.data2 = TensorStream(shape, batch, device, 1), TensorStream(shape, batch, device, 2)
     torch.manual_seed(0)
     kwargs = eot_network_kwargs(shape, model_channels=channels, **net_opts)
@@ -103,13 +104,15 @@ def build(shape, channels, batch, device, net_opts):
 @click.option('--repeats', type=int, default=3, show_default=True, help='Timed runs of each loop (alternating)')
 @click.option('--net-opts', type=str, default='{"num_blocks": 2}', show_default=True, help='JSON network overrides')
 @click.option('--device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
-def main(resolution, model_channels, batch, schedule, outer, repeats, net_opts, device):
+@click.option('--precision', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True,
+              help='Forward passes of both loops (bf16 = autocast, as train.py --precision)')
+def main(resolution, model_channels, batch, schedule, outer, repeats, net_opts, device, precision):
     """Print images/s of both loops and their ratio."""
     import json
     device = dist.init(device)
     G_iters, f_iters, D_iters = (int(v) for v in schedule.split(','))
     shape = (3, resolution, resolution)
-    trainer, task = build(shape, model_channels, batch, device, json.loads(net_opts))
+    trainer, task = build(shape, model_channels, batch, device, json.loads(net_opts), precision)
     task.G_iters, task.f_iters, task.D_iters = G_iters, f_iters, D_iters
     ref_nets = {k: v for k, v in trainer.nets.items()}
     ref_opts = {k: torch.optim.Adam(v.parameters(), lr=1e-4) for k, v in ref_nets.items()}
@@ -120,10 +123,12 @@ def main(resolution, model_channels, batch, schedule, outer, repeats, net_opts, 
             task.iteration(trainer)
 
     def reference():
-        for _ in range(outer):
-            reference_iteration(ref_nets, ref_opts, task.data1, task.data2, 1.0, G_iters, f_iters, D_iters, 1e-4)
+        # The same autocast as ours (its backward passes run inside it too: they follow the forward dtypes anyway).
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
+            for _ in range(outer):
+                reference_iteration(ref_nets, ref_opts, task.data1, task.data2, 1.0, G_iters, f_iters, D_iters, 1e-4)
 
-    print(f'Device {device}, {torch.get_num_threads()} threads; images {list(shape)}, c={model_channels}, batch {batch}, '
+    print(f'Device {device} ({precision}), {torch.get_num_threads()} threads; images {list(shape)}, c={model_channels}, batch {batch}, '
           f'schedule G/f/D = {G_iters}/{f_iters}/{D_iters}, {outer} outer iteration(s) per run')
     ours(); reference(); sync() # Warm-up.
     times = dict(ours=[], reference=[])

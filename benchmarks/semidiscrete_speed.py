@@ -15,10 +15,12 @@ accurate at all (Adam bounds how far a height moves per iteration, and accurate 
 start h = 0; see reference_min_iterations) times the fastest of its measured iterations.
 
 Quick run (minutes on 2 CPU cores):
-    python benchmarks/semidiscrete_speed.py --num-targets=1000 --res=32 --max-seconds=1200
+    python -m benchmarks.semidiscrete_speed --num-targets=1000 --res=32 --max-seconds=1200
 Full size from the issue (about two hours on 2 CPU cores, most of it evaluations and the reference):
-    OMP_NUM_THREADS=1 python benchmarks/semidiscrete_speed.py --num-targets=10000 --res=32 --eval-every=1000 \
+    OMP_NUM_THREADS=1 python -m benchmarks.semidiscrete_speed --num-targets=10000 --res=32 --eval-every=1000 \
         --ref-eval-every=100000 --max-seconds=5400 --ref-max-seconds=1800
+Ours on a GPU (the problem, the peaks and the kernel on the device; the reference is not run there):
+    python -m benchmarks.semidiscrete_speed --device=cuda --num-targets=50000 --skip-reference --eval-every=1000
 """
 
 import dataclasses
@@ -30,6 +32,7 @@ import click
 import torch
 
 
+from torch_utils import distributed as dist_utils
 from transport import semidiscrete as sd
 
 #----------------------------------------------------------------------------
@@ -226,29 +229,41 @@ def race(name, step_fn, h_fn, prob, target_rms, should_eval, eval_samples, eval_
     return None, it, ev, step_times
 
 
-def matmul_peak(dtype, m=2048, n=4096, k=3072, reps=5):
-    """GFLOP/s of a plain large matmul in `dtype` (best of reps)."""
-    a, b = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype, m=2048, n=4096, k=3072, reps=5, device=torch.device('cpu')):
+    """GFLOP/s of a plain large matmul in `dtype` (best of reps; on a GPU each rep times 20 products in a row,
+    since one takes about as long as the launch and the synchronisation)."""
+    a, b = torch.randn(m, k).to(device, dtype), torch.randn(n, k).to(device, dtype)
+    inner = 20 if device.type == 'cuda' else 1
     a @ b.T
     best = math.inf
     for _ in range(reps):
+        _sync(device)
         t0 = time.perf_counter()
-        a @ b.T
-        best = min(best, time.perf_counter() - t0)
+        for _ in range(inner):
+            a @ b.T
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / inner)
     return 2 * m * n * k / best / 1e9
 
 
 def kernel_rate(prob, dtype, num_samples, block_size, chunk_size, reps=3):
     """GFLOP/s of our assignment kernel (top-2 per sample over all targets, re-scoring included)."""
     scorer = sd._Scorer(prob, dtype=dtype, chunk_size=chunk_size)
-    g = torch.zeros(prob.num_targets, dtype=prob._exact)
-    x = torch.rand(num_samples, prob.dim) - 0.5
+    g = torch.zeros(prob.num_targets, dtype=prob._exact, device=prob.device)
+    x = (torch.rand(num_samples, prob.dim) - 0.5).to(prob.device)
     scorer.topk(x[:block_size], g, 2, exact='winner')      # warm-up
     best = math.inf
     for _ in range(reps):
+        _sync(prob.device)
         t0 = time.perf_counter()
         for s in range(0, num_samples, block_size):
             scorer.topk(x[s:s + block_size], g, 2, exact='winner')
+        _sync(prob.device)
         best = min(best, time.perf_counter() - t0)
     return 2 * num_samples * prob.num_targets * prob.dim / best / 1e9
 
@@ -261,6 +276,17 @@ def reference_rate(ref, reps=2):
         ref._batch_counts()
         best = min(best, time.perf_counter() - t0)
     return 2 * ref.bat_sr * ref.N * ref.y.shape[1] / best / 1e9
+
+
+def _device(choice, skip_reference):
+    """The torch.device of --device; click.BadParameter for one torch cannot use, or a GPU with the reference."""
+    try:
+        device = dist_utils.resolve_device(choice)
+    except (RuntimeError, ValueError) as err:
+        raise click.BadParameter(str(err), param_hint='--device')
+    if device.type != 'cpu' and not skip_reference:
+        raise click.BadParameter(f'--device={choice}: the reference runs on the CPU only; add --skip-reference')
+    return device
 
 #----------------------------------------------------------------------------
 
@@ -282,24 +308,26 @@ def reference_rate(ref, reps=2):
 @click.option('--eval-threads', help='Threads for evaluations (clock stopped)  [default: all cores]', type=int, default=None)
 @click.option('--skip-reference', help='Time only our solver', is_flag=True)
 @click.option('--seed', help='Seed of the targets and solvers', type=int, default=0, show_default=True)
+@click.option('--device', help='Where ours runs: cpu, cuda or cuda:N (the reference runs on the CPU only)', default='cpu', show_default=True)
 def main(num_targets, res, sigma, dataset, target_rms, eval_every, ref_eval_every, eval_per_target, max_seconds,
          ref_max_seconds, dtype, chunk_size,
-         block_size, kernel_targets, eval_threads, skip_reference, seed):
+         block_size, kernel_targets, eval_threads, skip_reference, seed, device):
     """Time ours and the reference to the same accuracy on the same problem; print the ratio."""
     log = lambda msg: print(msg, flush=True)
+    device = _device(device, skip_reference)
     N, d = num_targets, 3 * res * res
     y = dataset_images(dataset, N, res, sigma, seed) if dataset else smooth_random_images(N, res, sigma, seed)
-    prob = sd.SemidiscreteProblem(y, 'uniform')
+    prob = sd.SemidiscreteProblem(y.to(device), 'uniform')
     tdtype = torch.bfloat16 if dtype == 'bf16' else torch.float32
     log(f'N = {N}, d = {d}, sigma = {sigma}, threads = {torch.get_num_threads()}, target: rms <= {target_rms} '
         f'and no empty cell on {eval_per_target} N independent samples')
 
     # Kernel throughput against the machine's peak, measured now (also at --kernel-targets targets).
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    peak32, peak16 = matmul_peak(torch.float32, device=device), matmul_peak(torch.bfloat16, device=device)
     peak = peak16 if tdtype == torch.bfloat16 else peak32
     log(f'matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s')
     for n_k in sorted({N, kernel_targets or N}):
-        prob_k = prob if n_k == N else sd.SemidiscreteProblem(smooth_random_images(n_k, res, sigma, seed + 1))
+        prob_k = prob if n_k == N else sd.SemidiscreteProblem(smooth_random_images(n_k, res, sigma, seed + 1).to(device))
         rate = kernel_rate(prob_k, tdtype, 2 * block_size, block_size, chunk_size)
         log(f'our kernel at N = {n_k} ({dtype}, top-2 with the winner exact): {rate:.0f} GFLOP/s = '
             f'{100 * rate / peak:.0f}% of the {dtype} peak')
@@ -316,6 +344,7 @@ def main(num_targets, res, sigma, dataset, target_rms, eval_every, ref_eval_ever
         one_more = dataclasses.replace(solver, max_iters=(prev.num_iters if prev else 0) + 1)
         box['out'] = one_more(prob, generator=torch.Generator().manual_seed(seed),
                                                       resume=prev.state if prev else None)
+        _sync(device)
         return box['out'].converged
 
     def ours_should_eval(it):
@@ -331,6 +360,8 @@ def main(num_targets, res, sigma, dataset, target_rms, eval_every, ref_eval_ever
     log(f'ours: {"reached" if t_ours else "did not reach"} the target in {t_ours or math.nan:.1f} s, {it_ours} iterations, '
         f'{out.num_samples_used / N:.0f} N samples; own certificate: converged={out.converged}')
 
+    if device.type == 'cuda':
+        log(f'peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated')
     if skip_reference:
         return
     ref = ReferenceSolver(y, seed=seed)

@@ -9,6 +9,16 @@ import pytest
 import torch
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device: skipped, saying so, where torch sees none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA device (torch.cuda.is_available() is False)')
+    for item in items:
+        if 'gpu' in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True, scope='session')
 def one_torch_thread():
     """One intra-op thread for the whole session: the tests use tiny tensors, for which torch's thread

@@ -1,5 +1,11 @@
-"""Run under torchrun by test_distributed.py: checks collectives and the DDP consistency check."""
+"""Run under torchrun by test_distributed.py: checks collectives and the DDP consistency check.
 
+    python -m torch.distributed.run --standalone --nproc_per_node=N _dist_worker.py N [cpu|cuda]
+
+cpu (the default) runs on gloo, cuda on nccl with one GPU per process; tensors live on the process's device.
+"""
+
+import os
 import sys
 
 import torch
@@ -9,16 +15,21 @@ from torch_utils import misc, training_stats
 
 
 def main():
-    dev = dist.init('cpu')
+    want = sys.argv[2] if len(sys.argv) > 2 else 'cpu'
+    dev = dist.init(want)
     rank, world = dist.get_rank(), dist.get_world_size()
-    assert dev.type == 'cpu' and dist.is_distributed() and world == int(sys.argv[1])
+    assert dev.type == want and dist.is_distributed() and world == int(sys.argv[1])
+    backend = torch.distributed.get_backend()
+    assert backend == ('nccl' if want == 'cuda' else 'gloo'), backend
+    if dev.type == 'cuda':
+        assert dev.index == int(os.environ['LOCAL_RANK']) % torch.cuda.device_count(), dev
 
     # All-reduce: sum of (rank + 1) over ranks.
-    t = torch.tensor([float(rank + 1)])
+    t = torch.tensor([float(rank + 1)], device=dev)
     dist.all_reduce_(t)
     assert t.item() == world * (world + 1) / 2, t
 
-    # Seeds agree without CUDA.
+    # Seeds agree across ranks.
     seed = dist.agree_on_seed(None)
     assert len(set(dist.all_gather_object(seed))) == 1
 
@@ -39,10 +50,15 @@ def main():
     all_idx = sum(dist.all_gather_object(mine), [])
     assert sorted(all_idx) == list(range(10)), all_idx
 
-    # Consistency check: identical modules pass; a planted difference on the last rank is caught.
+    # Consistency check: identical modules pass; a planted difference on the last rank is caught (with two
+    # ranks or more; one rank has nothing to differ from).
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).to(dev)
     misc.check_ddp_consistency(net)
+    if world == 1:
+        dist.print0(f'ALL OK ({backend}, {dev})')
+        dist.shutdown()
+        return
     if rank == world - 1:
         with torch.no_grad():
             net[0].bias[1] += 1e-3
@@ -53,7 +69,7 @@ def main():
         print(f'rank {rank}: caught: {err}')
     else:
         raise AssertionError('planted difference was not detected')
-    dist.print0('ALL OK')
+    dist.print0(f'ALL OK ({backend}, {dev})')
     dist.shutdown()
 
 

@@ -42,3 +42,36 @@ def test_torchrun_two_gloo_processes():
     res = torchrun(worker, 2, nproc=2)
     assert 'ALL OK' in res.stdout
     assert res.stdout.count('caught: DDP consistency check failed') == 2
+
+
+# The same on CUDA (skipped where torch sees no GPU: tests/conftest.py; run by python -m benchmarks.gpu_check).
+
+@pytest.mark.gpu
+def test_cuda_device_in_one_process(monkeypatch):
+    for var in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(dist, '_state', dict(dist._state))          # init() must not leak the device to later tests
+    dev = dist.init('cuda')
+    assert dev.type == 'cuda' and dist.device() == dev and dist.resolve_device('auto').type == 'cuda'
+    assert dist.resolve_device('cuda:0') == torch.device('cuda', 0)
+    assert not dist.is_distributed()
+    t = torch.ones(3, device=dev)
+    assert torch.equal(dist.all_reduce_(t), torch.ones(3, device=dev))
+    assert dist.broadcast_object({'a': 1}) == {'a': 1} and dist.agree_on_seed(5) == 5
+    dist.reset_peak_memory(dev)
+    block = torch.empty(64 * 2**20, dtype=torch.uint8, device=dev)    # 64 MiB
+    stats = dist.memory_stats(dev)
+    assert 1 / 16 <= stats['gpu_mem_gb'] < 1 and stats['cpu_mem_gb'] > 0
+    del block
+
+
+@pytest.mark.gpu
+def test_torchrun_nccl_processes():
+    # One process per GPU (nccl refuses two ranks on one device): on a one-GPU machine a single rank, which still
+    # goes through the nccl process group, its collectives on CUDA tensors and the statistics reduction.
+    n = min(2, torch.cuda.device_count())
+    visible = os.environ.get('CUDA_VISIBLE_DEVICES') or ','.join(str(i) for i in range(n))
+    worker = os.path.join(os.path.dirname(__file__), '_dist_worker.py')
+    res = torchrun(worker, n, 'cuda', nproc=n, env={'CUDA_VISIBLE_DEVICES': visible})
+    assert 'ALL OK (nccl, cuda:0)' in res.stdout
+    assert res.stdout.count('caught: DDP consistency check failed') == (n if n > 1 else 0)

@@ -157,7 +157,9 @@ def sample_langevin(net, x, sigmas, *, randn_like=torch.randn_like, callback=Non
         alpha = step_scale * sigma ** 2
         for _ in range(int(n_steps_each)):
             denoised = _denoise(net, x, sigma)
-            x = x + alpha * (denoised - x) / sigma ** 2 + math.sqrt(2 * alpha) * randn_like(x)
+            # The noise is drawn in float32 (and cast): cheaper, and the per-seed stream of earlier versions.
+            noise = randn_like(x.to(torch.float32)).to(x.dtype)
+            x = x + alpha * (denoised - x) / sigma ** 2 + math.sqrt(2 * alpha) * noise
             if callback is not None:
                 callback(dict(i=step, x=x, sigma=sigma, sigma_hat=sigma, sigma_next=sigma, denoised=denoised))
             step += 1

@@ -36,53 +36,13 @@ import torch
 from sampling import GenerationError
 from sampling import diffusion
 from sampling.potential import FORMAT, PotentialError, check_potential, load_potential
-from sampling.rng import rank_batches
+from sampling.rng import StackedRandomGenerator, check_seeds, rank_batches
 from sampling.snapshots import DENOISER_SAMPLERS, data_shape_of
 from torch_utils import distributed as dist
 from transport.semidiscrete import SemidiscreteProblem
 
 ANGLE_NORMS = ('minmax', 'batch', 'none')
 _ANGLE_REF_SEED = 0x0A7E5EED  # seed of the fixed reference batch of the 'minmax' angle normalisation
-
-#----------------------------------------------------------------------------
-# Per-seed random numbers.
-
-class SeededRandom:
-    """One CPU torch.Generator per seed: sample i's numbers depend only on seeds[i] and on the order of draws,
-    never on the batch (drawn in float32 on the CPU, then moved, so also the same on every device)."""
-
-    def __init__(self, seeds):
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-
-    def _draw(self, fn, shape, device, dtype):
-        out = torch.stack([fn(list(shape), generator=g, dtype=torch.float32) for g in self.generators])
-        return out.to(device=device, dtype=dtype)
-
-    def randn(self, shape, device='cpu', dtype=torch.float32):
-        return self._draw(torch.randn, shape, device, dtype)
-
-    def rand(self, shape, device='cpu', dtype=torch.float32):
-        return self._draw(torch.rand, shape, device, dtype)
-
-    def randn_like(self, x):
-        return self.randn(x.shape[1:], x.device, x.dtype)
-
-    def source(self, law, dim, device='cpu'):
-        """Source points [N, dim]: uniform on [0, 1]^dim or standard normal."""
-        return self.rand([dim], device) if law == 'uniform' else self.randn([dim], device)
-
-def check_seeds(seeds):
-    """The seeds as a list of ints (accepts ranges, lists, numpy arrays)."""
-    seeds = list(seeds)
-    if not seeds:
-        raise ValueError('No seeds given; pass e.g. seeds=range(64)')
-    out = []
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not -2**63 <= int(s) < 2**64:
-            raise ValueError(f'Seeds must be ints in [-2^63, 2^64); got {s!r}')
-        out.append(int(s))
-    return out
-
 
 #----------------------------------------------------------------------------
 # The OT map: source points -> latents.
@@ -242,12 +202,12 @@ def generate_samples(net, seeds, potential=None, sampler='heun', steps=None, top
         import tqdm
         batches = tqdm.tqdm(batches, desc='Generating', unit='batch')
     for batch_seeds in batches:
-        rnd = SeededRandom(batch_seeds)
+        rnd = StackedRandomGenerator(device, batch_seeds)
         if ot_map is None:
-            x = rnd.randn(shape, device, dtype) * float(sigmas[0])
+            x = rnd.randn([len(rnd), *shape], dtype) * float(sigmas[0])
         else:
-            u = rnd.source(pot['source'], ot_map.targets.shape[1], device)
-            x, map_info = ot_map(u, noise=lambda: rnd.randn(shape, device))
+            u = (rnd.rand if pot['source'] == 'uniform' else rnd.randn)([len(rnd), ot_map.targets.shape[1]])
+            x, map_info = ot_map(u, noise=lambda: rnd.randn([len(rnd), *shape]))
             x = x.to(dtype)
             cells.append(map_info['cells'].cpu())
             if 'kept_pairs' in map_info:
@@ -286,6 +246,7 @@ def iterate_samples(model, seeds, sampler='heun', steps=None, potential=None, to
         raise GenerationError(f'sampler {sampler!r} does not apply to denoiser snapshots; use one of '
                               f'{", ".join(DENOISER_SAMPLERS)}')
     seeds = np.asarray(seeds, dtype=np.int64)
+    seeds = np.asarray(check_seeds(seeds), dtype=np.int64)
     try:
         if potential is not None:
             potential = load_potential(potential)

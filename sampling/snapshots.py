@@ -44,55 +44,73 @@ def _snapshot_kind(data, where):
                               f'{", ".join(missing)} missing')
     return kind
 
-def _data_shape_of(kind, data, nets):
-    if data.get('data_shape') is not None:
-        return tuple(int(s) for s in data['data_shape'])
-    net = nets['G'] if kind == 'eot' else nets['ema']
+def data_shape_of(net, snapshot=None):
+    """(C, H, W) or (D,) of the data a network works on: the snapshot's `data_shape` when it records one, else
+    `net.data_shape`, else NVlabs/edm's `img_channels` and `img_resolution`. The one data-shape lookup."""
+    if snapshot is not None and snapshot.get('data_shape') is not None:
+        return tuple(int(s) for s in snapshot['data_shape'])
     if getattr(net, 'data_shape', None) is not None:
         return tuple(int(s) for s in net.data_shape)
-    if getattr(net, 'img_resolution', None) is not None: # An EDM denoiser.
+    if getattr(net, 'img_resolution', None) is not None and getattr(net, 'img_channels', None) is not None:
         return (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
-    raise GenerationError('the snapshot records no data shape and its network has none')
+    raise GenerationError(f'cannot tell the data shape of {type(net).__name__}: the snapshot records no data_shape '
+                          'and the network has neither `data_shape` nor edm\'s `img_channels` and `img_resolution`')
 
-def _model(kind, nets, data, source, device):
-    """The loaded model: an EasyDict with kind, nets (eval, on device), options and their source."""
-    nets = {k: v.to(device).eval().requires_grad_(False) for k, v in nets.items()}
-    model = dnnlib.EasyDict(kind=kind, nets=nets, source=source, data_shape=_data_shape_of(kind, data, nets),
+def as_model(data, source='<memory>', device=None):
+    """The loaded model of a snapshot dict (what a network-snapshot-*.pkl holds; the networks may be live ones,
+    as in training-time evaluation): an EasyDict with kind, nets {name: module} (eval, no gradients, on
+    `device`; left where they are when None), data_shape, source, kimg, and for EOT G, f, D, gamma, sde_steps;
+    for denoisers ema and label_dim (0: unconditional)."""
+    kind = _snapshot_kind(data, source)
+    names = ('G', 'f', 'D') if kind == 'eot' else ('ema',)
+    nets = {k: data[k] for k in names if data.get(k) is not None}
+    for name, net in nets.items():
+        if not isinstance(net, torch.nn.Module):
+            raise GenerationError(f'{source}: snapshot[{name!r}] is a {type(net).__name__}, not a network')
+    nets = {k: (v if device is None else v.to(device)).eval().requires_grad_(False) for k, v in nets.items()}
+    main = nets['G'] if kind == 'eot' else nets['ema']
+    model = dnnlib.EasyDict(kind=kind, nets=nets, source=source, data_shape=data_shape_of(main, data),
                             kimg=data.get('kimg'))
     if kind == 'eot':
         model.update(G=nets['G'], f=nets['f'], D=nets.get('D'), gamma=float(data.get('gamma', 0.0)),
                      sde_steps=int(data.get('sde_steps', 10)))
     else:
-        model.update(ema=nets['ema'])
+        model.update(ema=nets['ema'], label_dim=int(getattr(nets['ema'], 'label_dim', 0) or 0))
     return model
 
-def load_network(path, device=torch.device('cpu')):
-    """Load a pickled snapshot (path or URL) or a safe export (its folder or its network.json).
+def load_network(path, device=torch.device('cpu'), kind=None):
+    """Load a pickled snapshot (path or URL) or a safe export (its folder or its network.json): the one
+    snapshot loader of generate.py, potential.py (load_denoiser) and the benchmarks.
 
     Pickles run code when loaded: load only snapshots you trust (docs/safe-loading.md).
-    Returns an EasyDict: kind ('eot' or 'denoiser'), nets {name: module}, data_shape, source, kimg,
-    and for EOT G, f, D, gamma, sde_steps; for denoisers ema.
+    `kind`: None, or 'eot' / 'denoiser' to refuse a snapshot of the other kind.
+    Returns as_model's EasyDict: kind, nets {name: module}, data_shape, source, kimg, and for EOT G, f, D,
+    gamma, sde_steps; for denoisers ema and label_dim.
     """
     path = os.fspath(path)
     if os.path.isdir(path) or path.lower().endswith('.json'):
-        return load_safe_export(path, device)
+        data, source = read_safe_export(path), os.path.join(path, EXPORT_JSON) if os.path.isdir(path) else path
+    else:
+        data, source = _read_pickle(path), path
+    if kind is not None and _snapshot_kind(data, source) != kind:
+        found = 'an EOT snapshot (G, f, D)' if kind == 'denoiser' else 'a denoiser snapshot (ema)'
+        want = ('a denoiser under the key "ema" (train.py --kind=denoiser, or NVlabs/edm)' if kind == 'denoiser'
+                else 'an EOT snapshot (G, f, D) of train.py')
+        raise GenerationError(f'"{path}" holds {found}; pass {want}')
+    return as_model(data, source=source, device=device)
+
+def _read_pickle(path):
     if not dnnlib.util.is_url(path) and not os.path.isfile(path):
         raise GenerationError(f'--network: no such file or folder: "{path}"')
     try:
         with dnnlib.util.open_url(path) as f:
-            data = pickle.load(f)
+            return pickle.load(f)
     except (OSError, dnnlib.util.DownloadError) as err:
         raise GenerationError(f'--network: cannot read "{path}": {err}') from None
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as err:
-        raise GenerationError(f'{path}: cannot unpickle ({type(err).__name__}: {err}); is it a network-snapshot-*.pkl '
-                              'from train.py? (training-state-*.pt files are for --resume, not generation)') from None
-    kind = _snapshot_kind(data, path)
-    names = ('G', 'f', 'D') if kind == 'eot' else ('ema',)
-    nets = {k: data[k] for k in names if data.get(k) is not None}
-    for name, net in nets.items():
-        if not isinstance(net, torch.nn.Module):
-            raise GenerationError(f'{path}: snapshot[{name!r}] is a {type(net).__name__}, not a network')
-    return _model(kind, nets, data, source=path, device=device)
+        raise GenerationError(f'"{path}" is not a readable network snapshot (cannot unpickle: {type(err).__name__}: '
+                              f'{err}); pass a network-snapshot-*.pkl of train.py or NVlabs/edm (training-state-*.pt '
+                              'files are for --resume, not generation)') from None
 
 def _json_or_none(value):
     try:
@@ -137,7 +155,7 @@ def export_safe(model, out_dir):
     with dnnlib.util.atomic_write(json_path, 'w') as f:
         json.dump(desc, f, indent=2)
     # Round trip: the current code must rebuild every network with exactly these weights.
-    rebuilt = load_safe_export(json_path)
+    rebuilt = load_network(json_path)
     for name, net in rebuilt.nets.items():
         for key, value in net.state_dict().items():
             if not torch.equal(value, weights[name][key]):
@@ -169,14 +187,13 @@ def _build_network(name, arch, where):
         return getattr(networks, short)(*args, **kwargs)
     except (TypeError, ValueError) as err:
         raise GenerationError(f'{where}: cannot build {name} = {short}(**{kwargs}) with the current '
-                              f'training/networks.py: {err}') from None
+                              f'models/networks.py: {err}') from None
 
-def load_safe_export(path, device=torch.device('cpu')):
-    """Load an export written by `export_safe` without running any code from it.
-
-    The JSON is parsed as data; classes are looked up in the current models.networks only; the
-    weights load with torch.load(weights_only=True). Returns the same EasyDict as load_network.
-    """
+def read_safe_export(path):
+    """The snapshot dict of an export written by `export_safe` (its folder or network.json), read without
+    running any code from it: the JSON is parsed as data, classes are looked up in the current
+    models.networks only, the weights load with torch.load(weights_only=True). load_network reads exports
+    with this."""
     json_path = os.path.join(path, EXPORT_JSON) if os.path.isdir(path) else path
     if not os.path.isfile(json_path):
         raise GenerationError(f'--network: no {EXPORT_JSON} in "{path}"; pass a folder written by '
@@ -217,48 +234,13 @@ def load_safe_export(path, device=torch.device('cpu')):
         except RuntimeError as err:
             raise GenerationError(f'{weights_path}: the weights of {name} do not fit the network described in the '
                                   f'JSON: {err}') from None
-    return _model(kind, nets, desc, source=json_path, device=device)
+    return dict(desc, **nets)
 
 #----------------------------------------------------------------------------
 # Denoisers (potential.py).
 
-def data_shape_of(net):
-    """(C, H, W) or (D,) of the data a denoiser works on: `net.data_shape`, else EDM's img_channels/img_resolution."""
-    shape = getattr(net, 'data_shape', None)
-    if shape is not None:
-        return tuple(int(s) for s in shape)
-    if getattr(net, 'img_resolution', None) is not None and getattr(net, 'img_channels', None) is not None:
-        return (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
-    raise ValueError(f'Cannot tell the data shape of {type(net).__name__}: it needs `data_shape` or EDM\'s '
-                     '`img_channels` and `img_resolution` attributes')
-
-
-def load_denoiser(path):
-    """(net, snapshot dict) from a denoiser snapshot (ours or NVlabs/edm's): the network is under `ema`.
-
-    A safe export of `generate.py --export-safe` (its folder or network.json) loads without running
-    code from the file (torch.load(weights_only=True), networks rebuilt from training.networks).
-    """
-    if os.path.isdir(os.fspath(path)) or os.fspath(path).lower().endswith('.json'):
-        try:
-            model = load_network(path)
-        except GenerationError as err:
-            raise ValueError(str(err)) from None
-        if model.kind != 'denoiser':
-            raise ValueError(f'"{path}" is a safe export of a {model.kind} snapshot, not of a denoiser')
-        return model.nets['ema'], dict(model)
-    try:
-        with dnnlib.util.open_url(path, verbose=False) as f:
-            data = pickle.load(f)
-    except (OSError, dnnlib.util.DownloadError) as err:
-        raise ValueError(f'Cannot read the network "{path}": {err}') from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError) as err:
-        raise ValueError(f'"{path}" is not a readable network snapshot ({type(err).__name__}: {err}); pass a '
-                         'network-snapshot-*.pkl of `train.py --kind=denoiser` or of NVlabs/edm') from None
-    if not isinstance(data, dict) or 'ema' not in data:
-        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-        hint = ' (an EOT snapshot: G, f, D)' if isinstance(data, dict) and 'G' in data else ''
-        raise ValueError(f'"{path}" holds no denoiser under the key "ema" (found {keys}{hint}); pass a snapshot '
-                         'of `train.py --kind=denoiser` or of NVlabs/edm')
-    return data['ema'], data
-
+def load_denoiser(path, device=torch.device('cpu')):
+    """(net, model) of a denoiser snapshot (ours or NVlabs/edm's) or of its safe export: `load_network` and a
+    check of the kind. `model` is load_network's EasyDict (kimg, data_shape, label_dim, ...)."""
+    model = load_network(path, device, kind='denoiser')
+    return model.ema, model

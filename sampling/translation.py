@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import torch
+import tqdm
 
 from data.dataset import DatasetError, open_dataset
 from sampling import GenerationError
@@ -107,10 +108,8 @@ def iterate_translations(model, dataset, seeds=None, num=None, sampler='G', step
         raise GenerationError(f'{len(seeds)} seeds for {num} inputs: give one seed per input')
     job_seeds = repeat_seeds(seeds, repeats).reshape(-1)
     batches = rank_batches(num * repeats, batch_size, rank, world_size)
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(batches, desc=f'Translating ({sampler})', unit='batch', disable=dist.get_rank() != 0)
-    for jobs in batches:
+    for jobs in tqdm.tqdm(batches, desc=f'Translating ({sampler})', unit='batch',
+                          disable=not progress or dist.get_rank() != 0):
         index, repeat = jobs // repeats, jobs % repeats
         x = load_items(dataset, index, device)
         rnd = StackedRandomGenerator(device, job_seeds[jobs])

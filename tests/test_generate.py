@@ -95,21 +95,42 @@ def test_stacked_generator_is_independent_of_the_batch_size():
         parts = []
         for i in range(0, len(seeds), batch):
             rnd = rng.StackedRandomGenerator('cpu', seeds[i:i + batch])
-            a = rnd.randn([len(rnd), 2, 3])
-            b = rnd.randn_like(torch.zeros(len(rnd), 4, dtype=torch.float64))
-            c = rnd.rand([len(rnd), 5])
-            parts.append(torch.cat([a.flatten(1), b.float().flatten(1), c], dim=1))
+            a = rnd.randn([len(rnd), 4, 5])
+            b = rnd.randn_like(torch.zeros(len(rnd), 20, dtype=torch.float64))
+            c = rnd.rand([len(rnd), 17])
+            d = rnd.randint(10, [len(rnd)])
+            parts.append(torch.cat([a.double().flatten(1), b, c.double(), d.double()[:, None]], dim=1))
         return torch.cat(parts)
     reference = draw(1)
     for batch in (3, 8):
         assert torch.equal(draw(batch), reference), batch
-    # Independently: sample i's numbers are exactly those of a lone generator seeded with seeds[i].
+    # Independently: sample i's numbers are exactly those of a lone generator seeded with seeds[i], float32
+    # draws for randn / rand, draws in the argument's dtype (here float64) for randn_like, as edm makes them.
     for i, s in enumerate(seeds):
         g = torch.Generator().manual_seed(s)
-        expect = torch.cat([torch.randn(6, generator=g), torch.randn(4, generator=g).double().float(),
-                            torch.rand(5, generator=g)])
+        expect = torch.cat([torch.randn(20, generator=g).double(), torch.randn(20, generator=g, dtype=torch.float64),
+                            torch.rand(17, generator=g).double(), torch.randint(10, [1], generator=g).double()])
         assert torch.equal(reference[i], expect), i
     assert torch.equal(reference[3], reference[4]) # Same seed, same noise.
+    # float64 draws are another stream than float32 ones (>= 16 values take torch's vectorised path).
+    g32, g64 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert not torch.equal(torch.randn(20, generator=g32).double(), torch.randn(20, generator=g64, dtype=torch.float64))
+
+
+def test_one_seed_range_and_only_32_bits_of_a_seed_matter():
+    # Every seed the two earlier generators took ([0, 2^63) and [-2^63, 2^64)) is taken, with the same draws:
+    # torch's CPU generator keeps the low 32 bits, so s, s + 2^32, s - 2^64 and 2^64 - 1 + s + 1 draw alike.
+    def first(seed):
+        return rng.StackedRandomGenerator('cpu', [seed]).randn([1, 20])
+    for s in (0, 7, 2**32 - 1):
+        for alias in (s + 2**32, s + 2**40, s + 2**63 if s + 2**63 < 2**64 else s, s - 2**63 if s else -2**32):
+            assert torch.equal(first(alias), first(s)), (s, alias)
+    assert torch.equal(first(-1), first(2**64 - 1)) and torch.equal(first(-1), first(2**32 - 1))
+    assert not torch.equal(first(1), first(2))
+    for bad in (2**64, -2**63 - 1, 0.5, True, '3'):
+        with pytest.raises(GenerationError, match=r'seeds are integers in \[-2\^63, 2\^64\)'):
+            rng.StackedRandomGenerator('cpu', [bad])
+    assert rng.check_seeds(np.arange(3)) == [0, 1, 2] and rng.check_seeds(range(2**64 - 2, 2**64)) == [2**64 - 2, 2**64 - 1]
 
 
 def test_parse_int_list_and_rank_batches():

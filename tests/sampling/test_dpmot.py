@@ -1,4 +1,4 @@
-"""training.dpmot: potential files, the OT map (top-1, top-k with the dihedral-angle rule) and generate_samples,
+"""sampling.dpmot: potential files, the OT map (top-1, top-k with the dihedral-angle rule) and generate_samples,
 checked against brute-force re-implementations and closed forms."""
 
 import math
@@ -146,7 +146,7 @@ def test_mismatches_are_caught(toy):
         dpmot.generate_samples(net, [0], pot, steps=12)
     with pytest.raises(ValueError, match='topk'):
         dpmot.generate_samples(net, [0], pot, topk=9)
-    with pytest.raises(ValueError, match='Seeds'):
+    with pytest.raises(ValueError, match=r'seeds are integers in \[-2\^63, 2\^64\)'):
         dpmot.generate_samples(net, [0.5], pot)
     with pytest.raises(ValueError, match='Unknown sampler'):
         dpmot.generate_samples(net, [0], pot, sampler='ddim')
@@ -327,3 +327,4 @@ def test_forward_diffuse_is_the_documented_draw():
     assert idx.tolist() == sorted(np.random.default_rng(3).permutation(10)[:4].tolist())
     with pytest.raises(ValueError, match='num_targets=11'):
         potential_lib.select_indices(10, 11, 0)
+

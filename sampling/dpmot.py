@@ -7,6 +7,8 @@ y_i = x_i + sigma_(S-K) n_i replaces the first S - K steps of a diffusion sample
     x, info = generate_samples(net, seeds=range(64), potential=pot, sampler='heun')
     x, info = generate_samples(net, seeds=range(64), sampler='heun', steps=18)   # the plain sampler (baseline)
     info['nfe']                                                # network evaluations per sample
+    prepared = PreparedSampler(net, pot, sampler='heun')       # checked and prepared once (generate.py) ...
+    x, info = prepared.sample(range(64))                       # ... then one call per batch
 
 Generation with a potential: per seed, draw a source point u; top-1 takes the latent of its cell,
 i* = argmax_i <u, y_i> + h_i. Top-k > 1 interpolates between the latents of the k best cells with the
@@ -21,8 +23,8 @@ reference exactly, 'none' compares raw angles (radians) with the threshold. An i
 less noise than sigma (sum_j w_j n_j has std sqrt(sum w_j^2) sigma), so by default (renoise) fresh noise of
 std sigma sqrt(1 - sum w_j^2) is added back.
 
-Every random number of sample i comes from its own generator seeded with seeds[i] (source point, initial
-noise, sampler noise), so a seed gives the same sample whatever the batch size or the other seeds (bit for bit
+Every random number of sample i comes from its own generator seeded with seeds[i] (sampling.rng: source point
+or initial noise, then the sampler's noises), so a seed gives the same sample whatever the batch size or the other seeds (bit for bit
 with the same batch size; across batch sizes a network's batched matrix products may differ in the last bit).
 """
 
@@ -32,6 +34,7 @@ import time
 
 import numpy as np
 import torch
+import tqdm
 
 from sampling import GenerationError
 from sampling import diffusion
@@ -70,6 +73,8 @@ class OTMap:
             raise PotentialError(f'The potential records a score gap of {pot["score_gap"]}; top-k needs a positive one')
         self.angle_threshold, self.angle_norm, self.renoise = float(angle_threshold), angle_norm, bool(renoise)
         self.angle_range = None
+        if self.topk > 1: # |(y_i, -1)| once (float64), not on every batch
+            self.normal_norms = (self.targets.to(torch.float64).square().sum(dim=1) + 1).sqrt()
         if self.topk > 1 and angle_norm == 'minmax':
             if int(angle_ref_samples) < 1:
                 raise ValueError(f'angle_ref_samples must be >= 1; got {angle_ref_samples}')
@@ -81,10 +86,9 @@ class OTMap:
 
     def _angles(self, idx):
         """Angles [M, k] between the normals (y_i, -1) of each sample's best cell and of its k best cells."""
-        y = self.targets.to(torch.float64)
-        norms = (y.square().sum(dim=1) + 1).sqrt()
-        best = idx[:, :1]
-        cos = ((y[best] * y[idx]).sum(dim=-1) + 1) / (norms[best] * norms[idx])
+        y = self.targets[idx].to(torch.float64)                                              # [M, k, d]: only these rows
+        norms = self.normal_norms[idx]
+        cos = ((y[:, :1] * y).sum(dim=-1) + 1) / (norms[:, :1] * norms)
         return torch.arccos(cos.clamp(-1, 1))
 
     def __call__(self, u, noise=None):
@@ -126,16 +130,84 @@ def _as_potential(potential):
         raise PotentialError('potential must be a path or a dict returned by load_potential')
     return potential
 
+def _device_of(net):
+    param = next(iter(net.parameters()), None) if hasattr(net, 'parameters') else None
+    return param.device if param is not None else torch.device('cpu')
+
+class PreparedSampler:
+    """A denoiser's sampler, prepared once and then run batch after batch: the plain sampler from noise, or DPM-OT.
+
+    Preparing does what does not depend on the seeds: with a potential, load and check it against the network
+    (its weights are hashed here, once) and build the OT map on the device; the noise schedule; the NFE formula.
+    `sample(seeds)` then makes one batch. generate.py prepares one per call; generate_samples one per call.
+
+    Args: those of generate_samples but seeds, batch_size, return_latents and progress.
+    """
+
+    def __init__(self, net, potential=None, sampler='heun', steps=None, topk=1, device=None, *, sigma_min=None,
+                 sigma_max=None, rho=7.0, temperature=1.0, angle_threshold=0.7, angle_norm='minmax',
+                 angle_ref_samples=1024, renoise=True, check_network=True, **opts):
+        diffusion.get_sampler(sampler)
+        self.device = _device_of(net) if device is None else torch.device(device)
+        self.net = net.to(self.device) if isinstance(net, torch.nn.Module) else net
+        self.shape = data_shape_of(net)
+        self.dtype = diffusion.sampling_dtype(self.device)
+        self.sampler, self.opts, self.ot_map, self.pot = sampler, dict(opts), None, None
+        if potential is None:
+            self.num_steps = 18 if steps is None else steps
+            self.sigmas = diffusion.net_sigma_schedule(net, self.num_steps, sigma_min, sigma_max, rho)
+            self.back_steps = self.num_steps
+        else:
+            self.pot = pot = _as_potential(potential)
+            check_potential(pot, net if check_network else None, data_shape=self.shape)
+            self.num_steps, self.back_steps = pot['num_steps'], pot['back_steps']
+            if steps is not None and steps != self.num_steps:
+                raise ValueError(f'steps={steps}, but the potential was computed for a schedule of {self.num_steps} '
+                                 f'steps (its latents are at sigma_(S-K) = {pot["sigma"]:.4g}); omit steps or '
+                                 f'recompute the potential with potential.py --steps={steps}')
+            self.sigmas = pot['sigmas'][self.num_steps - self.back_steps:]
+            self.ot_map = OTMap(pot, self.device, topk, temperature, angle_threshold, angle_norm, angle_ref_samples,
+                                renoise)
+        self.nfe_formula = diffusion.expected_nfe(sampler, self.sigmas, **opts)
+
+    def _start(self, rnd):
+        """Starting points [B, *shape] in the sampling dtype, and the OT map's info (None without a potential)."""
+        if self.ot_map is None:
+            return rnd.randn([len(rnd), *self.shape], self.dtype, self.device) * float(self.sigmas[0]), None
+        u = (rnd.rand if self.pot['source'] == 'uniform' else rnd.randn)([len(rnd), self.ot_map.targets.shape[1]],
+                                                                         device=self.device)
+        x, info = self.ot_map(u, noise=lambda: rnd.randn([len(rnd), *self.shape], device=self.device))
+        return x.to(self.dtype), info
+
+    @torch.no_grad()
+    def sample(self, seeds, return_latents=False):
+        """One batch: samples float32 [len(seeds), *shape] on the CPU in model space, and info: nfe (network
+        calls per sample, counted) and, with a potential, cells [B] (each seed's best cell) and for top-k
+        kept_pairs (the share of kept neighbour pairs); with return_latents, latents (the starting points)."""
+        rnd = StackedRandomGenerator(self.device, seeds)
+        x, map_info = self._start(rnd)
+        info = {} if map_info is None else dict(cells=map_info['cells'].cpu())
+        if map_info is not None and 'kept_pairs' in map_info:
+            info['kept_pairs'] = map_info['kept_pairs']
+        if return_latents:
+            info['latents'] = x.to(torch.float32).cpu()
+        x, info['nfe'] = diffusion.run_sampler(self.sampler, self.net, x, self.sigmas, randn_like=rnd.randn_like,
+                                               **self.opts)
+        return x.to(torch.float32).cpu(), info
+
+    def describe(self):
+        """sampler, num_steps, back_steps, sigma_start and nfe_formula (the info of every generate_samples call)."""
+        return dict(sampler=self.sampler, num_steps=int(self.num_steps), back_steps=int(self.back_steps),
+                    sigma_start=float(self.sigmas[0]), nfe_formula=self.nfe_formula)
+
 @torch.no_grad()
 def generate_samples(net, seeds, potential=None, sampler='heun', steps=None, topk=1, device=None, batch_size=64,
-                     *, sigma_min=None, sigma_max=None, rho=7.0, temperature=1.0, angle_threshold=0.7,
-                     angle_norm='minmax', angle_ref_samples=1024, renoise=True, check_network=True,
-                     return_latents=False, progress=False, **opts):
+                     *, return_latents=False, progress=False, **kwargs):
     """Samples of a denoiser, one per seed: the plain sampler from noise, or DPM-OT with a potential.
 
     Args:
         net: denoiser D(x; sigma) with EDM's interface (moved to `device`).
-        seeds: ints; sample i depends only on seeds[i].
+        seeds: ints in [-2^63, 2^64) (sampling.rng); sample i depends only on seeds[i].
         potential: None (plain sampler: x = sigma_0 n, all `steps` steps of the EDM schedule), or a potential
             (path or load_potential dict): the OT map gives latents at sigma_(S-K), then the last K steps run.
         sampler: 'euler', 'heun' or 'langevin'.
@@ -143,14 +215,14 @@ def generate_samples(net, seeds, potential=None, sampler='heun', steps=None, top
         topk: 1 (the latent of the source point's cell) or k > 1 (interpolation, see the module docstring).
         device: torch device (default: the network's, else the CPU).
         batch_size: samples per network call.
-        sigma_min, sigma_max, rho: the plain sampler's schedule (defaults: the network's range, rho = 7).
-        temperature: top-k softmax temperature, in units of the potential's mean top-1/top-2 score gap.
-        angle_threshold, angle_norm, angle_ref_samples: the dihedral-angle rule (module docstring).
-        renoise: top-k: add back the noise lost by averaging latents.
-        check_network: refuse a potential made with another denoiser (weights hash).
         return_latents: also return the starting latents in info['latents'].
         progress: show a progress bar.
-        **opts: sampler options (S_churn, S_min, S_max, S_noise; n_steps_each, step_scale, denoise).
+        **kwargs: the other arguments of PreparedSampler: sigma_min, sigma_max, rho (the plain sampler's
+            schedule: edm's 0.002, 80, 7 clamped to the network's range); temperature (top-k softmax
+            temperature, in units of the potential's mean top-1/top-2 score gap); angle_threshold, angle_norm,
+            angle_ref_samples (the dihedral-angle rule, module docstring); renoise (top-k: add back the noise
+            lost by averaging latents); check_network (refuse a potential made with another denoiser); and
+            the sampler's options (S_churn, S_min, S_max, S_noise; n_steps_each, step_scale, denoise).
     Returns:
         (samples float32 [len(seeds), *data_shape] on the CPU in model space, info) with info: nfe (network
         evaluations per sample, counted), nfe_formula, sampler, num_steps, back_steps, sigma_start, time_s,
@@ -159,109 +231,49 @@ def generate_samples(net, seeds, potential=None, sampler='heun', steps=None, top
     seeds = check_seeds(seeds)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f'batch_size must be an int >= 1; got {batch_size!r}')
-    diffusion.get_sampler(sampler)
-    if device is None:
-        param = next(iter(net.parameters()), None) if hasattr(net, 'parameters') else None
-        device = param.device if param is not None else torch.device('cpu')
-    device = torch.device(device)
-    if isinstance(net, torch.nn.Module):
-        net = net.to(device)
-    shape = data_shape_of(net)
-    dtype = diffusion.sampling_dtype(device)
-
-    ot_map = None
-    if potential is None:
-        num_steps = 18 if steps is None else steps
-        sigmas = diffusion.net_sigma_schedule(net, num_steps, sigma_min, sigma_max, rho)
-        back_steps = num_steps
-    else:
-        pot = _as_potential(potential)
-        check_potential(pot, net if check_network else None, data_shape=shape)
-        num_steps, back_steps = pot['num_steps'], pot['back_steps']
-        if steps is not None and steps != num_steps:
-            raise ValueError(f'steps={steps}, but the potential was computed for a schedule of {num_steps} steps '
-                             f'(its latents are at sigma_(S-K) = {pot["sigma"]:.4g}); omit steps or recompute the '
-                             f'potential with potential.py --steps={steps}')
-        sigmas = pot['sigmas'][num_steps - back_steps:]
-        # The prepared map (centred targets, the angle range) is kept in the potential dict, so callers that
-        # generate batch by batch with the same dict pay for it once.
-        key = (str(device), int(topk), float(temperature), float(angle_threshold), angle_norm, int(angle_ref_samples),
-               bool(renoise))
-        cache = pot.setdefault('_ot_maps', {})
-        if key not in cache:
-            cache.clear()   # one prepared map at a time (each holds a copy of the targets)
-            cache[key] = OTMap(pot, device, topk, temperature, angle_threshold, angle_norm, angle_ref_samples,
-                               renoise)
-        ot_map = cache[key]
-    nfe_formula = diffusion.expected_nfe(sampler, sigmas, **opts)
-
-    samples, latents_all, cells, kept, nfe = [], [], [], [], None
+    prepared = PreparedSampler(net, potential, sampler, steps, topk, device, **kwargs)
     t0 = time.time()
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-    if progress:
-        import tqdm
-        batches = tqdm.tqdm(batches, desc='Generating', unit='batch')
-    for batch_seeds in batches:
-        rnd = StackedRandomGenerator(device, batch_seeds)
-        if ot_map is None:
-            x = rnd.randn([len(rnd), *shape], dtype) * float(sigmas[0])
-        else:
-            u = (rnd.rand if pot['source'] == 'uniform' else rnd.randn)([len(rnd), ot_map.targets.shape[1]])
-            x, map_info = ot_map(u, noise=lambda: rnd.randn([len(rnd), *shape]))
-            x = x.to(dtype)
-            cells.append(map_info['cells'].cpu())
-            if 'kept_pairs' in map_info:
-                kept.append(map_info['kept_pairs'] * len(batch_seeds))
-        if return_latents:
-            latents_all.append(x.to(torch.float32).cpu())
-        x, nfe = diffusion.run_sampler(sampler, net, x, sigmas, randn_like=rnd.randn_like, **opts)
-        samples.append(x.to(torch.float32).cpu())
-
-    info = dict(nfe=nfe, nfe_formula=nfe_formula, sampler=sampler, num_steps=int(num_steps),
-                back_steps=int(back_steps), sigma_start=float(sigmas[0]), time_s=time.time() - t0)
-    if ot_map is not None:
-        info['cells'] = torch.cat(cells)
-        if kept:
-            info['kept_pairs'] = sum(kept) / len(seeds)
-    if return_latents:
-        info['latents'] = torch.cat(latents_all)
-    return torch.cat(samples), info
+    parts = [prepared.sample(b, return_latents) for b in tqdm.tqdm(batches, desc='Generating', unit='batch',
+                                                                    disable=not progress)]
+    info = dict(prepared.describe(), nfe=parts[-1][1]['nfe'], time_s=time.time() - t0)
+    for key in ('cells', 'latents'):
+        if key in parts[0][1]:
+            info[key] = torch.cat([p[1][key] for p in parts])
+    if 'kept_pairs' in parts[0][1]:
+        info['kept_pairs'] = sum(p[1]['kept_pairs'] * len(b) for p, b in zip(parts, batches)) / len(seeds)
+    return torch.cat([p[0] for p in parts]), info
 
 #----------------------------------------------------------------------------
 # Sampling a denoiser snapshot (generate.py).
 
 def iterate_samples(model, seeds, sampler='heun', steps=None, potential=None, topk=1, batch_size=64,
-                    device=torch.device('cpu'), rank=None, world_size=None, progress=False, **dpmot_kwargs):
-    """Sample a denoiser snapshot for `seeds`, this rank's share, through generate_samples.
+                    device=torch.device('cpu'), rank=None, world_size=None, progress=False, **kwargs):
+    """Sample a denoiser snapshot for `seeds`, this rank's share, with one PreparedSampler.
 
-    `potential`: None (the plain sampler from noise) or a potential.pt path, loaded once here. `steps`:
-    None for the default (18, or the potential's schedule). `dpmot_kwargs` (e.g. angle_threshold) go to
-    generate_samples. Batches of `batch_size` seeds are dealt
-    round-robin across ranks; a sample depends only on its seed. Yields (seeds int64 [B], samples
-    float32 [B, *data_shape] in model space, info dict with 'nfe').
+    `potential`: None (the plain sampler from noise) or a potential.pt path, loaded and checked once here.
+    `steps`: None for the default (18, or the potential's schedule). `kwargs` (e.g. angle_threshold, S_churn)
+    go to PreparedSampler. Batches of `batch_size` seeds are dealt round-robin across ranks; a sample
+    depends only on its seed. Yields (seeds int64 [B], samples float32 [B, *data_shape] in model space,
+    info dict with 'nfe').
     """
     if model.kind != 'denoiser':
         raise GenerationError(f'the network is of kind {model.kind}; sampler {sampler!r} needs a denoiser snapshot')
     if sampler not in DENOISER_SAMPLERS:
         raise GenerationError(f'sampler {sampler!r} does not apply to denoiser snapshots; use one of '
                               f'{", ".join(DENOISER_SAMPLERS)}')
-    seeds = np.asarray(seeds, dtype=np.int64)
     seeds = np.asarray(check_seeds(seeds), dtype=np.int64)
     try:
-        if potential is not None:
-            potential = load_potential(potential)
-            check_potential(potential, model.ema, data_shape=model.data_shape)
-    except ValueError as err: # PotentialError
+        prepared = PreparedSampler(model.ema, potential, sampler, steps, topk, device, **kwargs)
+    except PotentialError as err:
         raise GenerationError(f'--potential: {err}') from None
+    except ValueError as err: # Option errors, with their own advice.
+        raise GenerationError(str(err)) from None
     batches = rank_batches(len(seeds), batch_size, rank, world_size)
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(batches, desc=f'Sampling ({sampler})', unit='batch', disable=dist.get_rank() != 0)
-    for jobs in batches:
+    for jobs in tqdm.tqdm(batches, desc=f'Sampling ({sampler})', unit='batch',
+                          disable=not progress or dist.get_rank() != 0):
         try:
-            samples, info = generate_samples(model.ema, [int(s) for s in seeds[jobs]], potential=potential,
-                                                   sampler=sampler, steps=steps, topk=topk, device=device,
-                                                   batch_size=len(jobs), **dpmot_kwargs)
+            samples, info = prepared.sample(seeds[jobs])
         except ValueError as err: # Option errors of the samplers, with their own advice.
             raise GenerationError(str(err)) from None
         yield seeds[jobs], samples, info

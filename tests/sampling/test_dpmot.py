@@ -257,8 +257,6 @@ def test_same_seed_same_sample_whatever_the_batch(toy, use_pot, sampler, opts):
         assert torch.equal(dpmot.generate_samples(net, seeds, batch_size=bs, **kw)[0], full)
     part, _ = dpmot.generate_samples(net, seeds[3:7][::-1], **kw)          # other seeds, other order
     assert torch.equal(part, full[3:7].flip(0))
-    if use_pot:                                # the prepared map is kept in the potential dict and reused
-        assert len(pot['_ot_maps']) == 1
     assert not torch.equal(full[0], full[1])
 
 
@@ -328,3 +326,25 @@ def test_forward_diffuse_is_the_documented_draw():
     with pytest.raises(ValueError, match='num_targets=11'):
         potential_lib.select_indices(10, 11, 0)
 
+
+def test_the_potential_is_checked_and_the_network_hashed_once_per_call(toy, monkeypatch):
+    net, pot = toy
+    calls = dict(check=0, hash=0)
+    check, sha = dpmot.check_potential, potential_lib.state_dict_sha256
+
+    def counting_check(*args, **kwargs):
+        calls['check'] += 1
+        return check(*args, **kwargs)
+
+    def counting_sha(*args, **kwargs):
+        calls['hash'] += 1
+        return sha(*args, **kwargs)
+
+    monkeypatch.setattr(dpmot, 'check_potential', counting_check)
+    monkeypatch.setattr(potential_lib, 'state_dict_sha256', counting_sha)
+    x, info = dpmot.generate_samples(net, range(12), pot, batch_size=2)   # six batches
+    assert calls == dict(check=1, hash=1) and x.shape == (12, 2)
+    prepared = dpmot.PreparedSampler(net, pot)
+    parts = [prepared.sample(range(i, i + 3))[0] for i in (0, 3, 6, 9)]
+    assert calls == dict(check=2, hash=2)
+    assert torch.equal(torch.cat(parts), x)                             # the same samples, batch by batch

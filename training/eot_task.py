@@ -13,7 +13,8 @@ import dnnlib
 from metrics import detector as detector_lib
 from metrics import fid as fid_lib
 from models.eot_loss import G_LOSSES
-from sampling.translation import sample_sde
+from sampling import snapshots, translation
+from sampling.rng import StackedRandomGenerator, repeat_seeds
 from torch_utils import distributed as dist
 from torch_utils import images
 from torch_utils import misc
@@ -177,21 +178,28 @@ class EOTTask:
 
     # Ticks and snapshots ---------------------------------------------------
 
-    @torch.no_grad()
-    def translate(self, trainer, x0, sampler, z=None, randn_like=torch.randn_like):
-        """Translate x0 with the EMA networks: sampler 'G' (one step) or 'SDE'."""
-        if sampler == 'G':
-            return trainer.ema['G'](x0, z)
-        return sample_sde(trainer.ema['f'], x0, self.loss.gamma, self.sde_steps, randn_like=randn_like)
+    def translate(self, trainer, x0, sampler, seeds):
+        """Translate x0 with the EMA networks exactly as generate.py translates with a snapshot of them:
+        sampler 'G' (one step) or 'SDE', sample i's noise from seeds[i] (sampling.translation.translate)."""
+        rnd = StackedRandomGenerator(x0.device, seeds)
+        return translation.translate(self._ema_model(trainer), x0, rnd, dict(G='G', SDE='sde')[sampler])
+
+    def _ema_model(self, trainer):
+        """The EMA networks as the model generate.py loads from a snapshot (sampling.snapshots.as_model)."""
+        data = dict(kind='eot', G=trainer.ema['G'], f=trainer.ema['f'], D=trainer.ema['D'], gamma=self.loss.gamma,
+                    sde_steps=self.sde_steps, data_shape=list(self.data_shape), kimg=trainer.cur_nimg / 1000)
+        return snapshots.as_model(data, source='training')
 
     @torch.no_grad()
     def report_tick_stats(self, trainer):
-        """Output variance over 2 noise draws and the RMS distance to the input, for G and the SDE."""
+        """Output variance over 2 noise draws and the RMS distance to the input, for G and the SDE (draw r of
+        input i with the seed 2 i + r, as generate.py --repeats=2)."""
         if dist.get_rank() != 0:
             return
         x0 = self.fixed_x0
+        seeds = repeat_seeds(range(x0.shape[0]), 2)
         for sampler in ('G', 'SDE'):
-            outs = torch.stack([self.translate(trainer, x0, sampler) for _ in range(2)])
+            outs = torch.stack([self.translate(trainer, x0, sampler, seeds[:, r]) for r in range(2)])
             training_stats.report(f'Output/{sampler}_var', outs.var(dim=0).mean()) # Unbiased over the draws.
             training_stats.report(f'Output/{sampler}_L2', (outs[0] - x0).square().flatten(1).mean(1).sqrt())
 
@@ -202,29 +210,29 @@ class EOTTask:
                     data_shape=list(self.data_shape), dataset_kwargs=dict(self.kwargs),
                     provenance=dict(self.provenance), kimg=trainer.cur_nimg / 1000)
 
+    @torch.no_grad()
     def on_snapshot(self, trainer, run_dir, kimg_str):
+        """fakes-<kimg>.png: the first test inputs and their G and SDE translations with seeds 0, 1, ... (the
+        images generate.py writes for them with this snapshot); then _evaluate."""
         if dist.get_rank() == 0:
             x0 = self.fixed_x0
-            gen = torch.Generator(device=x0.device).manual_seed(0)
-            sets = dict(source=x0, target=self.fixed_x1, G=self.translate(trainer, x0, 'G', z=self.fixed_z),
-                        SDE=self.translate(trainer, x0, 'SDE',
-                                           randn_like=lambda x: torch.randn(x.shape, generator=gen, device=x.device)))
+            seeds = range(x0.shape[0])
+            sets = dict(source=x0, target=self.fixed_x1, G=self.translate(trainer, x0, 'G', seeds),
+                        SDE=self.translate(trainer, x0, 'SDE', seeds))
             images.save_translation_figure(sets, os.path.join(run_dir, f'fakes-{kimg_str}.png'))
         self._evaluate(trainer, run_dir, kimg_str)
 
     def _test_batches(self, trainer, sampler):
-        """This rank's share of the domain-1 test set (indices rank::world) translated by `sampler`:
-        (indices, outputs in model space). Noise is seeded per rank, so evaluations are repeatable."""
-        gen = torch.Generator(device=trainer.device).manual_seed(self.seed * 1000 + dist.get_rank())
-        randn_like = lambda x: torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        indices = np.arange(dist.get_rank(), len(self.test1), dist.get_world_size())
-        for chunk in np.array_split(indices, max(1, int(np.ceil(len(indices) / trainer.batch_gpu)))):
-            if len(chunk) == 0:
-                continue
-            x0 = to_model_space(np.stack([self.test1[int(i)][0] for i in chunk]), trainer.device)
-            z = randn_like(torch.empty([len(chunk), *trainer.ema['G'].z_shape], device=trainer.device))
-            yield chunk, self.translate(trainer, x0, sampler, z=z, randn_like=randn_like)
+        """This rank's share of the domain-1 test set translated by `sampler` through generate.py's iterator
+        (sampling.translation.iterate_translations: input i with seed i, batches of batch_gpu dealt across
+        ranks): (indices, outputs in model space). `generate.py --seeds=0-<N-1> --batch=<batch_gpu>` with the
+        snapshot writes the same images, bit for bit on the same device."""
+        name = dict(G='G', SDE='sde')[sampler]
+        for batch in translation.iterate_translations(self._ema_model(trainer), self.test1, sampler=name,
+                                                      batch_size=trainer.batch_gpu, device=trainer.device):
+            yield batch.index, batch.y
 
+    @torch.no_grad()
     def _evaluate(self, trainer, run_dir, kimg_str):
         """FID of G and SDE translations of the test set, and/or the translations as PNGs."""
         for sampler in ('G', 'SDE'):

@@ -24,11 +24,15 @@ from torch_utils.images import save_png, scatter_plot, to_uint8
 # Checking options against the snapshot's kind.
 
 _EOT_ONLY = ('data', 'max', 'repeats', 'gamma')
-_DENOISER_ONLY = ('potential', 'topk', 'angle_threshold')
+_SCHEDULE = ('sigma_min', 'sigma_max', 'rho')                        # the plain sampler's schedule (edm's options)
+_CHURN = ('S_churn', 'S_min', 'S_max', 'S_noise')                   # edm's stochastic sampler (euler, heun)
+_DENOISER_ONLY = ('potential', 'topk', 'angle_threshold', 'class_idx') + _SCHEDULE + _CHURN
+_NAMES = dict(class_idx='--class', max='--max', S_churn='--S_churn', S_min='--S_min', S_max='--S_max',
+              S_noise='--S_noise', sigma_min='--sigma_min', sigma_max='--sigma_max')
 
 
 def _option_name(key):
-    return '--' + key.replace('_', '-')
+    return _NAMES.get(key, '--' + key.replace('_', '-'))
 
 
 def check_options(opts, model):
@@ -146,62 +150,100 @@ def translate_dataset(opts, model, sampler, device):
     dist.print0('Wrote ' + ', '.join(written))
 
 
-def sample_denoiser(opts, model, sampler, device):
-    """Denoiser: DPM-OT / plain sampling for --seeds; PNGs per seed, or samples.npz for vectors."""
-    seeds = _seeds(opts) or list(range(64))
-    steps = opts.steps
+def _denoiser_kwargs(opts, model, sampler):
+    """The options of dpmot.iterate_samples from the command line, checked (ClickException on misuse)."""
     topk = 1 if opts.topk is None else opts.topk
     if opts.angle_threshold is not None and (opts.potential is None or topk < 2):
         raise click.ClickException('--angle-threshold applies to DPM-OT with --potential and --topk >= 2; add them or '
                                    'drop --angle-threshold')
-    angle = {} if opts.angle_threshold is None else dict(angle_threshold=opts.angle_threshold)
-    if opts.potential is not None and not os.path.isfile(opts.potential):
-        raise click.ClickException(f'--potential: no such file: "{opts.potential}" (write one with potential.py)')
+    if opts.potential is not None:
+        if not os.path.isfile(opts.potential):
+            raise click.ClickException(f'--potential: no such file: "{opts.potential}" (write one with potential.py)')
+        given = [_option_name(k) for k in _SCHEDULE if opts[k] is not None]
+        if given:
+            raise click.ClickException(f'{", ".join(given)}: the potential fixes the schedule (the one potential.py '
+                                       'was run with); drop them, or set them on potential.py')
+    churn = [_option_name(k) for k in _CHURN if opts[k] is not None]
+    if churn and sampler == 'langevin':
+        raise click.ClickException(f'{", ".join(churn)} apply to --sampler=euler|heun (edm\'s stochastic sampler), '
+                                   'not to langevin')
+    kwargs = {k: opts[k] for k in _SCHEDULE + _CHURN + ('angle_threshold',) if opts[k] is not None}
+    return dict(kwargs, steps=opts.steps, potential=opts.potential, topk=topk, class_label=opts.class_idx)
+
+
+def _describe_labels(opts, model):
+    """One line on the labels a class-conditional network is sampled with (None for unconditional ones)."""
+    if model.label_dim == 0 or opts.class_idx is not None:
+        return None
+    if opts.potential is not None:
+        return (f'The network is class-conditional ({model.label_dim} classes): each sample takes the label of its '
+                'OT cell (or the potential\'s class)')
+    return (f'The network is class-conditional ({model.label_dim} classes) and --class is not set: each seed draws its '
+            'label from its own generator right after its latent (edm\'s default); --class=C samples class C')
+
+
+def sample_denoiser(opts, model, sampler, device):
+    """Denoiser: DPM-OT / plain sampling for --seeds; PNGs per seed, or samples.npz for vectors."""
+    seeds = _seeds(opts) or list(range(64))
+    kwargs = _denoiser_kwargs(opts, model, sampler)
     images = len(model.data_shape) == 3
-    dist.print0(f'Sampling {len(seeds)} seed(s) with --sampler={sampler}, {steps or "default"} steps'
-                + (f', potential "{opts.potential}", top-k {topk}' if opts.potential else '')
+    prepared = dpmot.prepare(model, sampler, device=device, **kwargs)
+    dist.print0(f'Sampling {len(seeds)} seed(s) with --sampler={sampler}, {prepared.num_steps} steps'
+                + (f' (the last {prepared.back_steps} run)' if opts.potential else '')
+                + f' from sigma {float(prepared.sigmas[0]):.4g} to {float(prepared.sigmas[-2]):.4g}'
+                + (f', potential "{opts.potential}", top-k {kwargs["topk"]}' if opts.potential else '')
+                + (f', class {prepared.class_label}' if prepared.class_label is not None else '')
                 + f' on {dist.get_world_size()} process(es)')
+    note = _describe_labels(opts, model)
+    if note is not None:
+        dist.print0(note)
     if dist.get_rank() == 0:
         os.makedirs(opts.outdir, exist_ok=True)
     dist.barrier()
-    kept, nfe = [], None
-    grid_seeds = set(seeds[:64])
-    for batch_seeds, samples, info in dpmot.iterate_samples(
-            model, seeds, sampler=sampler, steps=steps, potential=opts.potential, topk=topk, **angle,
-            batch_size=opts.batch, device=device, progress=True):
-        nfe = info.get('nfe', nfe)
+    kept, grid_seeds, nfe = [], set(seeds[:64]), None
+    for batch_seeds, samples, info in dpmot.iterate_samples(prepared, seeds, batch_size=opts.batch, progress=True):
+        nfe = info['nfe']
+        labels = info.get('labels', [None] * len(batch_seeds))
         if images:
             out = to_uint8(samples)
             for k, seed in enumerate(batch_seeds):
                 _save_image(out[k], os.path.join(opts.outdir, f'{seed:06d}.png'))
-                if opts.grid and int(seed) in grid_seeds:
-                    kept.append((int(seed), out[k].cpu()))
+                kept.append((int(seed), None if labels[k] is None else int(labels[k]),
+                             out[k].cpu() if opts.grid and int(seed) in grid_seeds else None))
         else:
-            kept += [(int(s), y) for s, y in zip(batch_seeds, samples.cpu().numpy())]
+            kept += [(int(s), None if l is None else int(l), y) for s, l, y in zip(batch_seeds, labels, samples.numpy())]
     kept = _gather_to_rank0(kept)
-    nfe = dist.all_gather_object(nfe)[0]
-    if dist.get_rank() != 0:
-        return
-    order = {s: k for k, s in enumerate(seeds)}
-    kept = sorted(kept, key=lambda item: order[item[0]])
+    nfe = [n for n in dist.all_gather_object(nfe) if n is not None]
+    if dist.get_rank() == 0:
+        order = {s: k for k, s in enumerate(seeds)}
+        _write_denoiser_outputs(opts, model, sorted(kept, key=lambda item: order[item[0]]), nfe[0] if nfe else None)
+
+
+def _write_denoiser_outputs(opts, model, kept, nfe):
+    """Rank 0: samples.npz (vectors) and grid.png from `kept`, [(seed, label or None, image or vector)] in order."""
     written = []
-    if images:
-        written.append(f'{len(seeds)} PNG(s) in {opts.outdir}')
+    labels = None if kept[0][1] is None else np.asarray([l for _, l, _ in kept], dtype=np.int64)
+    if len(model.data_shape) == 3:
+        written.append(f'{len(kept)} PNG(s) in {opts.outdir}')
     else:
         path = os.path.join(opts.outdir, 'samples.npz')
-        y = np.stack([sample for _, sample in kept]).astype(np.float32) # Under y, as EOT outputs are.
+        y = np.stack([sample for _, _, sample in kept]).astype(np.float32) # Under y, as EOT outputs are.
+        arrays = dict(y=y, seeds=np.asarray([s for s, _, _ in kept], dtype=np.int64))
         with dnnlib.util.atomic_write(path, 'wb') as f:
-            np.savez(f, y=y, seeds=np.asarray([s for s, _ in kept], dtype=np.int64))
+            np.savez(f, **arrays, **({} if labels is None else dict(labels=labels)))
         written.append(f'{path} (y {list(y.shape)})')
     if opts.grid:
         path = os.path.join(opts.outdir, 'grid.png')
-        if images:
-            images_ = torch.stack([img for _, img in kept])
+        if len(model.data_shape) == 3:
+            images_ = torch.stack([img for _, _, img in kept if img is not None])
             grid = _uint8_grid([images_[i:i + 8] for i in range(0, len(images_), 8)])
         else:
-            grid = scatter_plot({'sample': np.stack([y for _, y in kept])})
+            grid = scatter_plot({'sample': np.stack([y for _, _, y in kept])})
         save_png(grid, path)
         written.append(path)
+    if labels is not None:
+        counts = np.bincount(labels, minlength=model.label_dim)
+        dist.print0('Samples per class: ' + ', '.join(f'{c}: {n}' for c, n in enumerate(counts)))
     dist.print0(f'NFE per sample: {nfe}' if nfe is not None else 'NFE per sample: not reported')
     dist.print0('Wrote ' + ', '.join(written))
 
@@ -214,7 +256,15 @@ def sample_denoiser(opts, model, sampler, device):
 @click.option('--max', '--count', 'max', help='EOT: translate only the first N inputs (under torchrun write --count: torchrun mistakes --max for its --max-restarts)  [default: all]', metavar='N', type=click.IntRange(min=1))
 @click.option('--seeds',       help='Per-sample seeds, e.g. 0-99 or 1,5,10-19. EOT: one per input (input i uses seeds[i]; default 0, 1, 2, ...); denoiser: one per sample  [default: 0-63]', metavar='LIST', type=str)
 @click.option('--sampler',     help='EOT: G (one step) or sde (Euler-Maruyama of the f-SDE); denoiser: euler, heun or langevin  [default: G for EOT, heun for denoisers]', type=click.Choice(['G', 'sde', 'euler', 'heun', 'langevin']))
-@click.option('--steps',       help="Sampler steps  [default: the snapshot's SDE steps for sde, 18 for denoisers]", metavar='INT', type=click.IntRange(min=1))
+@click.option('--steps',       help="Sampler steps  [default: the snapshot's SDE steps for sde, 18 for denoisers (with --potential: the potential's)]", metavar='INT', type=click.IntRange(min=1))
+@click.option('--sigma_min', '--sigma-min', 'sigma_min', help="Denoiser: lowest noise level of the schedule, clamped to the network's range as edm does  [default: 0.002]", metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max', '--sigma-max', 'sigma_max', help="Denoiser: highest noise level, clamped to the network's range as edm does  [default: 80]", metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--rho',         help='Denoiser: exponent of the EDM time steps  [default: 7]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--S_churn', '--S-churn', 'S_churn', help='Denoiser, euler/heun: stochasticity strength (edm\'s churn; its noise is drawn at every step, in float64, as edm draws it)  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_min', '--S-min', 'S_min', help='Denoiser, euler/heun: lowest noise level with churn  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_max', '--S-max', 'S_max', help='Denoiser, euler/heun: highest noise level with churn  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_noise', '--S-noise', 'S_noise', help='Denoiser, euler/heun: churn noise inflation  [default: 1]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--class', 'class_idx', help='Denoiser, class-conditional network: sample this class  [default: one random label per seed, drawn from its generator as edm does; with --potential: the OT cell\'s label]', metavar='INT', type=click.IntRange(min=0))
 @click.option('--gamma',       help="EOT, --sampler=sde: entropy of the SDE noise  [default: the snapshot's trained gamma]", metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--repeats',     help='EOT: outputs per input; repeat r of input i uses the seed seeds[i] * R + r  [default: 1]', metavar='R', type=click.IntRange(min=1))
 @click.option('--potential',   help='Denoiser: DPM-OT potential from potential.py (without it: the plain sampler from noise)', metavar='PT', type=str)
@@ -254,8 +304,8 @@ def main(**kwargs):
         raise click.ClickException(str(err)) from None
     try:
         if opts.export_safe is not None:
-            given = [_option_name(k) for k in ('outdir', 'data', 'max', 'seeds', 'sampler', 'steps', 'gamma',
-                                               'repeats', 'potential', 'topk', 'angle_threshold') if opts[k] is not None]
+            given = [_option_name(k) for k in ('outdir', 'seeds', 'sampler', 'steps') + _EOT_ONLY + _DENOISER_ONLY
+                     if opts[k] is not None]
             if given:
                 raise click.ClickException(f'--export-safe only writes an export; drop {", ".join(given)} and generate '
                                            'afterwards with --network=' + opts.export_safe)

@@ -42,15 +42,24 @@ def edm_sigma_schedule(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     sigmas[0], sigmas[-1] = float(sigma_max), (float(sigma_min) if num_steps > 1 else float(sigma_max))  # exact ends
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
-def net_sigma_schedule(net, num_steps, sigma_min=None, sigma_max=None, rho=7.0):
-    """`edm_sigma_schedule` within the range the denoiser supports, rounded by `net.round_sigma` (as EDM does).
+EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0   # NVlabs/edm's sampler defaults
 
-    sigma_min / sigma_max default to the network's (`net.sigma_min`, `net.sigma_max`; 0.002 / 80 without them)
-    and are clamped to them.
-    """
-    net_min, net_max = float(getattr(net, 'sigma_min', 0.002)), float(getattr(net, 'sigma_max', 80.0))
-    lo = net_min if sigma_min is None else max(float(sigma_min), net_min)
-    hi = net_max if sigma_max is None else min(float(sigma_max), net_max)
+def sigma_range(net, sigma_min=None, sigma_max=None):
+    """(sigma_min, sigma_max) of a sampler's schedule for `net`, as NVlabs/edm's sampler sets them: the requested
+    values (default 0.002 and 80) clamped to the range the network supports, max(sigma_min, net.sigma_min) and
+    min(sigma_max, net.sigma_max) (edm's EDMPrecond says 0 and inf, so its pickles sample on 0.002 .. 80)."""
+    net_min, net_max = float(getattr(net, 'sigma_min', 0.0)), float(getattr(net, 'sigma_max', math.inf))
+    lo = max(EDM_SIGMA_MIN if sigma_min is None else float(sigma_min), net_min)
+    hi = min(EDM_SIGMA_MAX if sigma_max is None else float(sigma_max), net_max)
+    if not 0 < lo <= hi < math.inf:
+        raise ValueError(f'no noise levels left: sigma_min={lo:g}, sigma_max={hi:g} after clamping the requested '
+                         f'range ({sigma_min}, {sigma_max}; defaults 0.002, 80) to the network\'s [{net_min:g}, '
+                         f'{net_max:g}]; choose a range inside the network\'s')
+    return lo, hi
+
+def net_sigma_schedule(net, num_steps, sigma_min=None, sigma_max=None, rho=7.0):
+    """`edm_sigma_schedule` on `sigma_range(net, sigma_min, sigma_max)`, rounded by `net.round_sigma` (as edm)."""
+    lo, hi = sigma_range(net, sigma_min, sigma_max)
     sigmas = edm_sigma_schedule(num_steps, lo, hi, rho)
     round_sigma = getattr(net, 'round_sigma', None)
     if round_sigma is not None:
@@ -88,7 +97,11 @@ def _round(net, sigma):
     return float(round_sigma(torch.as_tensor(sigma, dtype=torch.float64))) if round_sigma is not None else float(sigma)
 
 def _edm_sampler(net, x, sigmas, second_order, randn_like, callback, S_churn, S_min, S_max, S_noise):
-    """Karras et al. 2022, Algorithm 2 (Heun, `second_order`) or its first-order version (Euler), with churn."""
+    """Karras et al. 2022, Algorithm 2 (Heun, `second_order`) or its first-order version (Euler), with churn.
+
+    With S_churn > 0 the churn noise is drawn at every step, multiplied by 0 outside [S_min, S_max], as NVlabs/edm
+    draws it, so that the per-seed streams stay edm's (with S_churn = 0 nothing is drawn: no later draw exists).
+    """
     s = check_sigmas(sigmas).tolist()
     K = len(s) - 1
     if S_churn < 0 or S_noise < 0:
@@ -97,9 +110,9 @@ def _edm_sampler(net, x, sigmas, second_order, randn_like, callback, S_churn, S_
         sigma, sigma_next = s[i], s[i + 1]
         # Churn: raise the noise level to sigma_hat = (1 + gamma) sigma by adding fresh noise (EDM eq. in Alg. 2).
         gamma = min(S_churn / K, math.sqrt(2) - 1) if S_min <= sigma <= S_max else 0.0
-        sigma_hat = _round(net, sigma + gamma * sigma) if gamma > 0 else sigma
-        if sigma_hat > sigma:
-            x = x + math.sqrt(sigma_hat ** 2 - sigma ** 2) * S_noise * randn_like(x)
+        sigma_hat = _round(net, sigma + gamma * sigma)
+        if S_churn > 0:
+            x = x + math.sqrt(max(sigma_hat ** 2 - sigma ** 2, 0.0)) * S_noise * randn_like(x)
         # Euler step of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma.
         denoised = _denoise(net, x, sigma_hat)
         d = (x - denoised) / sigma_hat
@@ -194,22 +207,24 @@ def expected_nfe(name, sigmas, **opts):
     return int(opts.get('n_steps_each', 1)) * levels + int(denoise)
 
 class _CountingNet:
-    """Wraps a denoiser and counts its calls (attribute access goes to the wrapped network)."""
+    """Wraps a denoiser: counts its calls and passes `class_labels` (one-hot [N, label_dim]) as edm's samplers do,
+    net(x, sigma, class_labels), when given (attribute access goes to the wrapped network)."""
 
-    def __init__(self, net):
-        self.net = net
+    def __init__(self, net, class_labels=None):
+        self.net, self.class_labels = net, class_labels
         self.calls = 0
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, x, sigma):
         self.calls += 1
-        return self.net(*args, **kwargs)
+        return self.net(x, sigma) if self.class_labels is None else self.net(x, sigma, self.class_labels)
 
     def __getattr__(self, name):
         return getattr(self.net, name)
 
-def run_sampler(name, net, x, sigmas, randn_like=torch.randn_like, callback=None, **opts):
-    """Run sampler `name` ('euler', 'heun' or 'langevin'); returns (x, nfe), nfe = network calls made."""
+def run_sampler(name, net, x, sigmas, randn_like=torch.randn_like, callback=None, class_labels=None, **opts):
+    """Run sampler `name` ('euler', 'heun' or 'langevin'); returns (x, nfe), nfe = network calls made.
+    `class_labels`: None, or one-hot labels [N, label_dim] passed to a class-conditional network."""
     fn = get_sampler(name)
-    counter = _CountingNet(net)
+    counter = _CountingNet(net, class_labels)
     x = fn(counter, x, sigmas, randn_like=randn_like, callback=callback, **opts)
     return x, counter.calls

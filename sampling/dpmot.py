@@ -23,6 +23,11 @@ reference exactly, 'none' compares raw angles (radians) with the threshold. An i
 less noise than sigma (sum_j w_j n_j has std sqrt(sum w_j^2) sigma), so by default (renoise) fresh noise of
 std sigma sqrt(1 - sum w_j^2) is added back.
 
+Class-conditional networks (label_dim > 0, e.g. edm's CIFAR-10 cond pickle) get one-hot labels: with a potential,
+a sample drawn from cell i is denoised with label y_i, the label of target i (the potential's `labels`), so the
+OT cell decides the class, or with all the potential's `class_label` when it was made for one class; without one,
+each seed draws its label from its own generator right after its latent (edm's default) or takes `class_label`.
+
 Every random number of sample i comes from its own generator seeded with seeds[i] (sampling.rng: source point
 or initial noise, then the sampler's noises), so a seed gives the same sample whatever the batch size or the other seeds (bit for bit
 with the same batch size; across batch sizes a network's batched matrix products may differ in the last bit).
@@ -144,8 +149,8 @@ class PreparedSampler:
     Args: those of generate_samples but seeds, batch_size, return_latents and progress.
     """
 
-    def __init__(self, net, potential=None, sampler='heun', steps=None, topk=1, device=None, *, sigma_min=None,
-                 sigma_max=None, rho=7.0, temperature=1.0, angle_threshold=0.7, angle_norm='minmax',
+    def __init__(self, net, potential=None, sampler='heun', steps=None, topk=1, device=None, *, class_label=None,
+                 sigma_min=None, sigma_max=None, rho=7.0, temperature=1.0, angle_threshold=0.7, angle_norm='minmax',
                  angle_ref_samples=1024, renoise=True, check_network=True, **opts):
         diffusion.get_sampler(sampler)
         self.device = _device_of(net) if device is None else torch.device(device)
@@ -169,6 +174,68 @@ class PreparedSampler:
             self.ot_map = OTMap(pot, self.device, topk, temperature, angle_threshold, angle_norm, angle_ref_samples,
                                 renoise)
         self.nfe_formula = diffusion.expected_nfe(sampler, self.sigmas, **opts)
+        self.label_dim = int(getattr(net, 'label_dim', 0) or 0)
+        self.labels_from = self._labels_from(class_label)
+
+    def _labels_from(self, class_label):
+        """Where the class labels of a conditional network come from: 'seed' (drawn from each seed's generator,
+        edm's default), 'class' (all `self.class_label`) or 'cells' (the labels of the OT cells' targets); None
+        for an unconditional network, which takes no labels."""
+        self.class_label = None if class_label is None else int(class_label)
+        if self.label_dim == 0:
+            if class_label is not None:
+                raise ValueError(f'--class={class_label}: this network is unconditional (label_dim = 0) and takes no '
+                                 'class; drop --class')
+            return None
+        if class_label is not None and not 0 <= self.class_label < self.label_dim:
+            raise ValueError(f'--class={class_label} is out of range: this network has {self.label_dim} classes, '
+                             f'0 to {self.label_dim - 1}')
+        if self.pot is None:
+            return 'seed' if class_label is None else 'class'
+        return self._potential_labels()
+
+    def _potential_labels(self):
+        pot_class, labels = self.pot.get('class_label'), self.pot.get('labels')
+        if pot_class is not None:
+            if self.class_label is not None and self.class_label != int(pot_class):
+                raise PotentialError(f'--class={self.class_label}, but the potential was made for class {pot_class} '
+                                     f'(potential.py --class={pot_class}); use --class={pot_class}, or a potential '
+                                     f'made with --class={self.class_label}')
+            if not 0 <= int(pot_class) < self.label_dim:
+                raise PotentialError(f'the potential was made for class {pot_class}, which this network\'s '
+                                     f'{self.label_dim} classes (0 to {self.label_dim - 1}) do not include')
+            self.class_label = int(pot_class)
+            return 'class'
+        if labels is None:
+            raise PotentialError(f'this network is class-conditional ({self.label_dim} classes) but the potential '
+                                 'records no labels of its targets; recompute it with potential.py (which records '
+                                 'them), or with potential.py --class=C for one class')
+        if self.class_label is not None:
+            raise PotentialError(f'--class={self.class_label}, but the potential covers every class (each cell '
+                                 'carries its target\'s label); drop --class, or make a potential of that class '
+                                 f'alone with potential.py --class={self.class_label}')
+        labels = torch.as_tensor(labels)
+        if labels.shape != (self.pot['h'].numel(),) or labels.dtype.is_floating_point or labels.is_complex():
+            raise PotentialError(f'the potential\'s labels have shape {list(labels.shape)} and dtype {labels.dtype}; '
+                                 f'expected int64 [{self.pot["h"].numel()}], one per target')
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.label_dim:
+            raise PotentialError(f'the potential was made for other labels ({int(labels.min())} to '
+                                 f'{int(labels.max())}) than this network\'s {self.label_dim} classes (0 to '
+                                 f'{self.label_dim - 1}); use the network it was made for')
+        self.cell_labels = labels.to(self.device, torch.int64)
+        return 'cells'
+
+    def _labels(self, rnd, map_info):
+        """Class labels int64 [B] of a batch (None for an unconditional network). 'seed': one draw of each seed's
+        generator right after its latent (edm: randint(label_dim)); with --class edm makes the same draw and then
+        overrides it, and so do we, so that the streams stay edm's."""
+        if self.labels_from is None:
+            return None
+        if self.labels_from == 'cells':
+            return self.cell_labels[map_info['cells']]
+        labels = rnd.randint(self.label_dim, [len(rnd)], device=self.device) if self.pot is None else None
+        return torch.full([len(rnd)], self.class_label, dtype=torch.int64, device=self.device) \
+            if self.labels_from == 'class' else labels
 
     def _start(self, rnd):
         """Starting points [B, *shape] in the sampling dtype, and the OT map's info (None without a potential)."""
@@ -186,13 +253,17 @@ class PreparedSampler:
         kept_pairs (the share of kept neighbour pairs); with return_latents, latents (the starting points)."""
         rnd = StackedRandomGenerator(self.device, seeds)
         x, map_info = self._start(rnd)
+        labels = self._labels(rnd, map_info)
         info = {} if map_info is None else dict(cells=map_info['cells'].cpu())
         if map_info is not None and 'kept_pairs' in map_info:
             info['kept_pairs'] = map_info['kept_pairs']
+        if labels is not None:
+            info['labels'] = labels.cpu()
         if return_latents:
             info['latents'] = x.to(torch.float32).cpu()
+        one_hot = None if labels is None else torch.nn.functional.one_hot(labels, self.label_dim).to(torch.float32)
         x, info['nfe'] = diffusion.run_sampler(self.sampler, self.net, x, self.sigmas, randn_like=rnd.randn_like,
-                                               **self.opts)
+                                               class_labels=one_hot, **self.opts)
         return x.to(torch.float32).cpu(), info
 
     def describe(self):
@@ -217,7 +288,10 @@ def generate_samples(net, seeds, potential=None, sampler='heun', steps=None, top
         batch_size: samples per network call.
         return_latents: also return the starting latents in info['latents'].
         progress: show a progress bar.
-        **kwargs: the other arguments of PreparedSampler: sigma_min, sigma_max, rho (the plain sampler's
+        **kwargs: the other arguments of PreparedSampler: class_label (a class-conditional network: None for
+            one random label per seed, drawn from its generator right after the latent as edm does, or with a
+            potential the labels of the cells' targets; an int for that class, checked against the potential's
+            `class_label`); sigma_min, sigma_max, rho (the plain sampler's
             schedule: edm's 0.002, 80, 7 clamped to the network's range); temperature (top-k softmax
             temperature, in units of the potential's mean top-1/top-2 score gap); angle_threshold, angle_norm,
             angle_ref_samples (the dihedral-angle rule, module docstring); renoise (top-k: add back the noise
@@ -226,7 +300,8 @@ def generate_samples(net, seeds, potential=None, sampler='heun', steps=None, top
     Returns:
         (samples float32 [len(seeds), *data_shape] on the CPU in model space, info) with info: nfe (network
         evaluations per sample, counted), nfe_formula, sampler, num_steps, back_steps, sigma_start, time_s,
-        and with a potential: cells [N] (best cell per seed) and, for top-k, kept_pairs.
+        and with a potential: cells [N] (best cell per seed) and, for top-k, kept_pairs; for a class-conditional
+        network, labels [N] (the class each sample was denoised with).
     """
     seeds = check_seeds(seeds)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -237,7 +312,7 @@ def generate_samples(net, seeds, potential=None, sampler='heun', steps=None, top
     parts = [prepared.sample(b, return_latents) for b in tqdm.tqdm(batches, desc='Generating', unit='batch',
                                                                     disable=not progress)]
     info = dict(prepared.describe(), nfe=parts[-1][1]['nfe'], time_s=time.time() - t0)
-    for key in ('cells', 'latents'):
+    for key in ('cells', 'labels', 'latents'):
         if key in parts[0][1]:
             info[key] = torch.cat([p[1][key] for p in parts])
     if 'kept_pairs' in parts[0][1]:
@@ -247,30 +322,30 @@ def generate_samples(net, seeds, potential=None, sampler='heun', steps=None, top
 #----------------------------------------------------------------------------
 # Sampling a denoiser snapshot (generate.py).
 
-def iterate_samples(model, seeds, sampler='heun', steps=None, potential=None, topk=1, batch_size=64,
-                    device=torch.device('cpu'), rank=None, world_size=None, progress=False, **kwargs):
-    """Sample a denoiser snapshot for `seeds`, this rank's share, with one PreparedSampler.
-
-    `potential`: None (the plain sampler from noise) or a potential.pt path, loaded and checked once here.
-    `steps`: None for the default (18, or the potential's schedule). `kwargs` (e.g. angle_threshold, S_churn)
-    go to PreparedSampler. Batches of `batch_size` seeds are dealt round-robin across ranks; a sample
-    depends only on its seed. Yields (seeds int64 [B], samples float32 [B, *data_shape] in model space,
-    info dict with 'nfe').
-    """
+def prepare(model, sampler='heun', steps=None, potential=None, topk=1, device=torch.device('cpu'), **kwargs):
+    """The PreparedSampler of a denoiser snapshot (load_network's model) for generate.py: every check of the
+    options and of the potential, with GenerationError for bad input. `potential`: None (the plain sampler from
+    noise) or a potential.pt path; `steps`: None for the default (18, or the potential's schedule); `kwargs`
+    (class_label, angle_threshold, S_churn, ...) go to PreparedSampler."""
     if model.kind != 'denoiser':
         raise GenerationError(f'the network is of kind {model.kind}; sampler {sampler!r} needs a denoiser snapshot')
     if sampler not in DENOISER_SAMPLERS:
         raise GenerationError(f'sampler {sampler!r} does not apply to denoiser snapshots; use one of '
                               f'{", ".join(DENOISER_SAMPLERS)}')
-    seeds = np.asarray(check_seeds(seeds), dtype=np.int64)
     try:
-        prepared = PreparedSampler(model.ema, potential, sampler, steps, topk, device, **kwargs)
+        return PreparedSampler(model.ema, potential, sampler, steps, topk, device, **kwargs)
     except PotentialError as err:
         raise GenerationError(f'--potential: {err}') from None
     except ValueError as err: # Option errors, with their own advice.
         raise GenerationError(str(err)) from None
+
+def iterate_samples(prepared, seeds, batch_size=64, rank=None, world_size=None, progress=False):
+    """Sample `seeds` with a PreparedSampler, this rank's share: batches of `batch_size` seeds dealt round-robin
+    across ranks; a sample depends only on its seed. Yields (seeds int64 [B], samples float32 [B, *data_shape]
+    in model space, info dict with 'nfe' and, for a class-conditional network, 'labels')."""
+    seeds = np.asarray(check_seeds(seeds), dtype=np.int64)
     batches = rank_batches(len(seeds), batch_size, rank, world_size)
-    for jobs in tqdm.tqdm(batches, desc=f'Sampling ({sampler})', unit='batch',
+    for jobs in tqdm.tqdm(batches, desc=f'Sampling ({prepared.sampler})', unit='batch',
                           disable=not progress or dist.get_rank() != 0):
         try:
             samples, info = prepared.sample(seeds[jobs])

@@ -410,3 +410,104 @@ def test_images_written_at_a_snapshot_are_reproduced_bit_for_bit_by_generate(tmp
         for name in written:
             assert (run / folder / name).read_bytes() == (tmp_path / f'gen-{sampler}' / name).read_bytes(), name
         assert sum(not np.array_equal(written[k], other[k]) for k in written) >= 5, sampler  # the seeds matter
+
+#----------------------------------------------------------------------------
+# NVlabs/edm pickles, sampled as edm samples them (the stand-in: tests/sampling/edm_standin.py).
+
+def edm_reference(net, seed, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0,
+                  S_max=float('inf'), S_noise=1.0, class_idx=None):
+    """One image of seed `seed` as edm's generate.py makes it, re-derived from the EDM paper (Algorithm 2) and
+    edm's documented per-seed streams: one generator per seed; its latent (float32), then for a conditional
+    network a label randint(label_dim) (overridden by --class after the draw), then at every step one float64
+    churn noise, multiplied by 0 outside [S_min, S_max]; the range clamped to the network's; float64 sampling;
+    uint8 by (x * 127.5 + 128).clip(0, 255) truncated. Returns HWC uint8 and the label (or None)."""
+    g = torch.Generator().manual_seed(seed % 2**32)
+    latent = torch.randn([1, net.img_channels, net.img_resolution, net.img_resolution], generator=g)
+    labels, label = None, None
+    if net.label_dim:
+        label = int(torch.randint(net.label_dim, size=[], generator=g))
+        label = label if class_idx is None else class_idx
+        labels = torch.nn.functional.one_hot(torch.tensor([label]), net.label_dim).float()
+    lo, hi = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t = (hi ** (1 / rho) + i / (num_steps - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    t = torch.cat([net.round_sigma(t), torch.zeros(1, dtype=torch.float64)])
+    x = latent.to(torch.float64) * t[0]
+    for k in range(num_steps):
+        t_cur, t_next = t[k], t[k + 1]
+        gamma = min(S_churn / num_steps, 2 ** 0.5 - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = net.round_sigma(t_cur + gamma * t_cur)
+        x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        d = (x_hat - net(x_hat, t_hat, labels).to(torch.float64)) / t_hat
+        x = x_hat + (t_next - t_hat) * d
+        if k < num_steps - 1:
+            d_next = (x - net(x, t_next, labels).to(torch.float64)) / t_next
+            x = x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_next)
+    image = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    return image, label
+
+
+EDM_CASES = {
+    'plain': (dict(), [], {}),
+    'churn': (dict(), ['--S_churn=40', '--S_min=0.05', '--S_max=10', '--S-noise=1.003', '--steps=12'],
+              dict(S_churn=40, S_min=0.05, S_max=10, S_noise=1.003, num_steps=12)),
+    'class': (dict(label_dim=5), ['--class=3', '--steps=8', '--sigma_max=40', '--sigma-min=0.01', '--rho=5'],
+              dict(class_idx=3, num_steps=8, sigma_max=40, sigma_min=0.01, rho=5)),
+    'random-labels': (dict(label_dim=5), ['--steps=8'], dict(num_steps=8)),
+    'class-churn': (dict(label_dim=5), ['--class=1', '--S-churn=10', '--steps=6'],
+                    dict(class_idx=1, S_churn=10, num_steps=6)),
+}
+
+
+@pytest.mark.parametrize('case', list(EDM_CASES))
+def test_an_edm_pickle_samples_as_edm_samples_it(tmp_path, case):
+    from tests.sampling.edm_standin import edm_snapshot
+    net_kwargs, args, ref_kwargs = EDM_CASES[case]
+    pkl = edm_snapshot(tmp_path / 'network-snapshot-000000.pkl', **net_kwargs)
+    res = _generate(f'--network={pkl}', f'--outdir={tmp_path / "out"}', '--seeds=0-9,4294967301', '--batch=4', *args)
+    with open(pkl, 'rb') as f:
+        net = pickle.load(f)['ema']
+    got = _pngs(tmp_path / 'out')
+    seeds = list(range(10)) + [4294967301]
+    want = [edm_reference(net, s, **ref_kwargs) for s in seeds]
+    diff = np.stack([got[f'{s:06d}.png'].astype(int) - w.astype(int) for s, (w, _) in zip(seeds, want)])
+    assert np.abs(diff).max() <= 1 and (diff == 0).mean() > 0.99, (np.abs(diff).max(), (diff != 0).mean())
+    assert np.array_equal(got['000005.png'], got['4294967301.png'])        # only 32 bits of a seed matter (edm too)
+    assert len({got[f'{s:06d}.png'].tobytes() for s in range(10)}) == 10
+    if case == 'random-labels':
+        assert len({label for _, label in want}) >= 3 and 'draws its label from its own generator' in res.output
+
+
+def test_class_options_and_potentials_of_other_labels_are_refused_before_any_output(tmp_path, vector_setup):
+    from tests.sampling.edm_standin import edm_snapshot, potential_for
+    uncond, cond = edm_snapshot(tmp_path / 'u.pkl'), edm_snapshot(tmp_path / 'c.pkl', label_dim=5)
+    with open(cond, 'rb') as f:
+        net = pickle.load(f)['ema']
+    pots = dict(class3=potential_for(tmp_path / 'p3.pt', net, class_label=3),
+                labels=potential_for(tmp_path / 'pl.pt', net, labels=torch.arange(8) % 5),
+                other=potential_for(tmp_path / 'po.pt', net, labels=torch.arange(8)),
+                none=potential_for(tmp_path / 'pn.pt', net))
+    out = tmp_path / 'out'
+    cases = [
+        ([f'--network={uncond}', '--class=1'], '--class=1: this network is unconditional'),
+        ([f'--network={cond}', '--class=5'], '--class=5 is out of range: this network has 5 classes, 0 to 4'),
+        ([f'--network={cond}', f'--potential={pots["class3"]}', '--class=2'], 'the potential was made for class 3'),
+        ([f'--network={cond}', f'--potential={pots["labels"]}', '--class=2'], 'covers every class'),
+        ([f'--network={cond}', f'--potential={pots["other"]}'], 'made for other labels (0 to 7)'),
+        ([f'--network={cond}', f'--potential={pots["none"]}'], 'records no labels'),
+        ([f'--network={cond}', f'--potential={pots["labels"]}', '--sigma_max=10'], 'the potential fixes the schedule'),
+        ([f'--network={cond}', '--sampler=langevin', '--S_churn=1'], 'apply to --sampler=euler|heun'),
+        ([f'--network={vector_setup["snap"]}', f'--data={vector_setup["data"]}', '--class=1'],
+         '--class does not apply to eot snapshots'),
+        ([f'--network={uncond}', '--sigma_min=100'], 'no noise levels left'),
+    ]
+    for args, expect in cases:
+        res = _generate(*args, f'--outdir={out}', expect_ok=False)
+        assert res.exit_code != 0 and expect in res.output, (args, res.output)
+        assert len(res.output.strip().splitlines()) == 1 and 'Traceback' not in res.output, res.output
+        assert not out.exists(), args
+    # Accepted: the potential's class with or without --class, and a potential over every class without it.
+    for args in ([f'--potential={pots["class3"]}', '--class=3'], [f'--potential={pots["class3"]}'],
+                 [f'--potential={pots["labels"]}']):
+        res = _generate(f'--network={cond}', *args, '--seeds=0-9', f'--outdir={tmp_path / str(len(args))}-{args[0][-6:]}')
+        assert 'Samples per class:' in res.output

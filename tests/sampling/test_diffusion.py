@@ -162,7 +162,8 @@ def test_langevin_lands_on_the_gaussian_as_its_variance_recursion_predicts():
 
 
 def test_churn_matches_a_brute_force_edm_loop():
-    # EDM Algorithm 2 written out for scalars, with the same noise sequence.
+    # EDM Algorithm 2 written out for scalars, with the same noise sequence: as NVlabs/edm's sampler, one draw per
+    # step, multiplied by 0 where the level lies outside [S_min, S_max].
     mu, s = 0.7, 0.4
     net = IdealGaussianDenoiser([mu], s)
     sigmas = edm_sigma_schedule(8, sigma_max=20.0)
@@ -180,15 +181,15 @@ def test_churn_matches_a_brute_force_edm_loop():
             t, t_next = sig[i], sig[i + 1]
             gamma = min(S_churn / K, math.sqrt(2) - 1) if S_min <= t <= S_max else 0
             t_hat = t * (1 + gamma)
-            if gamma > 0:
-                x = x + math.sqrt(t_hat ** 2 - t ** 2) * S_noise * float(noise[k, j, 0])
-                k += 1
+            x = x + math.sqrt(t_hat ** 2 - t ** 2) * S_noise * float(noise[k, j, 0])
+            k += 1
             d = (x - D(x, t_hat)) / t_hat
             x_next = x + (t_next - t_hat) * d
             if t_next > 0:
                 x_next = x + (t_next - t_hat) * (d + (x_next - D(x_next, t_next)) / t_next) / 2
             x = x_next
         assert float(out[j, 0]) == pytest.approx(x, rel=1e-10, abs=1e-12)
+    assert 0 < sum(S_min <= t <= S_max for t in sigmas.tolist()[:-1]) < 8  # draws both used and zero-multiplied
 
 
 def test_langevin_step_and_final_denoise():
@@ -285,3 +286,19 @@ def test_losses_pickle_with_their_source():
     import pickle
     loss = pickle.loads(pickle.dumps(diffusion_loss.EDMLoss(P_mean=-1.0, sigma_data=0.3)))
     assert (loss.P_mean, loss.P_std, loss.sigma_data) == (-1.0, 1.2, 0.3)
+
+
+def test_the_schedule_range_is_edms_clamped_to_the_network():
+    class Net:
+        def __init__(self, lo, hi):
+            self.sigma_min, self.sigma_max = lo, hi
+    # edm's EDMPrecond says 0 .. inf: the sampler's defaults 0.002 .. 80 apply (as in edm's edm_sampler).
+    assert diffusion.sigma_range(Net(0, math.inf)) == (0.002, 80.0)
+    assert diffusion.sigma_range(Net(0.0045, 152.0)) == (0.0045, 80.0)           # a VP network: sigma_max capped
+    assert diffusion.sigma_range(Net(0, math.inf), 0.01, 500) == (0.01, 500.0)
+    assert diffusion.sigma_range(Net(0.02, 100), 0.001, 500) == (0.02, 100.0)
+    assert diffusion.sigma_range(object()) == (0.002, 80.0)                      # no range given: edm's
+    s = diffusion.net_sigma_schedule(Net(0, math.inf), 5)
+    torch.testing.assert_close(s, edm_sigma_schedule(5, 0.002, 80.0))
+    with pytest.raises(ValueError, match='no noise levels left'):
+        diffusion.sigma_range(Net(0.5, 1.0), 2.0)

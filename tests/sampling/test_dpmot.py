@@ -348,3 +348,28 @@ def test_the_potential_is_checked_and_the_network_hashed_once_per_call(toy, monk
     parts = [prepared.sample(range(i, i + 3))[0] for i in (0, 3, 6, 9)]
     assert calls == dict(check=2, hash=2)
     assert torch.equal(torch.cat(parts), x)                             # the same samples, batch by batch
+
+
+def test_a_sample_drawn_from_cell_i_is_denoised_with_label_y_i(tmp_path):
+    from tests.sampling.edm_standin import EDMStandIn, potential_for
+    net = EDMStandIn(img_resolution=4, label_dim=3, seed=2)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 2, 1])
+    pot = potential_lib.load_potential(potential_for(tmp_path / 'p.pt', net, labels=labels))
+    x, info = dpmot.generate_samples(net, range(24), pot, sampler='heun', batch_size=5, return_latents=True)
+    assert torch.equal(info['labels'], labels[info['cells']]) and len(set(info['cells'].tolist())) >= 4
+    tail = pot['sigmas'][pot['num_steps'] - pot['back_steps']:]
+    for i in range(24):            # brute force: each latent through the sampler with its cell's one-hot label
+        one_hot = torch.nn.functional.one_hot(labels[info['cells'][i]], 3).float()[None]
+        expect = diffusion.sample_heun(lambda z, s: net(z, s, one_hot), info['latents'][i:i + 1].double(), tail)
+        torch.testing.assert_close(x[i:i + 1], expect.float(), rtol=1e-5, atol=1e-5)
+        other = torch.nn.functional.one_hot((labels[info['cells'][i]] + 1) % 3, 3).float()[None]
+        assert not torch.allclose(x[i:i + 1], diffusion.sample_heun(lambda z, s: net(z, s, other),
+                                                                     info['latents'][i:i + 1].double(), tail).float())
+    # A potential of one class: every sample takes it; another class is refused; unconditional nets ignore labels.
+    pot2 = potential_lib.load_potential(potential_for(tmp_path / 'p2.pt', net, class_label=2))
+    assert dpmot.generate_samples(net, range(4), pot2, class_label=2)[1]['labels'].tolist() == [2] * 4
+    with pytest.raises(potential_lib.PotentialError, match='made for class 2'):
+        dpmot.generate_samples(net, range(4), pot2, class_label=1)
+    plain = EDMStandIn(img_resolution=4, seed=2)
+    pot3 = potential_lib.load_potential(potential_for(tmp_path / 'p3.pt', plain, labels=labels))
+    assert 'labels' not in dpmot.generate_samples(plain, range(4), pot3)[1]

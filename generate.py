@@ -13,6 +13,7 @@ import os
 
 import click
 import numpy as np
+import PIL.Image
 import torch
 
 import dnnlib
@@ -38,6 +39,9 @@ def _option_name(key):
 def check_options(opts, model):
     """Resolve the sampler and its defaults for the snapshot's kind; ClickException on misuse."""
     kind = model.kind
+    if opts.npz is not None and len(model.data_shape) != 3:
+        raise click.ClickException(f'--npz writes images (an ADM-style sample batch), but "{opts.network}" works on '
+                                   f'vectors of dimension {list(model.data_shape)}; its outputs go to samples.npz')
     sampler = opts.sampler or snapshots.DEFAULT_SAMPLER[kind]
     if sampler not in snapshots.SAMPLERS[kind]:
         other = 'denoiser' if kind == 'eot' else 'eot'
@@ -88,6 +92,17 @@ def _gather_to_rank0(parts):
     return [item for rank_parts in everything for item in rank_parts] if dist.get_rank() == 0 else None
 
 
+def _write_sample_batch(path, png_paths, labels=None):
+    """Rank 0: the ADM-style sample batch of the evaluators of the DPM-OT and ADM papers: an .npz with arr_0,
+    uint8 [N, H, W, C] (C = 1 or 3), the written PNGs read back in order, and arr_1, int64 [N] labels, when the
+    network is class-conditional. Written atomically."""
+    arrays = [np.asarray(PIL.Image.open(p)) for p in png_paths]
+    arr_0 = np.stack([a[:, :, None] if a.ndim == 2 else a for a in arrays]).astype(np.uint8)
+    with dnnlib.util.atomic_write(path, 'wb') as f:
+        np.savez(f, arr_0=arr_0, **({} if labels is None else dict(arr_1=np.asarray(labels, dtype=np.int64))))
+    return f'{path} (arr_0 {list(arr_0.shape)}' + ('' if labels is None else f', arr_1 [{len(labels)}]') + ')'
+
+
 def translate_dataset(opts, model, sampler, device):
     """EOT: translate --data; PNGs per output (each rank its own), or samples.npz for vectors (rank 0)."""
     dataset = translation.open_inputs(opts.data, model)
@@ -136,6 +151,9 @@ def translate_dataset(opts, model, sampler, device):
         written.append(f'{path} (x {list(x.shape)}, y {list(y.shape)})')
     else:
         written.append(f'{num * repeats} PNG(s) in {opts.outdir}')
+        if opts.npz is not None:
+            names = [f'{i:06d}.png' if repeats == 1 else f'{i:06d}-{r:02d}.png' for i in range(num) for r in range(repeats)]
+            written.append(_write_sample_batch(opts.npz, [os.path.join(opts.outdir, n) for n in names]))
     if opts.grid:
         path = os.path.join(opts.outdir, 'grid.png')
         if images:
@@ -225,6 +243,9 @@ def _write_denoiser_outputs(opts, model, kept, nfe):
     labels = None if kept[0][1] is None else np.asarray([l for _, l, _ in kept], dtype=np.int64)
     if len(model.data_shape) == 3:
         written.append(f'{len(kept)} PNG(s) in {opts.outdir}')
+        if opts.npz is not None:
+            written.append(_write_sample_batch(opts.npz, [os.path.join(opts.outdir, f'{s:06d}.png') for s, _, _ in kept],
+                                               labels))
     else:
         path = os.path.join(opts.outdir, 'samples.npz')
         y = np.stack([sample for _, _, sample in kept]).astype(np.float32) # Under y, as EOT outputs are.
@@ -271,6 +292,7 @@ def _write_denoiser_outputs(opts, model, kept, nfe):
 @click.option('--topk',        help='Denoiser with --potential: interpolate between the targets of the best K cells  [default: 1]', metavar='K', type=click.IntRange(min=1))
 @click.option('--angle-threshold', 'angle_threshold', help='Denoiser with --potential and --topk >= 2: keep neighbour cells whose normalised dihedral angle is at most this (AE-OT rule; 0.3 blended fewer modes than 0.7 in docs/dpmot.md)  [default: 0.7, the reference\'s]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--batch',       help='Batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--npz',         help='Images: also write an ADM-style sample batch to this .npz (arr_0: uint8 [N, H, W, C] in seed order, as the PNGs; arr_1: int64 labels of a class-conditional network), the format of the evaluators of ADM and DPM-OT; fid.py calc reads it too', metavar='FILE', type=str)
 @click.option('--grid',        help='Also write grid.png: inputs and outputs (images) or a scatter plot (vectors)', is_flag=True)
 @click.option('--device',      help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
 @click.option('--export-safe', 'export_safe', help='Instead of generating, write a code-free export of --network to DIR: weights.pt (state_dicts, loads with weights_only=True) and network.json (architecture)', metavar='DIR', type=str)
@@ -304,7 +326,7 @@ def main(**kwargs):
         raise click.ClickException(str(err)) from None
     try:
         if opts.export_safe is not None:
-            given = [_option_name(k) for k in ('outdir', 'seeds', 'sampler', 'steps') + _EOT_ONLY + _DENOISER_ONLY
+            given = [_option_name(k) for k in ('outdir', 'seeds', 'sampler', 'steps', 'npz') + _EOT_ONLY + _DENOISER_ONLY
                      if opts[k] is not None]
             if given:
                 raise click.ClickException(f'--export-safe only writes an export; drop {", ".join(given)} and generate '

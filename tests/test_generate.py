@@ -192,8 +192,10 @@ def test_images_match_direct_calls_for_every_batch_size(image_setup, sampler, tm
 
 def test_image_repeats_and_max(image_setup, tmp_path):
     _generate(f'--network={image_setup["snap"]}', f'--data={image_setup["data"]}', f'--outdir={tmp_path}',
-              '--max=3', '--repeats=2', '--grid')
+              '--max=3', '--repeats=2', '--grid', f'--npz={tmp_path / "batch.npz"}')
     pngs = _pngs(tmp_path)
+    batch = np.load(tmp_path / 'batch.npz')
+    assert batch.files == ['arr_0'] and np.array_equal(batch['arr_0'], np.stack(list(pngs.values())))
     assert sorted(pngs) == [f'{i:06d}-{r:02d}.png' for i in range(3) for r in range(2)]
     # Default seeds 0, 1, 2: repeat r of input i uses seed 2 i + r.
     expected = _expected_images(image_setup['snap'], image_setup['data'], [1, 4, 5], 'G', indices=[0, 2, 2])
@@ -292,6 +294,7 @@ def test_wrong_kind_wrong_shape_and_bad_options_fail_before_any_output(image_set
         ([f'--network={img}', f'--data={image_setup["data"]}', '--gamma=1'], 'apply to --sampler=sde only'),
         ([f'--network={other}', f'--data={image_setup["data"]}'], 'not a snapshot dict'),
         ([f'--network={tmp_path / "nope.pkl"}', f'--data={image_setup["data"]}'], 'no such file'),
+        ([f'--network={vec}', f'--data={vector_setup["data"]}', f'--npz={tmp_path / "b.npz"}'], '--npz writes images'),
     ]
     for args, expect in cases:
         res = _generate(*args, f'--outdir={out}', expect_ok=False)
@@ -464,16 +467,22 @@ def test_an_edm_pickle_samples_as_edm_samples_it(tmp_path, case):
     from tests.sampling.edm_standin import edm_snapshot
     net_kwargs, args, ref_kwargs = EDM_CASES[case]
     pkl = edm_snapshot(tmp_path / 'network-snapshot-000000.pkl', **net_kwargs)
-    res = _generate(f'--network={pkl}', f'--outdir={tmp_path / "out"}', '--seeds=0-9,4294967301', '--batch=4', *args)
+    res = _generate(f'--network={pkl}', f'--outdir={tmp_path / "out"}', '--seeds=0-9,4294967301', '--batch=4',
+                    f'--npz={tmp_path / "samples.npz"}', *args)
     with open(pkl, 'rb') as f:
         net = pickle.load(f)['ema']
-    got = _pngs(tmp_path / 'out')
+    got, npz = _pngs(tmp_path / 'out'), np.load(tmp_path / 'samples.npz')
     seeds = list(range(10)) + [4294967301]
     want = [edm_reference(net, s, **ref_kwargs) for s in seeds]
     diff = np.stack([got[f'{s:06d}.png'].astype(int) - w.astype(int) for s, (w, _) in zip(seeds, want)])
     assert np.abs(diff).max() <= 1 and (diff == 0).mean() > 0.99, (np.abs(diff).max(), (diff != 0).mean())
+    assert np.array_equal(npz['arr_0'], np.stack([got[f'{s:06d}.png'] for s in seeds]))      # ADM's layout, NHWC
     assert np.array_equal(got['000005.png'], got['4294967301.png'])        # only 32 bits of a seed matter (edm too)
     assert len({got[f'{s:06d}.png'].tobytes() for s in range(10)}) == 10
+    if net.label_dim:
+        assert npz['arr_1'].dtype == np.int64 and npz['arr_1'].tolist() == [label for _, label in want]
+    else:
+        assert sorted(npz.files) == ['arr_0']
     if case == 'random-labels':
         assert len({label for _, label in want}) >= 3 and 'draws its label from its own generator' in res.output
 

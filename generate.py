@@ -39,6 +39,9 @@ def _option_name(key):
 def check_options(opts, model):
     """Resolve the sampler and its defaults for the snapshot's kind; ClickException on misuse."""
     kind = model.kind
+    if kind == 'classifier':
+        raise click.ClickException(f'"{opts.network}" is a classifier: it judges samples (fid.py calc --metrics=mmr '
+                                   '--classifier=...) and generates nothing; --export-safe writes its safe export')
     if opts.npz is not None and len(model.data_shape) != 3:
         raise click.ClickException(f'--npz writes images (an ADM-style sample batch), but "{opts.network}" works on '
                                    f'vectors of dimension {list(model.data_shape)}; its outputs go to samples.npz')

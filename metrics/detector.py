@@ -68,8 +68,9 @@ class StandInDetector(torch.nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, x, return_features: bool = False):
-        """uint8 [N, 3, H, W] -> float32 features [N, 2048] (return_features=True) or class probabilities."""
+    def forward(self, x, return_features: bool = False, no_output_bias: bool = False):
+        """uint8 [N, 3, H, W] -> float32 features [N, 2048] (return_features=True) or class probabilities
+        [N, num_classes] (softmax of the head's logits, without its bias when no_output_bias)."""
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f'StandInDetector expects uint8 [N, 3, H, W] images, got {x.dtype} {list(x.shape)}')
         x = x.to(torch.float32) / 127.5 - 1
@@ -80,7 +81,10 @@ class StandInDetector(torch.nn.Module):
         features = torch.nn.functional.adaptive_avg_pool2d(x, self.pool_size).flatten(1)
         if return_features:
             return features
-        return torch.softmax(self.head(features), dim=1)
+        logits = features @ self.head.weight.T
+        if not no_output_bias:
+            logits = logits + self.head.bias
+        return torch.softmax(logits, dim=1)
 
 #----------------------------------------------------------------------------
 
@@ -99,8 +103,7 @@ class Detector:
         self.is_standin = bool(is_standin)
         self.feature_dim = int(feature_dim)
 
-    @torch.no_grad()
-    def __call__(self, images):
+    def _prepare(self, images):
         if not isinstance(images, torch.Tensor):
             images = torch.as_tensor(np.asarray(images))
         if images.dtype != torch.uint8:
@@ -110,7 +113,21 @@ class Detector:
             raise ValueError(f'The detector expects [N, C, H, W] images with C = 1 or 3, got shape {list(images.shape)}')
         if images.shape[1] == 1:
             images = images.repeat([1, 3, 1, 1])
-        features = self.net(images.to(self.device), return_features=True)
+        return images.to(self.device)
+
+    @torch.no_grad()
+    def probabilities(self, images):
+        """Class probabilities [N, K] of uint8 images (K = 1008 for Inception-v3): the network's softmax without
+        the output layer's bias, as the original Inception Score computes them (StyleGAN3 / EDM call it so)."""
+        probs = self.net(self._prepare(images), no_output_bias=True)
+        if probs.ndim != 2 or probs.shape[0] != images.shape[0]:
+            raise RuntimeError(f'Detector "{self.name}" returned class probabilities of shape {list(probs.shape)}, '
+                               f'expected [N, K]: is it the Inception-v3 detector?')
+        return probs.to(torch.float32)
+
+    @torch.no_grad()
+    def __call__(self, images):
+        features = self.net(self._prepare(images), return_features=True)
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
             raise RuntimeError(f'Detector "{self.name}" returned features of shape {list(features.shape)}, '
                                f'expected [N, {self.feature_dim}]: is it the Inception-v3 FID detector?')

@@ -80,6 +80,7 @@ def iterate_features(images, detector, batch_size=64, progress=False):
     `images` is an iterable of uint8 [N, C, H, W] tensors/arrays (or (images, labels) tuples), of any
     batch size; they are re-cut into detector batches of at most `batch_size`. With `progress`, rank 0
     shows a tqdm bar counting the iterable's batches (with a total when len(images) is known).
+    `detector` may also be a dict {name: fn}: then every fn runs on each batch and a dict is yielded.
     """
     bar = None
     if progress and dist_utils.get_rank() == 0:
@@ -90,7 +91,8 @@ def iterate_features(images, detector, batch_size=64, progress=False):
         for item in images:
             batch = _as_uint8_batch(item)
             for start in range(0, batch.shape[0], batch_size):
-                yield detector(batch[start : start + batch_size])
+                part = batch[start : start + batch_size]
+                yield {k: fn(part) for k, fn in detector.items()} if isinstance(detector, dict) else detector(part)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -163,10 +165,25 @@ def compute_features(images, detector, batch_size=64, progress=False):
     Same arguments as compute_feature_stats. Returns a float32 CPU tensor [N_total, D] on every rank
     (used by precision/recall, which needs the features themselves).
     """
-    parts = [f.cpu() for f in iterate_features(images, detector, batch_size=batch_size, progress=progress)]
-    mine = torch.cat(parts) if parts else torch.zeros([0, detector.feature_dim])
-    gathered = dist_utils.all_gather_object(mine)
-    return torch.cat([torch.as_tensor(g) for g in gathered])
+    return compute_outputs(images, dict(features=detector), batch_size, progress)['features']
+
+
+def compute_outputs(images, fns, batch_size=64, progress=False):
+    """One pass over `images` (this rank's share, as for compute_feature_stats) through every function of `fns`
+    ({name: fn(uint8 batch) -> float [n, D]}, e.g. the detector's features and its class probabilities, a
+    classifier's), gathered from every rank in rank order: {name: float32 CPU tensor [N_total, D]}."""
+    parts = {k: [] for k in fns}
+    for outs in iterate_features(images, fns, batch_size=batch_size, progress=progress):
+        for k, v in outs.items():
+            parts[k].append(v.detach().to('cpu', torch.float32))
+    out = {}
+    for k, v in parts.items():
+        mine = torch.cat(v) if v else None
+        gathered = [g for g in dist_utils.all_gather_object(mine) if g is not None]
+        if not gathered:
+            raise ValueError('no images to evaluate on any rank')
+        out[k] = torch.cat([torch.as_tensor(g) for g in gathered])
+    return out
 
 
 def mean_cov(features):
@@ -195,14 +212,19 @@ def load_ref_stats(path_or_url, return_meta=False):
     """
     with dnnlib.util.open_url(path_or_url, verbose=(dist_utils.get_rank() == 0)) as f:
         try:
-            data = dict(np.load(f, allow_pickle=False))
+            with np.load(f, allow_pickle=False) as npz: # mu, sigma and small entries: not an ADM batch's images.
+                small = [k for k in npz.files if npz.zip.getinfo(f'{k}.npy').file_size < 4096]
+                data = {k: npz[k] for k in npz.files if k in ('mu', 'sigma') or k in small}
+                files = sorted(npz.files)
         except Exception as err:
             raise ValueError(f'Cannot read reference statistics "{path_or_url}" as an .npz file ({err}); '
                              f'make one with `python fid.py ref --data=DATA --dest=stats.npz`') from err
     missing = [k for k in ('mu', 'sigma') if k not in data]
     if missing:
-        raise ValueError(f'Reference statistics "{path_or_url}" lack {missing} (it holds {sorted(data)}); '
-                         f'make one with `python fid.py ref --data=DATA --dest=stats.npz`')
+        hint = (' it holds images (arr_0): pass it as --ref-data to compute their statistics, or' if 'arr_0' in files
+                else '')
+        raise ValueError(f'Reference statistics "{path_or_url}" lack {missing} (it holds {files});{hint} '
+                         f'make statistics with `python fid.py ref --data=DATA --dest=stats.npz`')
     mu, sigma = data.pop('mu').astype(np.float64), data.pop('sigma').astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f'Reference statistics "{path_or_url}" have mu {mu.shape} and sigma {sigma.shape}; '

@@ -16,8 +16,22 @@ from torch_utils import persistence
 
 EOT_SAMPLERS = ('G', 'sde')
 DENOISER_SAMPLERS = ('euler', 'heun', 'langevin')
-SAMPLERS = dict(eot=EOT_SAMPLERS, denoiser=DENOISER_SAMPLERS)
+SAMPLERS = dict(eot=EOT_SAMPLERS, denoiser=DENOISER_SAMPLERS, classifier=()) # Classifiers judge (fid.py), not sample.
 DEFAULT_SAMPLER = dict(eot='G', denoiser='heun')
+NETWORK_KEYS = dict(eot=('G', 'f', 'D'), denoiser=('ema',), classifier=('classifier',))
+NEEDED_KEYS = dict(eot=('G', 'f'), denoiser=('ema',), classifier=('classifier',))
+
+# The torch.nn layers a classifier's safe export may name (as a torch.nn.Sequential), with the attributes that
+# rebuild each: plain data, no code.
+SEQUENTIAL_LAYERS = dict(
+    Conv2d=('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding', 'dilation', 'groups', 'bias',
+            'padding_mode'),
+    Linear=('in_features', 'out_features', 'bias'), Flatten=('start_dim', 'end_dim'), Dropout=('p',),
+    ReLU=(), SiLU=(), Tanh=(), Sigmoid=(), Identity=(), LeakyReLU=('negative_slope',), GELU=('approximate',),
+    MaxPool2d=('kernel_size', 'stride', 'padding', 'dilation', 'ceil_mode'),
+    AvgPool2d=('kernel_size', 'stride', 'padding', 'ceil_mode', 'count_include_pad'),
+    AdaptiveAvgPool2d=('output_size',), BatchNorm2d=('num_features', 'eps', 'momentum', 'affine', 'track_running_stats'),
+    GroupNorm=('num_groups', 'num_channels', 'eps', 'affine'))
 
 EXPORT_FORMAT = 'eot-toolkit-safe-export'
 EXPORT_VERSION = 1
@@ -33,11 +47,12 @@ def _snapshot_kind(data, where):
                               'network-snapshot-*.pkl written by train.py (or an EDM snapshot)')
     kind = data.get('kind')
     if kind is None:
-        kind = 'denoiser' if 'ema' in data else ('eot' if 'G' in data and 'f' in data else None)
+        kind = ('denoiser' if 'ema' in data else 'eot' if 'G' in data and 'f' in data else
+                'classifier' if 'classifier' in data else None)
     if kind not in SAMPLERS:
         raise GenerationError(f'{where}: unknown snapshot kind {kind!r} (keys: {", ".join(map(str, data))}); '
-                              'expected an EOT snapshot (G, f, D) or a denoiser snapshot (ema)')
-    needed = ('G', 'f') if kind == 'eot' else ('ema',)
+                              'expected an EOT snapshot (G, f, D), a denoiser snapshot (ema) or a classifier')
+    needed = NEEDED_KEYS[kind]
     missing = [k for k in needed if k not in data]
     if missing:
         raise GenerationError(f'{where}: a {kind} snapshot needs the key(s) {", ".join(needed)}; '
@@ -62,20 +77,21 @@ def as_model(data, source='<memory>', device=None):
     `device`; left where they are when None), data_shape, source, kimg, and for EOT G, f, D, gamma, sde_steps;
     for denoisers ema and label_dim (0: unconditional)."""
     kind = _snapshot_kind(data, source)
-    names = ('G', 'f', 'D') if kind == 'eot' else ('ema',)
-    nets = {k: data[k] for k in names if data.get(k) is not None}
+    nets = {k: data[k] for k in NETWORK_KEYS[kind] if data.get(k) is not None}
     for name, net in nets.items():
         if not isinstance(net, torch.nn.Module):
             raise GenerationError(f'{source}: snapshot[{name!r}] is a {type(net).__name__}, not a network')
     nets = {k: (v if device is None else v.to(device)).eval().requires_grad_(False) for k, v in nets.items()}
-    main = nets['G'] if kind == 'eot' else nets['ema']
-    model = dnnlib.EasyDict(kind=kind, nets=nets, source=source, data_shape=data_shape_of(main, data),
-                            kimg=data.get('kimg'))
+    main = nets[NEEDED_KEYS[kind][0]]
+    shape = data.get('data_shape') if kind == 'classifier' else data_shape_of(main, data) # A classifier's is optional.
+    model = dnnlib.EasyDict(kind=kind, nets=nets, source=source, data_shape=shape, kimg=data.get('kimg'))
     if kind == 'eot':
         model.update(G=nets['G'], f=nets['f'], D=nets.get('D'), gamma=float(data.get('gamma', 0.0)),
                      sde_steps=int(data.get('sde_steps', 10)))
-    else:
+    elif kind == 'denoiser':
         model.update(ema=nets['ema'], label_dim=int(getattr(nets['ema'], 'label_dim', 0) or 0))
+    else:
+        model.update(classifier=nets['classifier'])
     return model
 
 def load_network(path, device=torch.device('cpu'), kind=None):
@@ -83,20 +99,24 @@ def load_network(path, device=torch.device('cpu'), kind=None):
     snapshot loader of generate.py, potential.py (load_denoiser) and the benchmarks.
 
     Pickles run code when loaded: load only snapshots you trust (docs/safe-loading.md).
-    `kind`: None, or 'eot' / 'denoiser' to refuse a snapshot of the other kind.
+    `kind`: None, or 'eot' / 'denoiser' / 'classifier' to refuse a snapshot of another kind. A classifier (for
+    fid.py's mode-mixture ratio) is a pickled torch.nn.Module, a pickled dict(kind='classifier', classifier=...)
+    or the safe export of a torch.nn.Sequential of common layers (SEQUENTIAL_LAYERS).
     Returns as_model's EasyDict: kind, nets {name: module}, data_shape, source, kimg, and for EOT G, f, D,
-    gamma, sde_steps; for denoisers ema and label_dim.
+    gamma, sde_steps; for denoisers ema and label_dim; for classifiers classifier.
     """
     path = os.fspath(path)
     if os.path.isdir(path) or path.lower().endswith('.json'):
         data, source = read_safe_export(path), os.path.join(path, EXPORT_JSON) if os.path.isdir(path) else path
     else:
         data, source = _read_pickle(path), path
-    if kind is not None and _snapshot_kind(data, source) != kind:
-        found = 'an EOT snapshot (G, f, D)' if kind == 'denoiser' else 'a denoiser snapshot (ema)'
-        want = ('a denoiser under the key "ema" (train.py --kind=denoiser, or NVlabs/edm)' if kind == 'denoiser'
-                else 'an EOT snapshot (G, f, D) of train.py')
-        raise GenerationError(f'"{path}" holds {found}; pass {want}')
+        if isinstance(data, torch.nn.Module): # A bare pickled network: a classifier.
+            data = dict(kind='classifier', classifier=data)
+    found = _snapshot_kind(data, source)
+    if kind is not None and found != kind:
+        what = dict(eot='an EOT snapshot (G, f, D) of train.py', classifier='a classifier (a pickled network)',
+                    denoiser='a denoiser under the key "ema" (train.py --kind=denoiser, or NVlabs/edm)')
+        raise GenerationError(f'"{path}" holds {what[found]}; pass {what[kind]}')
     return as_model(data, source=source, device=device)
 
 def _read_pickle(path):
@@ -118,9 +138,29 @@ def _json_or_none(value):
     except (TypeError, ValueError):
         return None
 
+def _plain(value):
+    """A layer attribute as JSON data: bias parameters become True / False, tuples lists."""
+    if isinstance(value, torch.nn.Parameter) or value is None:
+        return value is not None
+    return list(value) if isinstance(value, tuple) else value
+
+def _sequential_architecture(name, net):
+    layers = []
+    for i, layer in enumerate(net):
+        kind = type(layer)
+        if kind.__module__.split('.')[:2] != ['torch', 'nn'] or kind.__name__ not in SEQUENTIAL_LAYERS:
+            raise GenerationError(f'{name}[{i}] is a {kind.__module__}.{kind.__qualname__}; a classifier\'s safe export '
+                                  f'may hold only torch.nn.{", ".join(SEQUENTIAL_LAYERS)}')
+        layers.append(dict(class_name=f'torch.nn.{kind.__name__}',
+                           init_kwargs={k: _plain(getattr(layer, k)) for k in SEQUENTIAL_LAYERS[kind.__name__]}))
+    return dict(class_name='torch.nn.Sequential', layers=layers)
+
 def _architecture(name, net):
-    """class_name + init_args + init_kwargs of one network, checked to be rebuildable from models.networks."""
+    """class_name + init_args + init_kwargs of one network, checked to be rebuildable from models.networks (or,
+    for a classifier, the layers of a torch.nn.Sequential)."""
     cls = type(net)
+    if cls is torch.nn.Sequential:
+        return _sequential_architecture(name, net)
     if not persistence.is_persistent(cls):
         raise GenerationError(f'{name} is a {cls.__module__}.{cls.__qualname__}, not a persistent network class; '
                               'only networks of models.networks can be exported')
@@ -144,7 +184,8 @@ def export_safe(model, out_dir):
     """
     arch = {name: _architecture(name, net) for name, net in model.nets.items()}
     desc = dict(format=EXPORT_FORMAT, version=EXPORT_VERSION, kind=model.kind, weights=EXPORT_WEIGHTS,
-                networks=arch, data_shape=list(model.data_shape), kimg=model.kimg, source=str(model.source))
+                networks=arch, data_shape=None if model.data_shape is None else list(model.data_shape),
+                kimg=model.kimg, source=str(model.source))
     if model.kind == 'eot':
         desc.update(gamma=model.gamma, sde_steps=model.sde_steps)
     os.makedirs(out_dir, exist_ok=True)
@@ -168,9 +209,29 @@ def _allowed_network_class(networks, class_name):
     cls = networks.__dict__.get(class_name)
     return isinstance(cls, type) and issubclass(cls, torch.nn.Module) and persistence.is_persistent(cls)
 
+def _build_sequential(name, arch, where):
+    layers = arch.get('layers')
+    if not isinstance(layers, list):
+        raise GenerationError(f'{where}: networks.{name}: a torch.nn.Sequential needs a list of "layers"')
+    built = []
+    for i, layer in enumerate(layers):
+        class_name = layer.get('class_name') if isinstance(layer, dict) else None
+        short = class_name[len('torch.nn.'):] if isinstance(class_name, str) and class_name.startswith('torch.nn.') else None
+        kwargs = layer.get('init_kwargs', {}) if isinstance(layer, dict) else None
+        if short not in SEQUENTIAL_LAYERS or not isinstance(kwargs, dict) or set(kwargs) - set(SEQUENTIAL_LAYERS[short]):
+            raise GenerationError(f'{where}: refusing to build {class_name!r} as layer {i} of {name}: a classifier may '
+                                  f'hold only torch.nn.{", ".join(SEQUENTIAL_LAYERS)}, with their own arguments')
+        try:
+            built.append(getattr(torch.nn, short)(**kwargs))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise GenerationError(f'{where}: cannot build layer {i} of {name} = {short}(**{kwargs}): {err}') from None
+    return torch.nn.Sequential(*built)
+
 def _build_network(name, arch, where):
     if not isinstance(arch, dict):
         raise GenerationError(f'{where}: networks.{name} must be an object with class_name, init_args, init_kwargs')
+    if arch.get('class_name') == 'torch.nn.Sequential' and name == 'classifier':
+        return _build_sequential(name, arch, where)
     class_name = arch.get('class_name')
     short = None
     for prefix in NETWORK_MODULES: # Exports written before the move from training/ name training.networks.
@@ -210,13 +271,13 @@ def read_safe_export(path):
                               f'({EXPORT_VERSION})')
     kind = desc.get('kind')
     if kind not in SAMPLERS:
-        raise GenerationError(f'{json_path}: unknown kind {kind!r}; expected "eot" or "denoiser"')
+        raise GenerationError(f'{json_path}: unknown kind {kind!r}; expected "eot", "denoiser" or "classifier"')
     weights_name = desc.get('weights', EXPORT_WEIGHTS)
     if not isinstance(weights_name, str) or os.path.basename(weights_name) != weights_name or weights_name in ('', '.', '..'):
         raise GenerationError(f'{json_path}: "weights" must be a file name beside the JSON; got {weights_name!r}')
     arch = desc.get('networks')
-    needed = ('G', 'f') if kind == 'eot' else ('ema',)
-    if not isinstance(arch, dict) or any(k not in arch for k in needed):
+    needed = NEEDED_KEYS[kind]
+    if not isinstance(arch, dict) or any(k not in arch for k in needed) or set(arch) - set(NETWORK_KEYS[kind]):
         raise GenerationError(f'{json_path}: "networks" must describe {", ".join(needed)} for kind {kind!r}')
     nets = {name: _build_network(name, a, json_path) for name, a in arch.items()}
     weights_path = os.path.join(os.path.dirname(os.path.abspath(json_path)), weights_name)

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import pickle
 import re
 import socket
 import zipfile
@@ -165,3 +166,98 @@ def test_fid_script_reexports_the_distance():
     assert fid.calculate_fid_from_inception_stats is fid_lib.calculate_fid_from_inception_stats
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# The field's formats: ADM-style batches, edm / ADM reference statistics, IS and the mode-mixture ratio.
+
+def _images_of(path):
+    ds = ImageFolderDataset(path)
+    return np.stack([ds[i][0] for i in range(len(ds))])               # uint8 [N, C, H, W]
+
+
+def test_an_adm_batch_scores_as_its_pngs_and_reference_files_of_edm_and_adm_are_read(image_sets, tmp_path):
+    a = _images_of(image_sets['a_dir'])
+    np.savez(tmp_path / 'batch.npz', arr_0=a.transpose(0, 2, 3, 1), arr_1=np.arange(20))
+    stats = tmp_path / 'b-stats.npz'
+    assert invoke('ref', '--data', image_sets['b_dir'], '--dest', stats, *COMMON).exit_code == 0
+    mu, sigma = fid_lib.load_ref_stats(str(stats))
+    np.savez(tmp_path / 'edm-ref.npz', mu=mu, sigma=sigma)                          # edm's fid.py ref: mu, sigma only
+    np.savez(tmp_path / 'adm-ref.npz', arr_0=_images_of(image_sets['b_dir']).transpose(0, 2, 3, 1), mu=mu, sigma=sigma,
+             mu_s=np.zeros(7), sigma_s=np.eye(7))                                   # an ADM reference batch
+    values = []
+    for images in (image_sets['a_dir'], tmp_path / 'batch.npz'):
+        for ref in (stats, tmp_path / 'edm-ref.npz', tmp_path / 'adm-ref.npz'):
+            res = invoke('calc', '--images', images, '--ref', ref, '--metrics=fid,is', '--splits=4', *COMMON)
+            assert res.exit_code == 0, res.output
+            values.append(re.findall(r'\b(fid|is_mean|is_std): (\S+)', res.output))
+    assert all(v == values[0] for v in values) and len(values[0]) == 3
+    # An ADM reference batch's images against its own statistics: FID ~ 0 (the check of a detector's agreement).
+    res = invoke('calc', '--images', tmp_path / 'adm-ref.npz', '--ref', tmp_path / 'adm-ref.npz', *COMMON)
+    assert res.exit_code == 0 and abs(parse_metrics(res.output)['fid']) < 1e-3, res.output
+    res = CliRunner().invoke(fid.main, ['calc', '--images', image_sets['a_dir'], '--ref', str(tmp_path / 'batch.npz'),
+                                        *COMMON])
+    assert res.exit_code == 1 and 'pass it as --ref-data' in res.output
+
+
+def _classifier(path):
+    """A small Sequential (conv, pooling, linear) whose logits follow the images' mean colours."""
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Conv2d(6, 6, 1, bias=False), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(6, 4)).eval()
+    with torch.no_grad():
+        net[-1].weight.mul_(6)
+    with open(path, 'wb') as f:
+        pickle.dump(net, f)
+    return net
+
+
+def _coloured_images(path, num=40):
+    """PNGs of random flat colours with noise: a classifier of colours spreads its probabilities over them."""
+    rng = np.random.default_rng(5)
+    os.makedirs(path)
+    for i in range(num):
+        arr = np.clip(rng.integers(0, 256, size=[1, 1, 3]) + rng.normal(0, 20, size=[16, 16, 3]), 0, 255)
+        with open(os.path.join(path, f'{i:04d}.png'), 'wb') as f:
+            f.write(png_bytes(arr.astype(np.uint8)))
+    return str(path)
+
+
+def test_is_pr_and_mmr_with_a_pickled_and_a_safely_exported_classifier(image_sets, tmp_path):
+    import generate
+    net = _classifier(tmp_path / 'clf.pkl')
+    export = tmp_path / 'clf-safe'
+    res = CliRunner().invoke(generate.main, [f'--network={tmp_path / "clf.pkl"}', f'--export-safe={export}'])
+    assert res.exit_code == 0, res.output
+    assert json.loads((export / 'network.json').read_text())['networks']['classifier']['class_name'] == 'torch.nn.Sequential'
+    outs = []
+    images_dir = _coloured_images(tmp_path / 'coloured')
+    for clf in (tmp_path / 'clf.pkl', export):
+        res = invoke('calc', '--images', images_dir, '--ref-data', image_sets['b_dir'],
+                     '--metrics=fid,is,pr,mmr', f'--classifier={clf}', '--splits=5', '--out', tmp_path / 'r.json', *COMMON)
+        assert res.exit_code == 0, res.output
+        outs.append(json.loads((tmp_path / 'r.json').read_text()))
+    assert {k: v for k, v in outs[0].items() if k != 'classifier'} == {k: v for k, v in outs[1].items() if k != 'classifier'}
+    # Independently: the stand-in's probabilities (no output bias) and the classifier's softmax of x / 127.5 - 1.
+    images = torch.as_tensor(_images_of(images_dir))
+    probs = detector_lib.StandInDetector(seed=0)(images, no_output_bias=True).double().numpy()
+    scores = [np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(0))), axis=1))) for p in np.split(probs, 5)]
+    assert outs[0]['is_mean'] == pytest.approx(np.mean(scores), rel=1e-5)
+    soft = torch.softmax(net(images.float() / 127.5 - 1), dim=1).detach().numpy()
+    want = {str(t): float(np.mean([(row >= t).sum() >= 2 for row in soft])) for t in (0.1, 0.2, 0.3, 0.4)}
+    assert outs[0]['mmr'] == want and len(set(want.values())) > 1, want
+    assert 0 <= outs[0]['precision'] <= 1 and outs[0]['fid'] > 0
+
+
+def test_mmr_and_classifier_errors(image_sets, tmp_path):
+    cases = [(['--metrics=mmr'], 2, 'needs --classifier'),
+             (['--classifier', str(tmp_path / 'none.pkl')], 2, 'used by mmr alone'),
+             (['--metrics=mmr', '--classifier', str(tmp_path / 'none.pkl')], 1, 'no such file'),
+             (['--metrics=is,mmr,fid2'], 2, 'fid2')]
+    torch.save(torch.nn.Linear(3, 2), tmp_path / 'lin.pkl')    # a zip, not a pickle of ours
+    with open(tmp_path / 'flat.pkl', 'wb') as f:
+        pickle.dump(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 1)), f)
+    cases.append((['--metrics=mmr', '--classifier', str(tmp_path / 'flat.pkl')], 1, 'must return class logits [N, K]'))
+    for args, code, expect in cases:
+        res = CliRunner().invoke(fid.main, ['calc', '--images', image_sets['a_dir'], *args, *COMMON])
+        assert res.exit_code == code and expect in res.output and 'Traceback' not in res.output, (args, res.output)

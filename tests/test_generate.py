@@ -280,6 +280,8 @@ def test_wrong_kind_wrong_shape_and_bad_options_fail_before_any_output(image_set
     other = tmp_path / 'list.pkl'
     other.write_bytes(pickle.dumps([1, 2]))
     small = write_image_zip(tmp_path / 'small.zip', 2, resolution=4)
+    classifier = tmp_path / 'clf.pkl'
+    classifier.write_bytes(pickle.dumps(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2))))
     img, vec = image_setup['snap'], vector_setup['snap']
     cases = [
         ([f'--network={den}', '--sampler=G', f'--data={vector_setup["data"]}'], '--sampler=G applies to snapshots of kind eot'),
@@ -295,6 +297,7 @@ def test_wrong_kind_wrong_shape_and_bad_options_fail_before_any_output(image_set
         ([f'--network={other}', f'--data={image_setup["data"]}'], 'not a snapshot dict'),
         ([f'--network={tmp_path / "nope.pkl"}', f'--data={image_setup["data"]}'], 'no such file'),
         ([f'--network={vec}', f'--data={vector_setup["data"]}', f'--npz={tmp_path / "b.npz"}'], '--npz writes images'),
+        ([f'--network={classifier}'], 'is a classifier: it judges samples'),
     ]
     for args, expect in cases:
         res = _generate(*args, f'--outdir={out}', expect_ok=False)

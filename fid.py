@@ -25,7 +25,7 @@ from data.dataset import DatasetError, ImageFolderDataset
 from metrics import inception_score as is_lib
 from metrics import mode_mixture as mmr_lib
 from metrics.npz_images import NpzImages, NpzImagesError
-from sampling import GenerationError, snapshots
+from sampling import GenerationError, outputs, snapshots
 from torch_utils import distributed as dist_utils
 from torch_utils.images import to_model_space
 
@@ -47,6 +47,20 @@ def _open_images(path, what):
         return NpzImages(path) if str(path).lower().endswith('.npz') else ImageFolderDataset(path)
     except (DatasetError, NpzImagesError) as err:
         raise click.ClickException(f'{what}: {err}') from None
+
+
+def _check_output_file(path, option):
+    try:
+        outputs.check_output_file(path, option)
+    except GenerationError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _make_dir(path, option):
+    try:
+        outputs.make_output_dir(path, option)
+    except GenerationError as err:
+        raise click.ClickException(str(err)) from None
 
 
 def _setup(device, detector):
@@ -99,6 +113,7 @@ def _with_common(fn):
 @_with_common
 def ref(data, dest, num, seed, detector, batch, workers, device):
     """Write the detector-feature mean and covariance of a reference image set to DEST (.npz)."""
+    _check_output_file(dest, '--dest')
     det = _setup(device, detector)
     dataset = _open_images(data, '--data')
     batches, count = _image_batches(dataset, num, seed, batch, workers)
@@ -106,7 +121,7 @@ def ref(data, dest, num, seed, detector, batch, workers, device):
     mu, sigma = compute_feature_stats(batches, det, batch_size=batch, progress=True)
     if dist_utils.get_rank() == 0:
         if os.path.dirname(dest):
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            _make_dir(os.path.dirname(dest), '--dest')
         fid_lib.save_ref_stats(dest, mu, sigma, detector=det.name, num_images=count, data=str(data))
         print(f'Saved "{dest}"')
     dist_utils.barrier()
@@ -216,6 +231,8 @@ def calc(images, ref_path, ref_data, metric_list, with_pr, classifier, splits, n
     """Print FID, Inception Score, precision/recall and mode-mixture ratio of IMAGES (as asked by --metrics)."""
     names = list(dict.fromkeys(_parse_metrics(metric_list) + (['pr'] if with_pr else [])))
     _check_calc_options(names, ref_path, ref_data, classifier)
+    if out is not None:
+        _check_output_file(out, '--out')
     det = _setup(device, detector)
     ref_stats = _reference_stats(ref_path, det) if 'fid' in names and ref_path is not None else None
     clf = _load_classifier(classifier, det.device) if 'mmr' in names else None

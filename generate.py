@@ -17,7 +17,7 @@ import PIL.Image
 import torch
 
 import dnnlib
-from sampling import GenerationError, dpmot, rng, snapshots, translation
+from sampling import GenerationError, dpmot, outputs, rng, snapshots, translation
 from torch_utils import distributed as dist
 from torch_utils.images import save_png, scatter_plot, to_uint8
 
@@ -122,7 +122,7 @@ def translate_dataset(opts, model, sampler, device):
                 + (f' ({opts.steps or model.sde_steps} steps, gamma={model.gamma if opts.gamma is None else opts.gamma:g})'
                    if sampler == 'sde' else '') + f' on {dist.get_world_size()} process(es)')
     if dist.get_rank() == 0:
-        os.makedirs(opts.outdir, exist_ok=True)
+        outputs.make_output_dir(opts.outdir)
     dist.barrier()
     kept = [] # (index, repeat, output) kept for samples.npz or the grid.
     for batch in translation.iterate_translations(model, dataset, seeds=seeds, num=num, sampler=sampler,
@@ -164,8 +164,8 @@ def translate_dataset(opts, model, sampler, device):
             rows = [x] + [torch.stack([img for i, r, img in sorted(kept) if r == rr]) for rr in range(grid_repeats)]
             grid = _uint8_grid(rows)
         else:
-            outputs = np.concatenate([out.reshape(-1, model.data_shape[0]) for _, _, out in kept])
-            grid = scatter_plot({'input': np.stack([dataset[i][0] for i in range(num)]), 'output': outputs})
+            outs = np.concatenate([out.reshape(-1, model.data_shape[0]) for _, _, out in kept])
+            grid = scatter_plot({'input': np.stack([dataset[i][0] for i in range(num)]), 'output': outs})
         save_png(grid, path)
         written.append(f'{path}')
     dist.print0('Wrote ' + ', '.join(written))
@@ -219,7 +219,7 @@ def sample_denoiser(opts, model, sampler, device):
     if note is not None:
         dist.print0(note)
     if dist.get_rank() == 0:
-        os.makedirs(opts.outdir, exist_ok=True)
+        outputs.make_output_dir(opts.outdir)
     dist.barrier()
     kept, grid_seeds, nfe = [], set(seeds[:64]), None
     for batch_seeds, samples, info in dpmot.iterate_samples(prepared, seeds, batch_size=opts.batch, progress=True):
@@ -275,7 +275,7 @@ def _write_denoiser_outputs(opts, model, kept, nfe):
 
 @click.command(context_settings=dict(max_content_width=120))
 @click.option('--network',     help='Snapshot: network-snapshot-*.pkl (path or URL; pickles run code: trusted files only), or a folder / network.json written by --export-safe', metavar='PKL|DIR|JSON', type=str, required=True)
-@click.option('--outdir',      help='Where to write the outputs (PNGs, samples.npz, grid.png)', metavar='DIR', type=str)
+@click.option('--outdir',      help='Where to write the outputs (PNGs, samples.npz, grid.png): a new or empty folder; one that already holds files is refused (fid.py calc would score the old files with the new ones), nothing is deleted', metavar='DIR', type=str)
 @click.option('--data',        help='EOT: the inputs to translate (domain 1): image zip/folder or vector .npz', metavar='ZIP|DIR|NPZ', type=str)
 @click.option('--max', '--count', 'max', help='EOT: translate only the first N inputs (under torchrun write --count: torchrun mistakes --max for its --max-restarts)  [default: all]', metavar='N', type=click.IntRange(min=1))
 @click.option('--seeds',       help='Per-sample seeds, e.g. 0-99 or 1,5,10-19. EOT: one per input (input i uses seeds[i]; default 0, 1, 2, ...); denoiser: one per sample  [default: 0-63]', metavar='LIST', type=str)
@@ -334,6 +334,7 @@ def main(**kwargs):
             if given:
                 raise click.ClickException(f'--export-safe only writes an export; drop {", ".join(given)} and generate '
                                            'afterwards with --network=' + opts.export_safe)
+            outputs.check_output_dir(opts.export_safe, '--export-safe', empty=False)
             model = snapshots.load_network(opts.network)
             if dist.get_rank() == 0:
                 path = snapshots.export_safe(model, opts.export_safe)
@@ -342,6 +343,10 @@ def main(**kwargs):
             return
         if opts.outdir is None:
             raise click.ClickException('--outdir is required (where to write the outputs)')
+        outputs.check_output_dir(opts.outdir)
+        if opts.npz is not None:
+            outputs.check_output_file(opts.npz, '--npz')
+        dist.barrier() # Every rank has checked --outdir before rank 0 makes it.
         model = snapshots.load_network(opts.network, device)
         sampler = check_options(opts, model)
         if model.kind == 'eot':

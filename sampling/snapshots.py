@@ -11,7 +11,7 @@ import torch
 
 import dnnlib
 from models import diffusion_loss, eot_loss, networks  # noqa: F401 (the classes that snapshots hold)
-from sampling import GenerationError
+from sampling import GenerationError, outputs
 from torch_utils import persistence
 
 EOT_SAMPLERS = ('G', 'sde')
@@ -188,7 +188,7 @@ def export_safe(model, out_dir):
                 kimg=model.kimg, source=str(model.source))
     if model.kind == 'eot':
         desc.update(gamma=model.gamma, sde_steps=model.sde_steps)
-    os.makedirs(out_dir, exist_ok=True)
+    outputs.make_output_dir(out_dir, '--export-safe')
     weights = {name: {k: v.detach().cpu() for k, v in net.state_dict().items()} for name, net in model.nets.items()}
     with dnnlib.util.atomic_write(os.path.join(out_dir, EXPORT_WEIGHTS), 'wb') as f:
         torch.save(weights, f)

@@ -261,3 +261,15 @@ def test_mmr_and_classifier_errors(image_sets, tmp_path):
     for args, code, expect in cases:
         res = CliRunner().invoke(fid.main, ['calc', '--images', image_sets['a_dir'], *args, *COMMON])
         assert res.exit_code == code and expect in res.output and 'Traceback' not in res.output, (args, res.output)
+
+
+def test_a_bad_dest_or_out_is_a_one_line_error_before_any_work(image_sets, tmp_path):
+    (tmp_path / 'file').write_text('x')
+    cases = [(['ref', '--data', image_sets['a_dir'], '--dest', str(tmp_path / 'file' / 's.npz')], 'is a file'),
+             (['ref', '--data', image_sets['a_dir'], '--dest', str(tmp_path)], 'is a folder'),
+             (['calc', '--images', image_sets['a_dir'], '--metrics=is', '--out', str(tmp_path / 'file' / 'r.json')],
+              'is a file')]
+    for args, expect in cases:
+        res = CliRunner().invoke(fid.main, [*args, *COMMON])
+        assert res.exit_code == 1 and expect in res.output and isinstance(res.exception, SystemExit), (args, res.output)
+        assert 'Computing' not in res.output, res.output     # refused before the images are read

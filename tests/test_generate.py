@@ -523,3 +523,27 @@ def test_class_options_and_potentials_of_other_labels_are_refused_before_any_out
                  [f'--potential={pots["labels"]}']):
         res = _generate(f'--network={cond}', *args, '--seeds=0-9', f'--outdir={tmp_path / str(len(args))}-{args[0][-6:]}')
         assert 'Samples per class:' in res.output
+
+#----------------------------------------------------------------------------
+# Output folders: a bad --outdir is a one-line error; an existing one with files in it is refused.
+
+def test_a_bad_or_used_outdir_is_a_one_line_error_before_any_work(tmp_path):
+    from tests.sampling.edm_standin import edm_snapshot
+    pkl = edm_snapshot(tmp_path / 'n.pkl')
+    (tmp_path / 'file').write_text('x')
+    used = tmp_path / 'used'
+    used.mkdir()
+    (used / '000000.png').write_bytes(b'old')
+    cases = [(dict(outdir=tmp_path / 'file'), 'is a file'), (dict(outdir=tmp_path / 'file' / 'sub'), 'is a file'),
+             (dict(outdir=used), 'already holds 1 file'), (dict(npz=tmp_path), 'is a folder'),
+             (dict(npz=tmp_path / 'file' / 'b.npz'), 'is a file'), (dict(export_safe=tmp_path / 'file'), 'is a file')]
+    for opts, expect in cases:
+        args = [f'--{k.replace("_", "-")}={v}' for k, v in opts.items()]
+        if 'export_safe' not in opts:
+            args += [f'--outdir={tmp_path / "new"}'] if 'outdir' not in opts else []
+            args += ['--seeds=0-1', '--steps=2']
+        res = _generate(f'--network={pkl}', *args, expect_ok=False)
+        assert res.exit_code == 1 and expect in res.output, (opts, res.output)
+        assert len(res.output.strip().splitlines()) == 1 and isinstance(res.exception, SystemExit), res.output
+        assert not (tmp_path / 'new').exists() and os.listdir(used) == ['000000.png']
+    assert 'new or empty folder' in CliRunner().invoke(generate.main, ['--help']).output

@@ -112,6 +112,9 @@ def translate_dataset(opts, model, sampler, device):
     num = len(dataset) if opts.max is None else min(opts.max, len(dataset))
     seeds = _seeds(opts)
     repeats = opts.repeats or 1
+    if num * repeats > rng.MAX_SEEDS:
+        raise click.ClickException(f'{num} input(s) x --repeats={repeats} asks for {num * repeats:,} outputs; at most '
+                                   f'{rng.MAX_SEEDS:,} outputs per call (fewer --repeats, or --max with several calls)')
     if seeds is not None and len(seeds) != num:
         raise click.ClickException(f'--seeds={opts.seeds} gives {len(seeds)} seeds for {num} inputs; give exactly '
                                    f'one per input (e.g. --seeds=0-{num - 1}) or set --max={len(seeds)}')

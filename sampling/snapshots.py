@@ -3,6 +3,7 @@ and safe exports (weights + a JSON architecture, no code), and writing safe expo
 """
 
 import json
+import math
 import os
 import pickle
 import re
@@ -227,6 +228,39 @@ def _build_sequential(name, arch, where):
             raise GenerationError(f'{where}: cannot build layer {i} of {name} = {short}(**{kwargs}): {err}') from None
     return torch.nn.Sequential(*built)
 
+class _BigTensorsOnMeta(torch.overrides.TorchFunctionMode):
+    """Tensor factories (empty, zeros, randn, ...) of more than 4096 elements make meta tensors, which take no
+    memory; small ones stay real, so that constructors computing with scalars still run. Builds a network's
+    skeleton to read its size before anything is allocated."""
+
+    FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.randn, torch.rand, torch.full}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self.FACTORIES and kwargs.get('device') is None and args:
+            size = args[0] if isinstance(args[0], (tuple, list, torch.Size)) else args
+            if all(isinstance(s, int) for s in size) and math.prod(size) > 4096:
+                kwargs['device'] = 'meta'
+        return func(*args, **kwargs)
+
+def _check_size(nets_arch, weights, where):
+    """Refuse a description whose networks need more bytes than the weights it comes with (an edited network.json
+    asking for 720 GB must fail here, not in the allocator): each network is first built as a skeleton."""
+    limit = sum(t.numel() * t.element_size() for sd in weights.values() if isinstance(sd, dict)
+                for t in sd.values() if torch.is_tensor(t))
+    total = 0
+    for name, arch in nets_arch.items():
+        try:
+            with _BigTensorsOnMeta():
+                skeleton = _build_network(name, arch, where)
+        except (RuntimeError, NotImplementedError) as err:
+            raise GenerationError(f'{where}: cannot size {name} before building it ({err})') from None
+        total += sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+    if total > limit:
+        raise GenerationError(f'{where}: its networks would take {total / 2**30:,.1f} GiB, more than its weights file '
+                              f'holds ({limit / 2**20:,.1f} MiB); a description may ask for no more than the weights it '
+                              'comes with (the JSON was edited or does not belong to this weights.pt)')
+
 def _build_network(name, arch, where):
     if not isinstance(arch, dict):
         raise GenerationError(f'{where}: networks.{name} must be an object with class_name, init_args, init_kwargs')
@@ -279,7 +313,6 @@ def read_safe_export(path):
     needed = NEEDED_KEYS[kind]
     if not isinstance(arch, dict) or any(k not in arch for k in needed) or set(arch) - set(NETWORK_KEYS[kind]):
         raise GenerationError(f'{json_path}: "networks" must describe {", ".join(needed)} for kind {kind!r}')
-    nets = {name: _build_network(name, a, json_path) for name, a in arch.items()}
     weights_path = os.path.join(os.path.dirname(os.path.abspath(json_path)), weights_name)
     try:
         weights = torch.load(weights_path, map_location='cpu', weights_only=True)
@@ -287,8 +320,10 @@ def read_safe_export(path):
         raise GenerationError(f'{json_path}: its weights file "{weights_path}" is missing') from None
     except Exception as err: # UnpicklingError for anything but tensors and containers, zip errors, ...
         raise GenerationError(f'{weights_path}: cannot load with weights_only=True ({type(err).__name__}: {err})') from None
-    if not isinstance(weights, dict) or any(name not in weights for name in nets):
-        raise GenerationError(f'{weights_path}: expected a dict of state_dicts for {", ".join(nets)}')
+    if not isinstance(weights, dict) or any(not isinstance(weights.get(name), dict) for name in arch):
+        raise GenerationError(f'{weights_path}: expected a dict of state_dicts for {", ".join(arch)}')
+    _check_size(arch, weights, json_path)
+    nets = {name: _build_network(name, a, json_path) for name, a in arch.items()}
     for name, net in nets.items():
         try:
             net.load_state_dict(weights[name], strict=True)

@@ -14,7 +14,7 @@ import tqdm
 
 from data.dataset import DatasetError, open_dataset
 from sampling import GenerationError
-from sampling.rng import StackedRandomGenerator, rank_batches, repeat_seeds
+from sampling.rng import MAX_SEEDS, StackedRandomGenerator, rank_batches, repeat_seeds
 from sampling.snapshots import EOT_SAMPLERS
 from torch_utils import distributed as dist
 from torch_utils.images import to_model_space
@@ -103,6 +103,9 @@ def iterate_translations(model, dataset, seeds=None, num=None, sampler='G', step
     num = len(dataset) if num is None else int(num)
     if not 1 <= num <= len(dataset):
         raise GenerationError(f'cannot translate {num} inputs: the data holds {len(dataset)}')
+    if num * int(repeats) > MAX_SEEDS:
+        raise GenerationError(f'{num} inputs x {repeats} repeats = {num * int(repeats):,} outputs; at most {MAX_SEEDS:,} '
+                              'per call')
     seeds = list(range(num)) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != num:
         raise GenerationError(f'{len(seeds)} seeds for {num} inputs: give one seed per input')

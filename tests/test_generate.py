@@ -547,3 +547,21 @@ def test_a_bad_or_used_outdir_is_a_one_line_error_before_any_work(tmp_path):
         assert len(res.output.strip().splitlines()) == 1 and isinstance(res.exception, SystemExit), res.output
         assert not (tmp_path / 'new').exists() and os.listdir(used) == ['000000.png']
     assert 'new or empty folder' in CliRunner().invoke(generate.main, ['--help']).output
+
+
+def test_what_a_command_line_or_a_file_may_ask_for_is_bounded(image_setup, tmp_path):
+    # Each of these tried to allocate tens of GB to TB (MemoryError, or the machine swapping) before.
+    res = _generate(f'--network={image_setup["snap"]}', f'--data={image_setup["data"]}', f'--outdir={tmp_path / "a"}',
+                    '--seeds=0-99999999999', expect_ok=False)
+    assert res.exit_code == 1 and 'at most 10,000,000 per call' in res.output, res.output
+    res = _generate(f'--network={image_setup["snap"]}', f'--data={image_setup["data"]}', f'--outdir={tmp_path / "b"}',
+                    '--repeats=1000000000', expect_ok=False)
+    assert res.exit_code == 1 and 'at most 10,000,000 outputs per call' in res.output, res.output
+    export = tmp_path / 'export'
+    _generate(f'--network={image_setup["snap"]}', f'--export-safe={export}')
+    desc = json.loads((export / 'network.json').read_text())
+    desc['networks']['G']['init_kwargs']['model_channels'] = 100000        # ~ 10^5 GiB of weights
+    (export / 'network.json').write_text(json.dumps(desc))
+    res = _generate(f'--network={export}', f'--data={image_setup["data"]}', f'--outdir={tmp_path / "c"}', expect_ok=False)
+    assert res.exit_code == 1 and 'more than its weights file holds' in res.output, res.output
+    assert not any((tmp_path / d).exists() for d in 'abc')

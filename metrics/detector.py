@@ -175,12 +175,23 @@ def _fetch_detector_file(spec, verbose):
         raise DetectorUnavailable(f'Cannot load the FID detector: no such file "{spec}". {_local_copy_hint(spec)}') from err
 
 
-def _load_net_file(filename):
-    """Load a detector network from a pickle (StyleGAN3/EDM .pkl) or a TorchScript archive (.pt)."""
-    if zipfile.is_zipfile(filename):
-        return torch.jit.load(filename, map_location='cpu')
-    with open(filename, 'rb') as f:
-        return pickle.load(f)
+def _load_net_file(filename, spec):
+    """Load a detector network from a pickle (StyleGAN3/EDM .pkl; unpickling runs code) or a TorchScript
+    archive (.pt). DetectorUnavailable, with one line, when the file holds no loadable network."""
+    try:
+        if zipfile.is_zipfile(filename):
+            net = torch.jit.load(filename, map_location='cpu')
+        else:
+            with open(filename, 'rb') as f:
+                net = pickle.load(f)
+    except Exception as err: # Unpickling errors of any kind, TorchScript format errors, missing modules, ...
+        raise DetectorUnavailable(f'Cannot load the detector from "{spec}" ({type(err).__name__}: '
+                                  f'{str(err).splitlines()[0] if str(err) else ""}); pass the Inception-v3 pickle '
+                                  f'or TorchScript file ({DEFAULT_DETECTOR_URL}) or "standin:SEED"') from None
+    if not isinstance(net, torch.nn.Module):
+        raise DetectorUnavailable(f'"{spec}" holds a {type(net).__name__}, not a network; pass the Inception-v3 '
+                                  f'pickle or TorchScript file ({DEFAULT_DETECTOR_URL})')
+    return net
 
 
 def load_detector(spec=None, device=None, verbose=True):
@@ -195,12 +206,16 @@ def load_detector(spec=None, device=None, verbose=True):
     Returns:
         A Detector; `detector(uint8 NCHW images)` gives float32 [N, 2048] features.
     Raises:
-        DetectorUnavailable if the file cannot be found or downloaded (the message says how to pass a
-        local copy). Under torchrun every rank raises it together; rank 0 downloads first.
+        DetectorUnavailable if the file cannot be found, downloaded or loaded, or the spec is malformed (the
+        message says how to pass a local copy). Under torchrun every rank raises it together; rank 0 downloads
+        first.
     """
     spec = resolve_detector_spec(spec)
     device = dist_utils.device() if device is None else torch.device(device)
-    seed = parse_standin_spec(spec)
+    try:
+        seed = parse_standin_spec(spec)
+    except ValueError as err:
+        raise DetectorUnavailable(str(err)) from None
     if seed is not None:
         return Detector(StandInDetector(seed=seed).to(device), name=f'standin:{seed}', device=device, is_standin=True)
 
@@ -216,7 +231,7 @@ def load_detector(spec=None, device=None, verbose=True):
         raise DetectorUnavailable(error)
     if filename is None:
         filename = _fetch_detector_file(spec, verbose=False)
-    net = _load_net_file(filename).eval().to(device) # Called under no_grad (TorchScript has no requires_grad_).
+    net = _load_net_file(filename, spec).eval().to(device) # Called under no_grad (TorchScript has no requires_grad_).
     return Detector(net, name=spec, device=device, is_standin=False)
 
 #----------------------------------------------------------------------------

@@ -273,3 +273,16 @@ def test_a_bad_dest_or_out_is_a_one_line_error_before_any_work(image_sets, tmp_p
         res = CliRunner().invoke(fid.main, [*args, *COMMON])
         assert res.exit_code == 1 and expect in res.output and isinstance(res.exception, SystemExit), (args, res.output)
         assert 'Computing' not in res.output, res.output     # refused before the images are read
+
+
+def test_a_bad_detector_is_a_one_line_error(image_sets, tmp_path):
+    (tmp_path / 'garbage.pkl').write_bytes(b'\x80\x04garbage')
+    with open(tmp_path / 'list.pkl', 'wb') as f:
+        pickle.dump([1, 2, 3], f)
+    cases = [(str(tmp_path / 'garbage.pkl'), 'Cannot load the detector'), ('standin:x', 'standin:SEED'),
+             (str(tmp_path / 'list.pkl'), 'not a network')]
+    for spec, expect in cases:
+        res = CliRunner().invoke(fid.main, ['calc', '--images', image_sets['a_dir'], '--metrics=is', '--detector', spec,
+                                            '--workers', '0', '--device', 'cpu'])
+        assert res.exit_code == 1 and expect in res.output and isinstance(res.exception, SystemExit), (spec, res.output)
+        assert len(res.output.strip().splitlines()) == 1, res.output

@@ -1,7 +1,7 @@
 """Translate data with a one-step EOT snapshot, sample a denoiser snapshot, or export a snapshot safely.
 
     python generate.py --network=runs/00000-demo/network-snapshot-000200.pkl --data=datasets/2_test.zip \\
-        --outdir=out/2to3 --grid
+        --outdir=out/2to3 --grid                                        # PNGs in out/2to3, grid in out/2to3-grid.png
     torchrun --standalone --nproc_per_node=4 generate.py --network=... --data=... --outdir=... --sampler=sde
     python generate.py --network=DENOISER.pkl --potential=potential.pt --outdir=out/dpmot --seeds=0-99
     python generate.py --network=snapshot.pkl --export-safe=snapshot-safe/
@@ -59,6 +59,18 @@ def check_options(opts, model):
         if sampler == 'G' and (opts.steps is not None or opts.gamma is not None):
             raise click.ClickException('--steps and --gamma apply to --sampler=sde only; the one-step G takes neither')
     return sampler
+
+
+def _grid_path(grid, outdir):
+    """--grid's file: beside --outdir by default (OUTDIR-grid.png), never inside it, where fid.py calc --images=OUTDIR
+    would read it as one more (larger) image."""
+    path = os.path.normpath(outdir) + '-grid.png' if grid == '' else grid
+    inside = os.path.commonpath([os.path.abspath(path), os.path.abspath(outdir)]) == os.path.abspath(outdir)
+    if inside:
+        raise click.ClickException(f'--grid="{path}" lies inside --outdir="{outdir}", where fid.py calc would read it as '
+                                   'one more image; write it elsewhere (--grid alone writes OUTDIR-grid.png)')
+    outputs.check_output_file(path, '--grid')
+    return path
 
 
 def _seeds(opts):
@@ -136,7 +148,7 @@ def translate_dataset(opts, model, sampler, device):
             for k, (i, r) in enumerate(zip(batch.index, batch.repeat)):
                 name = f'{i:06d}.png' if repeats == 1 else f'{i:06d}-{r:02d}.png'
                 _save_image(out[k], os.path.join(opts.outdir, name))
-                if opts.grid and i < grid_inputs and r < grid_repeats:
+                if opts.grid is not None and i < grid_inputs and r < grid_repeats:
                     kept.append((int(i), int(r), out[k].cpu()))
         else:
             kept.append((batch.index, batch.repeat, batch.y.cpu().numpy()))
@@ -160,8 +172,8 @@ def translate_dataset(opts, model, sampler, device):
         if opts.npz is not None:
             names = [f'{i:06d}.png' if repeats == 1 else f'{i:06d}-{r:02d}.png' for i in range(num) for r in range(repeats)]
             written.append(_write_sample_batch(opts.npz, [os.path.join(opts.outdir, n) for n in names]))
-    if opts.grid:
-        path = os.path.join(opts.outdir, 'grid.png')
+    if opts.grid is not None:
+        path = opts.grid
         if images:
             x = to_uint8(translation.load_items(dataset, range(grid_inputs), 'cpu'))
             rows = [x] + [torch.stack([img for i, r, img in sorted(kept) if r == rr]) for rr in range(grid_repeats)]
@@ -233,7 +245,7 @@ def sample_denoiser(opts, model, sampler, device):
             for k, seed in enumerate(batch_seeds):
                 _save_image(out[k], os.path.join(opts.outdir, f'{seed:06d}.png'))
                 kept.append((int(seed), None if labels[k] is None else int(labels[k]),
-                             out[k].cpu() if opts.grid and int(seed) in grid_seeds else None))
+                             out[k].cpu() if opts.grid is not None and int(seed) in grid_seeds else None))
         else:
             kept += [(int(s), None if l is None else int(l), y) for s, l, y in zip(batch_seeds, labels, samples.numpy())]
     kept = _gather_to_rank0(kept)
@@ -244,7 +256,8 @@ def sample_denoiser(opts, model, sampler, device):
 
 
 def _write_denoiser_outputs(opts, model, kept, nfe):
-    """Rank 0: samples.npz (vectors) and grid.png from `kept`, [(seed, label or None, image or vector)] in order."""
+    """Rank 0: samples.npz (vectors), the --npz batch and the --grid PNG from `kept`, [(seed, label or None, image or
+    vector)] in order."""
     written = []
     labels = None if kept[0][1] is None else np.asarray([l for _, l, _ in kept], dtype=np.int64)
     if len(model.data_shape) == 3:
@@ -259,8 +272,8 @@ def _write_denoiser_outputs(opts, model, kept, nfe):
         with dnnlib.util.atomic_write(path, 'wb') as f:
             np.savez(f, **arrays, **({} if labels is None else dict(labels=labels)))
         written.append(f'{path} (y {list(y.shape)})')
-    if opts.grid:
-        path = os.path.join(opts.outdir, 'grid.png')
+    if opts.grid is not None:
+        path = opts.grid
         if len(model.data_shape) == 3:
             images_ = torch.stack([img for _, _, img in kept if img is not None])
             grid = _uint8_grid([images_[i:i + 8] for i in range(0, len(images_), 8)])
@@ -299,7 +312,7 @@ def _write_denoiser_outputs(opts, model, kept, nfe):
 @click.option('--angle-threshold', 'angle_threshold', help='Denoiser with --potential and --topk >= 2: keep neighbour cells whose normalised dihedral angle is at most this (AE-OT rule; 0.3 blended fewer modes than 0.7 in docs/dpmot.md)  [default: 0.7, the reference\'s]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--batch',       help='Batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--npz',         help='Images: also write an ADM-style sample batch to this .npz (arr_0: uint8 [N, H, W, C] in seed order, as the PNGs; arr_1: int64 labels of a class-conditional network), the format of the evaluators of ADM and DPM-OT; fid.py calc reads it too', metavar='FILE', type=str)
-@click.option('--grid',        help='Also write grid.png: inputs and outputs (images) or a scatter plot (vectors)', is_flag=True)
+@click.option('--grid',        help='Also write a grid of inputs and outputs (images) or a scatter plot (vectors) to PNG, beside --outdir (never in it, where fid.py calc would read it)  [default with --grid alone: OUTDIR-grid.png]', metavar='[PNG]', is_flag=False, flag_value='', default=None, type=str)
 @click.option('--device',      help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
 @click.option('--export-safe', 'export_safe', help='Instead of generating, write a code-free export of --network to DIR: weights.pt (state_dicts, loads with weights_only=True) and network.json (architecture)', metavar='DIR', type=str)
 def main(**kwargs):
@@ -311,7 +324,7 @@ def main(**kwargs):
 
     \b
     Examples:
-    # Translate the test 2s to 3s with the one-step G, plus a grid
+    # Translate the test 2s to 3s with the one-step G, plus a grid in out/2to3-grid.png
     python generate.py --network=runs/00000-demo/network-snapshot-000200.pkl \\
         --data=datasets/2_test.zip --outdir=out/2to3 --grid
     # The SDE with 20 steps on 4 GPUs
@@ -332,7 +345,7 @@ def main(**kwargs):
         raise click.ClickException(str(err)) from None
     try:
         if opts.export_safe is not None:
-            given = [_option_name(k) for k in ('outdir', 'seeds', 'sampler', 'steps', 'npz') + _EOT_ONLY + _DENOISER_ONLY
+            given = [_option_name(k) for k in ('outdir', 'seeds', 'sampler', 'steps', 'npz', 'grid') + _EOT_ONLY + _DENOISER_ONLY
                      if opts[k] is not None]
             if given:
                 raise click.ClickException(f'--export-safe only writes an export; drop {", ".join(given)} and generate '
@@ -349,6 +362,8 @@ def main(**kwargs):
         outputs.check_output_dir(opts.outdir)
         if opts.npz is not None:
             outputs.check_output_file(opts.npz, '--npz')
+        if opts.grid is not None:
+            opts.grid = _grid_path(opts.grid, opts.outdir)
         dist.barrier() # Every rank has checked --outdir before rank 0 makes it.
         model = snapshots.load_network(opts.network, device)
         sampler = check_options(opts, model)

@@ -1,9 +1,12 @@
 """generate.py and sampling/ (rng, snapshots, translation): per-sample seeding, batch/rank invariance, outputs checked
 against direct network calls, errors, loading from elsewhere with changed code, safe exports."""
 
+import glob
 import json
 import os
 import pickle
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -185,15 +188,16 @@ def test_images_match_direct_calls_for_every_batch_size(image_setup, sampler, tm
         assert np.abs(got.astype(int) - exp.astype(int)).max() <= 1, k # Batched vs lone conv: float ulps.
     assert np.mean([np.array_equal(results[0][f'{k:06d}.png'], e) for k, e in enumerate(expected)]) >= 0.75
     assert len({results[0][k].tobytes() for k in results[0]}) == 8 # Non-trivial outputs.
-    grid = np.asarray(PIL.Image.open(tmp_path / 'b3' / 'grid.png'))
+    grid = np.asarray(PIL.Image.open(tmp_path / 'b3-grid.png'))            # beside the folder, not in it
     assert grid.shape == (2 * 8, 8 * 8, 3) # Inputs row + one output row, 8 columns of 8x8 images.
     assert np.array_equal(grid[8:16, 8:16], results[0]['000001.png'])
 
 
 def test_image_repeats_and_max(image_setup, tmp_path):
-    _generate(f'--network={image_setup["snap"]}', f'--data={image_setup["data"]}', f'--outdir={tmp_path}',
+    _generate(f'--network={image_setup["snap"]}', f'--data={image_setup["data"]}', f'--outdir={tmp_path / "out"}',
               '--max=3', '--repeats=2', '--grid', f'--npz={tmp_path / "batch.npz"}')
-    pngs = _pngs(tmp_path)
+    pngs = _pngs(tmp_path / 'out')
+    assert sorted(os.listdir(tmp_path / 'out')) == sorted(pngs)          # nothing but the outputs in --outdir
     batch = np.load(tmp_path / 'batch.npz')
     assert batch.files == ['arr_0'] and np.array_equal(batch['arr_0'], np.stack(list(pngs.values())))
     assert sorted(pngs) == [f'{i:06d}-{r:02d}.png' for i in range(3) for r in range(2)]
@@ -201,15 +205,15 @@ def test_image_repeats_and_max(image_setup, tmp_path):
     expected = _expected_images(image_setup['snap'], image_setup['data'], [1, 4, 5], 'G', indices=[0, 2, 2])
     for (i, r), exp in zip([(0, 1), (2, 0), (2, 1)], expected):
         assert np.abs(pngs[f'{i:06d}-{r:02d}.png'].astype(int) - exp.astype(int)).max() <= 1
-    assert np.asarray(PIL.Image.open(tmp_path / 'grid.png')).shape == (3 * 8, 3 * 8, 3)
+    assert np.asarray(PIL.Image.open(tmp_path / 'out-grid.png')).shape == (3 * 8, 3 * 8, 3)
 
 #----------------------------------------------------------------------------
 # Vectors.
 
 def test_vector_repeats_shape_and_values(vector_setup, tmp_path):
-    _generate(f'--network={vector_setup["snap"]}', f'--data={vector_setup["data"]}', f'--outdir={tmp_path}',
-              '--max=10', '--repeats=4', '--seeds=100-109', '--batch=7', '--grid')
-    out = np.load(tmp_path / 'samples.npz')
+    _generate(f'--network={vector_setup["snap"]}', f'--data={vector_setup["data"]}', f'--outdir={tmp_path / "out"}',
+              '--max=10', '--repeats=4', '--seeds=100-109', '--batch=7', f'--grid={tmp_path / "scatter.png"}')
+    out = np.load(tmp_path / 'out' / 'samples.npz')
     assert out['x'].shape == (10, 3) and out['y'].shape == (10, 4, 3) and out['seeds'].shape == (10, 4)
     data = np.load(vector_setup['data'])['x']
     assert np.array_equal(out['x'], data[:10])
@@ -221,7 +225,7 @@ def test_vector_repeats_shape_and_values(vector_setup, tmp_path):
         expect = G(torch.as_tensor(data[i:i + 1]), z)[0].detach().numpy()
         np.testing.assert_allclose(out['y'][i, r], expect, rtol=1e-5, atol=1e-6)
     assert np.std(out['y'][0], axis=0).min() > 1e-3 # The repeats differ: G uses its noise.
-    assert (tmp_path / 'grid.png').is_file()
+    assert (tmp_path / 'scatter.png').is_file()
 
 
 def test_kinetic_snapshot_samples_the_sde_with_its_velocity_drift(tmp_path):
@@ -536,7 +540,8 @@ def test_a_bad_or_used_outdir_is_a_one_line_error_before_any_work(tmp_path):
     (used / '000000.png').write_bytes(b'old')
     cases = [(dict(outdir=tmp_path / 'file'), 'is a file'), (dict(outdir=tmp_path / 'file' / 'sub'), 'is a file'),
              (dict(outdir=used), 'already holds 1 file'), (dict(npz=tmp_path), 'is a folder'),
-             (dict(npz=tmp_path / 'file' / 'b.npz'), 'is a file'), (dict(export_safe=tmp_path / 'file'), 'is a file')]
+             (dict(npz=tmp_path / 'file' / 'b.npz'), 'is a file'), (dict(export_safe=tmp_path / 'file'), 'is a file'),
+             (dict(grid=tmp_path / 'new' / 'g.png'), 'lies inside --outdir')]
     for opts, expect in cases:
         args = [f'--{k.replace("_", "-")}={v}' for k, v in opts.items()]
         if 'export_safe' not in opts:
@@ -565,3 +570,43 @@ def test_what_a_command_line_or_a_file_may_ask_for_is_bounded(image_setup, tmp_p
     res = _generate(f'--network={export}', f'--data={image_setup["data"]}', f'--outdir={tmp_path / "c"}', expect_ok=False)
     assert res.exit_code == 1 and 'more than its weights file holds' in res.output, res.output
     assert not any((tmp_path / d).exists() for d in 'abc')
+
+#----------------------------------------------------------------------------
+# The README's own pipeline, as written, on tiny data.
+
+README_TINY = {                       # appended to each README command (click keeps an option's last value)
+    'dataset_tool.py': ['--num=6', '--resolution=8x8'],
+    'train.py': ['--batch=4', '--model_channels=4', '--duration=0.000008', '--tick=0.000004', '--workers=0',
+                 '--device=cpu', '--no-tensorboard', '--G_iters=1', '--f_iters=1', '--D_iters=1',
+                 '--net-opts={"num_blocks": 1, "attn_resolutions": [], "dropout": 0}'],
+    'generate.py': ['--device=cpu', '--batch=4'],
+    'fid.py': ['--detector=standin:0', '--workers=0', '--device=cpu', '--batch=8'],
+}
+
+
+def _readme_commands():
+    """The `python ...` commands of the README's pipeline block, continuation lines joined."""
+    text = open(os.path.join(REPO, 'README.md'), encoding='utf-8').read()
+    block = text.split('## Train, generate, evaluate', 1)[1].split('```bash', 1)[1].split('```', 1)[0]
+    return [c.strip() for c in block.replace('\\\n', ' ').splitlines() if c.strip().startswith('python ')]
+
+
+def _shell_ls_last(command):
+    """$(ls PATTERN | tail -1), as the shell would expand it here."""
+    return re.sub(r'\$\(ls (\S+) \| tail -1\)', lambda m: sorted(glob.glob(m.group(1)))[-1], command)
+
+
+@pytest.mark.filterwarnings('ignore:FID.*near-singular:RuntimeWarning')
+def test_the_readmes_train_generate_fid_pipeline_runs_as_written(tmp_path, monkeypatch):
+    import dataset_tool
+    import fid
+    monkeypatch.chdir(tmp_path)
+    mains = {'dataset_tool.py': dataset_tool.main, 'train.py': train.main, 'generate.py': generate.main, 'fid.py': fid.main}
+    commands = _readme_commands()
+    assert [c.split()[1] for c in commands] == ['dataset_tool.py'] * 3 + ['train.py', 'generate.py', 'fid.py', 'fid.py']
+    for command in commands:
+        script, *args = shlex.split(_shell_ls_last(command))[1:]
+        res = CliRunner().invoke(mains[script], [*args, *README_TINY[script]])
+        assert res.exit_code == 0, (command, res.output, repr(res.exception))
+    assert re.search(r'\bfid: [0-9.]+', res.output), res.output
+    assert os.path.isfile(tmp_path / 'out' / '2to3-grid.png')

@@ -65,6 +65,9 @@ def _make_dir(path, option):
 
 def _setup(device, detector):
     dev = dist_utils.init(device)
+    warning = snapshots.plain_http_warning(detector_lib.resolve_detector_spec(detector), '--detector')
+    if warning is not None:
+        dist_utils.print0(warning)
     try:
         det = detector_lib.load_detector(detector, device=dev, verbose=(dist_utils.get_rank() == 0))
     except detector_lib.DetectorUnavailable as err:
@@ -153,6 +156,9 @@ def _check_ref_detector(meta, det, ref):
 def _load_classifier(path, device):
     """fn(uint8 images) -> class probabilities [N, K] of the user's classifier (pickle or safe export), which is
     called on float32 images in model space ([-1, 1], [N, C, H, W]) and returns logits [N, K]."""
+    warning = snapshots.plain_http_warning(path, '--classifier')
+    if warning is not None:
+        dist_utils.print0(warning)
     try:
         net = snapshots.load_network(path, device, kind='classifier').classifier
     except GenerationError as err:

@@ -343,6 +343,9 @@ def main(**kwargs):
         device = dist.init(opts.device)
     except (RuntimeError, ValueError) as err:
         raise click.ClickException(str(err)) from None
+    warning = snapshots.plain_http_warning(opts.network, '--network')
+    if warning is not None:
+        dist.print0(warning)
     try:
         if opts.export_safe is not None:
             given = [_option_name(k) for k in ('outdir', 'seeds', 'sampler', 'steps', 'npz', 'grid') + _EOT_ONLY + _DENOISER_ONLY

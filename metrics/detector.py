@@ -9,6 +9,7 @@ Tests never download it: `StandInDetector` is a small conv net with fixed random
 seed, with the same call convention, selected by the spec string 'standin:SEED'. Its numbers are not FID.
 """
 
+import hashlib
 import os
 import pickle
 import re
@@ -23,6 +24,9 @@ from torch_utils import distributed as dist_utils
 #----------------------------------------------------------------------------
 
 DEFAULT_DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
+# sha256 of the file at DEFAULT_DETECTOR_URL (95 617 399 bytes), as recorded publicly beside edm's sources; the
+# cached download is checked against it before it is unpickled (docs/safe-loading.md).
+DEFAULT_DETECTOR_SHA256 = 'a31bd1d4522101109044ec28621a5fcb591ed6115e0d58104fc013fa01ef94f7'
 DETECTOR_ENV = 'EOT_FID_DETECTOR'
 FEATURE_DIM = 2048
 INCEPTION_RESOLUTION = 299 # What the real detector sees; it resizes internally.
@@ -175,6 +179,21 @@ def _fetch_detector_file(spec, verbose):
         raise DetectorUnavailable(f'Cannot load the FID detector: no such file "{spec}". {_local_copy_hint(spec)}') from err
 
 
+def _check_known_file(spec, filename):
+    """The default detector's file must have its known sha256: a damaged or replaced cached download is refused
+    before it is unpickled (unpickling runs code). Files given by path or another URL are trusted as given."""
+    if spec != DEFAULT_DETECTOR_URL:
+        return
+    digest = hashlib.sha256()
+    with open(filename, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    if digest.hexdigest() != DEFAULT_DETECTOR_SHA256:
+        raise DetectorUnavailable(f'The detector file "{filename}" (from {spec}) has sha256 {digest.hexdigest()[:12]}..., '
+                                  f'not the {DEFAULT_DETECTOR_SHA256[:12]}... of that URL: damaged or replaced, and not '
+                                  f'unpickled; delete it to download it again, or pass --detector=PATH of a copy you trust')
+
+
 def _load_net_file(filename, spec):
     """Load a detector network from a pickle (StyleGAN3/EDM .pkl; unpickling runs code) or a TorchScript
     archive (.pt). DetectorUnavailable, with one line, when the file holds no loadable network."""
@@ -231,6 +250,7 @@ def load_detector(spec=None, device=None, verbose=True):
         raise DetectorUnavailable(error)
     if filename is None:
         filename = _fetch_detector_file(spec, verbose=False)
+    _check_known_file(spec, filename)
     net = _load_net_file(filename, spec).eval().to(device) # Called under no_grad (TorchScript has no requires_grad_).
     return Detector(net, name=spec, device=device, is_standin=False)
 

@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import re
+import urllib.parse
 
 import torch
 
@@ -119,6 +120,14 @@ def load_network(path, device=torch.device('cpu'), kind=None):
                     denoiser='a denoiser under the key "ema" (train.py --kind=denoiser, or NVlabs/edm)')
         raise GenerationError(f'"{path}" holds {what[found]}; pass {what[kind]}')
     return as_model(data, source=source, device=device)
+
+def plain_http_warning(spec, option):
+    """A one-line warning when `spec` is a pickle to fetch over plain http (None otherwise): a pickle runs code when
+    loaded, and anyone on the network path can replace what plain http carries. The scripts print it."""
+    if not isinstance(spec, str) or urllib.parse.urlparse(spec).scheme != 'http':
+        return None
+    return (f'Warning: {option}={spec} is a pickle fetched over plain http: loading it runs its code, and anyone on '
+            'the network path can replace it; use https or a local copy you trust (docs/safe-loading.md)')
 
 def _read_pickle(path):
     if not dnnlib.util.is_url(path) and not os.path.isfile(path):

@@ -286,3 +286,10 @@ def test_a_bad_detector_is_a_one_line_error(image_sets, tmp_path):
                                             '--workers', '0', '--device', 'cpu'])
         assert res.exit_code == 1 and expect in res.output and isinstance(res.exception, SystemExit), (spec, res.output)
         assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_a_detector_over_plain_http_is_warned_about(image_sets, tmp_path):
+    env = {'EOT_CACHE_DIR': str(tmp_path / 'cache'), detector_lib.DETECTOR_ENV: 'http://127.0.0.1:9/inception.pkl'}
+    res = CliRunner().invoke(fid.main, ['calc', '--images', image_sets['a_dir'], '--metrics=is', '--workers', '0',
+                                        '--device', 'cpu'], env=env)
+    assert res.exit_code == 1 and 'Warning: --detector=http://127.0.0.1:9/inception.pkl is a pickle' in res.output

@@ -610,3 +610,16 @@ def test_the_readmes_train_generate_fid_pipeline_runs_as_written(tmp_path, monke
         assert res.exit_code == 0, (command, res.output, repr(res.exception))
     assert re.search(r'\bfid: [0-9.]+', res.output), res.output
     assert os.path.isfile(tmp_path / 'out' / '2to3-grid.png')
+
+
+def test_a_pickle_over_plain_http_is_warned_about(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = {'EOT_CACHE_DIR': str(tmp_path / 'cache')}
+    for url in (f'http://127.0.0.1:{port}/network-snapshot.pkl', f'https://127.0.0.1:{port}/network-snapshot.pkl'):
+        res = CliRunner().invoke(generate.main, ['--device=cpu', f'--network={url}', f'--outdir={tmp_path / "o"}'],
+                                 env=env)
+        assert res.exit_code == 1 and 'cannot read' in res.output, res.output       # nothing listens there
+        assert ('plain http' in res.output) == url.startswith('http:'), res.output

@@ -1,5 +1,6 @@
 """FID, feature statistics and the detector loader, checked against independent computations."""
 
+import os
 import pickle
 import socket
 import warnings
@@ -249,3 +250,27 @@ def test_detector_offline_error_names_url_and_local_copy(tmp_path, monkeypatch):
         detector_lib.load_detector(str(tmp_path / 'nope.pkl'), device='cpu')
 
 #----------------------------------------------------------------------------
+
+
+def _default_cache_path(cache_dir):
+    """Where dnnlib.util.open_url caches the default detector URL (its documented layout: md5(url)_name)."""
+    import hashlib
+    url = detector_lib.DEFAULT_DETECTOR_URL
+    return os.path.join(cache_dir, 'downloads', hashlib.md5(url.encode()).hexdigest() + '_' + os.path.basename(url))
+
+
+def test_the_cached_default_detector_is_checked_against_its_known_sha256(tmp_path, monkeypatch):
+    import hashlib
+    monkeypatch.setenv('EOT_CACHE_DIR', str(tmp_path))
+    monkeypatch.delenv(detector_lib.DETECTOR_ENV, raising=False)
+    path = _default_cache_path(tmp_path)
+    os.makedirs(os.path.dirname(path))
+    with open(path, 'wb') as f:                                  # a replaced cached copy: a pickle that runs code
+        pickle.dump(detector_lib.StandInDetector(seed=0), f)
+    with pytest.raises(detector_lib.DetectorUnavailable, match='sha256') as err:
+        detector_lib.load_detector(None, device='cpu', verbose=False)
+    assert path in str(err.value) and detector_lib.DEFAULT_DETECTOR_SHA256[:12] in str(err.value)
+    # The same file with the hash it has is loaded: the check compares, nothing else.
+    monkeypatch.setattr(detector_lib, 'DEFAULT_DETECTOR_SHA256', hashlib.sha256(open(path, 'rb').read()).hexdigest())
+    det = detector_lib.load_detector(None, device='cpu', verbose=False)
+    assert det.name == detector_lib.DEFAULT_DETECTOR_URL and not det.is_standin

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import torch
+import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist_utils
@@ -84,7 +85,6 @@ def iterate_features(images, detector, batch_size=64, progress=False):
     """
     bar = None
     if progress and dist_utils.get_rank() == 0:
-        import tqdm
         total = len(images) if hasattr(images, '__len__') else None
         bar = tqdm.tqdm(total=total, unit='batch', desc='Detector features', dynamic_ncols=True)
     try:

@@ -129,7 +129,7 @@ def test_kinetic_g_loss_vector_run(tmp_path, vector_domains):
     assert task['G_loss'] == 'kinetic' and task['f_kwargs']['class_name'] == 'models.networks.VelocityDrift'
     with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
         snap = pickle.load(f)
-    assert snap['G_loss'] == 'kinetic' and type(snap['loss']).__name__ == 'KineticEOTLoss'
+    assert snap['G_loss'] == 'kinetic' and snap['gamma'] == 0.5 and 'loss' not in snap # gamma is stored once
     assert type(snap['f']).__name__ == 'VelocityDrift' and snap['G'].z_shape == (2,)
     x = torch.randn(5, 2)
     assert torch.equal(snap['f'](x, 1.0), x)  # f = x + (1 - t) v ends at its input

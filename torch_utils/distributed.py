@@ -9,7 +9,7 @@ import os
 
 import torch
 
-_state = dict(device=None, local_rank=0)
+_state = dict(device=None)
 
 #----------------------------------------------------------------------------
 
@@ -58,7 +58,7 @@ def init(device='auto', backend=None, timeout_s=1800):
         if backend == 'nccl':
             kwargs['device_id'] = dev
         dist.init_process_group(**kwargs)
-    _state.update(device=dev, local_rank=local_rank)
+    _state.update(device=dev)
     return dev
 
 
@@ -82,10 +82,6 @@ def get_rank():
 
 def get_world_size():
     return torch.distributed.get_world_size() if is_distributed() else 1
-
-
-def get_local_rank():
-    return _state['local_rank']
 
 
 def device():

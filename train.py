@@ -22,7 +22,7 @@ from models.networks import denoiser_kwargs, eot_network_kwargs
 from torch_utils import distributed as dist
 from torch_utils.training_stats import wandb_module
 from training.loop import find_latest_state, training_loop, write_options
-from training.trainer import DivergenceError
+from training.trainer import DivergenceError, split_batch
 
 #----------------------------------------------------------------------------
 
@@ -69,13 +69,10 @@ def setup_training_config(opts):
     world = dist.get_world_size()
 
     # Batch.
-    if opts.batch % world != 0:
-        raise click.ClickException(f'--batch={opts.batch} is not divisible by the number of processes ({world}); '
-                                   f'use a multiple of {world}')
-    per_rank = opts.batch // world
-    if opts.batch_gpu is not None and opts.batch_gpu < per_rank and per_rank % opts.batch_gpu != 0:
-        raise click.ClickException(f'--batch={opts.batch} over {world} process(es) gives {per_rank} per process, '
-                                   f'which --batch-gpu={opts.batch_gpu} does not divide; choose a divisor of {per_rank}')
+    try:
+        split_batch(opts.batch, opts.batch_gpu, world)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     c.batch_size, c.batch_gpu = opts.batch, opts.batch_gpu
 
     # Data.

@@ -59,38 +59,49 @@ def _inspect_dataset(kwargs, option):
     return shape, size
 
 
-def setup_training_config(opts):
-    """Turn parsed command-line options into the loop's config; raises ClickException on bad input.
+def setup_training_config(world_size=1, **opts):
+    """The loop's config from parsed command-line options (a pure function: it reads data headers, writes nothing).
 
-    Checks everything that can be checked (paths, shapes, batch sizes) before any output exists.
+    Checks everything that can be checked before any output exists (paths, shapes, batch split, option
+    combinations) and raises click.ClickException naming the option and the fix.
     """
-    c = Config()
-    c.name = opts.name
-    world = dist.get_world_size()
-
-    # Batch.
+    opts = dnnlib.EasyDict(opts)
+    c = Config(name=opts.name)
     try:
-        split_batch(opts.batch, opts.batch_gpu, world)
+        split_batch(opts.batch, opts.batch_gpu, world_size)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     c.batch_size, c.batch_gpu = opts.batch, opts.batch_gpu
-
-    # Data.
     if opts.kind == 'denoiser':
         c.task_kwargs, c.data_paths = _denoiser_task_kwargs(opts)
-        return _schedule_config(c, opts)
+    else:
+        c.task_kwargs, c.data_paths = _eot_task_kwargs(opts)
+    return _schedule_config(c, opts)
+
+
+def _net_opts(opts):
+    """--net-opts as a dict."""
+    try:
+        net_opts = json.loads(opts.net_opts) if opts.net_opts else {}
+    except ValueError as err:
+        raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
+    if not isinstance(net_opts, dict):
+        raise click.ClickException(f'--net-opts={opts.net_opts!r}: not a JSON object')
+    return net_opts
+
+
+def _eot_data(opts):
+    """{key: (dataset kwargs, item shape, option)} of the EOT data sets given, all checked to share one shape."""
     for option, value in (('--data1train', opts.data1train), ('--data2train', opts.data2train)):
         if value is None:
             raise click.ClickException(f'{option} is required for --kind=eot')
     data = {}
     for key, option in (('data1', '--data1train'), ('data2', '--data2train'), ('test1', '--data1test'), ('test2', '--data2test')):
-        path = opts[option[2:]]
-        kwargs = _dataset_kwargs(path, opts.cache, option)
+        kwargs = _dataset_kwargs(opts[option[2:]], opts.cache, option)
         if kwargs is not None:
-            shape, size = _inspect_dataset(kwargs, option)
-            data[key] = (kwargs, shape, size, option)
+            data[key] = (kwargs, _inspect_dataset(kwargs, option)[0], option)
     shape1 = data['data1'][1]
-    for key, (kwargs, shape, size, option) in data.items():
+    for kwargs, shape, option in data.values():
         if shape != shape1:
             raise click.ClickException(f'{option} holds items of shape {list(shape)} but --data1train holds '
                                        f'{list(shape1)}: both domains need the same resolution, channels or dimension '
@@ -98,6 +109,10 @@ def setup_training_config(opts):
     for option, path in (('--data1stats', opts.data1stats), ('--data2stats', opts.data2stats)):
         if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
             raise click.ClickException(f'{option}: no such file: "{path}"')
+    return data
+
+
+def _eot_metrics(opts, data):
     metrics = [m for m in (opts.metrics or '').split(',') if m and m != 'none']
     for m in metrics:
         if m not in ('fid_G', 'fid_SDE'):
@@ -107,34 +122,40 @@ def setup_training_config(opts):
                                    'from `fid.py ref`)')
     if metrics and 'test1' not in data:
         raise click.ClickException('--metrics needs --data1test (the images translated for FID)')
+    return metrics
 
-    # Networks, optimisers, task.
+
+def _eot_task_kwargs(opts):
+    """(task_kwargs, data_paths) of --kind=eot: G, f and D trained by EOTTask on two domains."""
+    data = _eot_data(opts)
+    metrics = _eot_metrics(opts, data)
+    drift = 'velocity' if opts.g_loss == 'kinetic' else 'end_point' # The kinetic G-step needs f = x + (1 - t) v.
     try:
-        net_opts = json.loads(opts.net_opts) if opts.net_opts else {}
-        if not isinstance(net_opts, dict):
-            raise ValueError('not a JSON object')
-        drift = 'velocity' if opts.g_loss == 'kinetic' else 'end_point' # The kinetic G-step needs f = x + (1 - t) v.
-        G_kwargs, f_kwargs, D_kwargs = eot_network_kwargs(shape1, model_channels=opts.model_channels, drift=drift,
-                                                          **net_opts)
+        G_kwargs, f_kwargs, D_kwargs = eot_network_kwargs(data['data1'][1], model_channels=opts.model_channels,
+                                                          drift=drift, **_net_opts(opts))
     except ValueError as err:
         raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
-    adam = lambda lr: dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr, betas=[0.9, 0.999], eps=1e-8)
-    c.task_kwargs = dnnlib.EasyDict(
+    task_kwargs = dnnlib.EasyDict(
         class_name='training.eot_task.EOTTask',
         data1_kwargs=data['data1'][0], data2_kwargs=data['data2'][0],
-        test1_kwargs=data['test1'][0] if 'test1' in data else None,
-        loader_kwargs=dnnlib.EasyDict(num_workers=opts.workers, prefetch_factor=2 if opts.workers > 0 else None,
-                                      pin_memory=False),
+        test1_kwargs=data['test1'][0] if 'test1' in data else None, loader_kwargs=_loader_kwargs(opts),
         G_kwargs=G_kwargs, f_kwargs=f_kwargs, D_kwargs=D_kwargs,
-        G_opt_kwargs=adam(opts.lr_g), f_opt_kwargs=adam(opts.lr_f), D_opt_kwargs=adam(opts.lr_d),
+        G_opt_kwargs=_adam(opts.lr_g), f_opt_kwargs=_adam(opts.lr_f), D_opt_kwargs=_adam(opts.lr_d),
         gamma=opts.gamma, G_loss=opts.g_loss, G_iters=opts.g_iters, f_iters=opts.f_iters, D_iters=opts.d_iters,
         D_gp=opts.d_gp, sde_steps=opts.sde_steps,
         metrics=metrics, data2stats=opts.data2stats, detector=opts.detector,
         samples_dir_G=opts.samples_dir_g, samples_dir_SDE=opts.samples_dir_sde)
-    c.data_paths = dnnlib.EasyDict(data1train=opts.data1train, data2train=opts.data2train, data1test=opts.data1test,
-                                   data2test=opts.data2test, data1stats=opts.data1stats, data2stats=opts.data2stats)
+    data_paths = dnnlib.EasyDict(data1train=opts.data1train, data2train=opts.data2train, data1test=opts.data1test,
+                                 data2test=opts.data2test, data1stats=opts.data1stats, data2stats=opts.data2stats)
+    return task_kwargs, data_paths
 
-    return _schedule_config(c, opts)
+
+def _adam(lr):
+    return dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr, betas=[0.9, 0.999], eps=1e-8)
+
+
+def _loader_kwargs(opts):
+    return dnnlib.EasyDict(num_workers=opts.workers, prefetch_factor=2 if opts.workers > 0 else None, pin_memory=False)
 
 
 def _schedule_config(c, opts):
@@ -166,10 +187,7 @@ def _denoiser_task_kwargs(opts):
     data_kwargs = _dataset_kwargs(opts.data, opts.cache, '--data')
     shape, _size = _inspect_dataset(data_kwargs, '--data')
     try:
-        net_opts = json.loads(opts.net_opts) if opts.net_opts else {}
-        if not isinstance(net_opts, dict):
-            raise ValueError('not a JSON object')
-        net_kwargs = denoiser_kwargs(shape, precond=opts.precond, model_channels=opts.model_channels, **net_opts)
+        net_kwargs = denoiser_kwargs(shape, precond=opts.precond, model_channels=opts.model_channels, **_net_opts(opts))
     except ValueError as err:
         raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
     loss_kwargs = dnnlib.EasyDict(class_name=LOSSES[opts.precond])
@@ -178,9 +196,8 @@ def _denoiser_task_kwargs(opts):
     task_kwargs = dnnlib.EasyDict(
         class_name='training.denoiser_task.DenoiserTask', data_kwargs=data_kwargs, network_kwargs=net_kwargs,
         loss_kwargs=loss_kwargs,
-        optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8),
-        loader_kwargs=dnnlib.EasyDict(num_workers=opts.workers, prefetch_factor=2 if opts.workers > 0 else None,
-                                      pin_memory=False))
+        optimizer_kwargs=_adam(opts.lr),
+        loader_kwargs=_loader_kwargs(opts))
     return task_kwargs, dnnlib.EasyDict(data=opts.data)
 
 
@@ -309,44 +326,46 @@ def main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
     device = dist.init(opts.device)
     try:
-        c = setup_training_config(opts)
-        c.seed = dist.agree_on_seed(opts.seed)
-        desc = _run_desc(opts, c)
-        if opts.resume not in (None, 'auto') and not (os.path.isfile(opts.resume) and
-                                                      re.fullmatch(r'training-state-\d+\.pt', os.path.basename(opts.resume))):
-            raise click.ClickException(f'--resume="{opts.resume}" must be a training-state-*.pt file of an earlier run, or auto')
-        run_dir, resume = _pick_run_dir(opts, desc) if dist.get_rank() == 0 else (None, None)
-        run_dir, resume = dist.broadcast_object((run_dir, resume))
-        c.run_dir, c.resume_state = run_dir, resume
-        c.world_size = dist.get_world_size()
-
-        dist.print0()
-        dist.print0('Training options:')
-        dist.print0(json.dumps(c, indent=2))
-        dist.print0()
-        dist.print0(f'Output directory:   {run_dir}')
-        dist.print0(f'Processes:          {dist.get_world_size()} on {device.type}')
-        dist.print0(f'Resume from:        {resume or "-"}')
-        dist.print0()
-        if opts.dry_run:
-            dist.print0('Dry run; exiting.')
-            return
-
-        if dist.get_rank() == 0:
-            os.makedirs(run_dir, exist_ok=True)
-            write_options(run_dir, c)
-            logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a')
-        dist.barrier()
-        dist.setup_precision(cudnn_benchmark=c.cudnn_benchmark, threads=opts.threads)
-        try:
-            training_loop(device=device, **c)
-        except DivergenceError as err:
-            raise click.ClickException(str(err)) from None
-        finally:
-            if dist.get_rank() == 0:
-                logger.close()
+        c = setup_training_config(world_size=dist.get_world_size(), **opts)
+        launch_training(c, opts, device)
     finally:
         dist.shutdown()
+
+
+def launch_training(c, opts, device):
+    """Pick the run directory and the state to resume, print the options, write them, and run the loop."""
+    c.seed = dist.agree_on_seed(opts.seed)
+    if opts.resume not in (None, 'auto') and not (os.path.isfile(opts.resume) and
+                                                  re.fullmatch(r'training-state-\d+\.pt', os.path.basename(opts.resume))):
+        raise click.ClickException(f'--resume="{opts.resume}" must be a training-state-*.pt file of an earlier run, or auto')
+    run_dir, resume = _pick_run_dir(opts, _run_desc(opts, c)) if dist.get_rank() == 0 else (None, None)
+    c.run_dir, c.resume_state = dist.broadcast_object((run_dir, resume))
+    c.world_size = dist.get_world_size()
+    dist.print0()
+    dist.print0('Training options:')
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0()
+    dist.print0(f'Output directory:   {c.run_dir}')
+    dist.print0(f'Processes:          {dist.get_world_size()} on {device.type}')
+    dist.print0(f'Resume from:        {c.resume_state or "-"}')
+    dist.print0()
+    if opts.dry_run:
+        dist.print0('Dry run; exiting.')
+        return
+    logger = None
+    if dist.get_rank() == 0:
+        os.makedirs(c.run_dir, exist_ok=True)
+        write_options(c.run_dir, c)
+        logger = dnnlib.util.Logger(os.path.join(c.run_dir, 'log.txt'), file_mode='a')
+    dist.barrier()
+    dist.setup_precision(cudnn_benchmark=c.cudnn_benchmark, threads=opts.threads)
+    try:
+        training_loop(device=device, **c)
+    except DivergenceError as err:
+        raise click.ClickException(str(err)) from None
+    finally:
+        if logger is not None:
+            logger.close()
 
 #----------------------------------------------------------------------------
 

@@ -235,7 +235,31 @@ def _pick_run_dir(opts, desc):
 
 #----------------------------------------------------------------------------
 
-@click.command(context_settings=dict(max_content_width=120))
+def option_name(name):
+    """The one spelling of an option name: lower case with hyphens (click applies it to the options given and
+    declared alike, so --G_iters, --lr_D and --model_channels stay accepted as --g-iters, --lr-d, --model-channels)."""
+    return name.lower().replace('_', '-')
+
+
+# The options that only one --kind reads (parameter names); given with the other kind they are refused.
+KIND_OPTIONS = dict(
+    eot=('data1train', 'data2train', 'data1test', 'data2test', 'data1stats', 'data2stats', 'samples_dir_sde',
+         'samples_dir_g', 'metrics', 'detector', 'g_loss', 'g_iters', 'd_iters', 'f_iters', 'gamma', 'lr_g', 'lr_d',
+         'lr_f', 'd_gp', 'sde_steps'),
+    denoiser=('data', 'precond', 'lr'),
+)
+
+
+def _refuse_options_of_the_other_kind(ctx, kind):
+    given = [p for p in ctx.command.params if ctx.get_parameter_source(p.name) in
+             (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)]
+    other = [p.opts[0] for p in given for k, names in KIND_OPTIONS.items() if k != kind and p.name in names]
+    if other:
+        raise click.UsageError(f'--kind={kind} does not use {", ".join(other)} (options of --kind='
+                               f'{"denoiser" if kind == "eot" else "eot"}); remove them')
+
+
+@click.command(context_settings=dict(max_content_width=120, token_normalize_func=option_name))
 
 # Main options.
 @click.option('--name',            help='Run name (part of the run directory name)', metavar='STR', type=str, required=True)
@@ -249,8 +273,8 @@ def _pick_run_dir(opts, desc):
 @click.option('--data2test',       help='Domain 2 test data (checked for shape; recorded with the run)', metavar='ZIP|DIR|NPZ', type=str)
 @click.option('--data1stats',      help='FID reference statistics of domain 1 (fid.py ref); recorded only', metavar='NPZ|URL', type=str)
 @click.option('--data2stats',      help='FID reference statistics of domain 2; needed by --metrics', metavar='NPZ|URL', type=str)
-@click.option('--samples_dir_SDE', 'samples_dir_sde', help='Write the SDE translations of --data1test at each snapshot here (relative to the run directory)', metavar='DIR', type=str)
-@click.option('--samples_dir_G',   'samples_dir_g', help='Write the one-step G translations of --data1test at each snapshot here (relative to the run directory)', metavar='DIR', type=str)
+@click.option('--samples-dir-sde', 'samples_dir_sde', help='Write the SDE translations of --data1test at each snapshot here (relative to the run directory)', metavar='DIR', type=str)
+@click.option('--samples-dir-g',   'samples_dir_g', help='Write the one-step G translations of --data1test at each snapshot here (relative to the run directory)', metavar='DIR', type=str)
 @click.option('--metrics',         help='Metrics at each snapshot: fid_G, fid_SDE (comma-separated) or none', metavar='LIST', type=str, default='none', show_default=True)
 @click.option('--detector',        help='FID feature detector: path or URL  [default: $EOT_FID_DETECTOR or the Inception-v3 URL]', metavar='PATH|URL', type=str)
 
@@ -258,17 +282,17 @@ def _pick_run_dir(opts, desc):
 @click.option('--duration',        help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
 @click.option('--batch',           help='Total batch size of one step, over all processes', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
 @click.option('--batch-gpu',       help='Limit the batch per process and accumulation round (gradient accumulation)', metavar='INT', type=click.IntRange(min=1))
-@click.option('--G-loss',          'g_loss', help='G-step transport term. stated: the original statement (docs/architecture.md), t ~ U(0,1) unweighted (its optimum is biased away from the EOT plan). kinetic: weighted 1/(1-t)^2 with t = 1-u^2 and f = x + (1-t) v (optimum: the EOT plan). See docs/gaussian_eot.md', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
-@click.option('--G_iters',         'g_iters', help='G-steps per outer iteration (each after --f_iters f-steps)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
-@click.option('--D_iters',         'd_iters', help='Critic steps per outer iteration', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
-@click.option('--f_iters',         'f_iters', help='f-steps before each G-step', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
-@click.option('--model_channels',  'model_channels', help='Base channels c of G and f (D uses (c//32+1)*32); MLP width is 8c for vectors', metavar='INT', type=click.IntRange(min=1), default=96, show_default=True)
+@click.option('--g-loss',          'g_loss', help='G-step transport term. stated: the original statement (docs/architecture.md), t ~ U(0,1) unweighted (its optimum is biased away from the EOT plan). kinetic: weighted 1/(1-t)^2 with t = 1-u^2 and f = x + (1-t) v (optimum: the EOT plan). See docs/gaussian_eot.md', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
+@click.option('--g-iters',         'g_iters', help='G-steps per outer iteration (each after --f-iters f-steps)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
+@click.option('--d-iters',         'd_iters', help='Critic steps per outer iteration', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
+@click.option('--f-iters',         'f_iters', help='f-steps before each G-step', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
+@click.option('--model-channels',  'model_channels', help='Base channels c of G and f (D uses (c//32+1)*32); MLP width is 8c for vectors', metavar='INT', type=click.IntRange(min=1), default=96, show_default=True)
 @click.option('--net-opts',        help='Network overrides as a JSON object, e.g. \'{"num_blocks": 1, "attn_resolutions": []}\' for all, or \'{"D": {"model_channels": 32}}\' for one', metavar='JSON', type=str)
 @click.option('--gamma',           help='Entropy: the bridge volatility is sqrt(gamma) (EOT with eps = gamma)', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option('--lr_g',            'lr_g', help='Learning rate of G', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option('--D-gp',          'd_gp', help='Weight of a WGAN-GP gradient penalty on the critic (0: none, as in the stated method; 10 is the usual value; it steadies short image runs)', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--lr_D',            'lr_d', help='Learning rate of D', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option('--lr_f',            'lr_f', help='Learning rate of f', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr-g',            'lr_g', help='Learning rate of G', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--d-gp',            'd_gp', help='Weight of a WGAN-GP gradient penalty on the critic (0: none, as in the stated method; 10 is the usual value; it steadies short image runs)', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--lr-d',            'lr_d', help='Learning rate of D', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr-f',            'lr_f', help='Learning rate of f', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option('--lr',              help='--kind=denoiser: learning rate of the denoiser', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)  [default: 0 for --kind=eot (every measured run, docs/gaussian_eot.md; 10000 left short runs at a few % of the rate), 10000 for --kind=denoiser (EDM)]', metavar='KIMG', type=click.FloatRange(min=0))
 @click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
@@ -299,31 +323,35 @@ def _pick_run_dir(opts, desc):
 def main(**kwargs):
     """Train a one-step entropic OT model, or (--kind=denoiser) a diffusion denoiser.
 
+    Options are written in lower case with hyphens; case and '_' versus '-' do not matter, so the
+    earlier spellings (--G_iters, --lr_D, --model_channels, --samples_dir_G, --G-loss) still work.
+
     \b
     Examples:
     # Coloured digits 2 -> 3 on 4 GPUs (data from dataset_tool.py)
     torchrun --standalone --nproc_per_node=4 train.py --name=mnist --outdir=runs \\
         --data1train=datasets/2_train.zip --data2train=datasets/3_train.zip \\
         --data1test=datasets/2_test.zip --data2test=datasets/3_test.zip \\
-        --batch=64 --batch-gpu=16 --G_iters=10 --D_iters=1 --f_iters=2 --gamma=1.0 --model_channels=32
+        --batch=64 --batch-gpu=16 --g-iters=10 --d-iters=1 --f-iters=2 --gamma=1.0 --model-channels=32
 
     \b
     # A diffusion denoiser for DPM-OT (EDM preconditioning and loss) on vectors, on the CPU
     python train.py --kind=denoiser --name=gmm --outdir=runs --data=gmm.npz --precond=edm \\
-        --model_channels=32 --batch=512 --lr=1e-3 --lr-rampup=100 --duration=2 --ema=0.05
+        --model-channels=32 --batch=512 --lr=1e-3 --lr-rampup=100 --duration=2 --ema=0.05
 
     \b
     # A toy task on the CPU (vectors in .npz; the measured settings of docs/recipes.md)
     python train.py --name=moons --outdir=runs --data1train=gauss.npz --data2train=moons.npz --gamma=0.1 \\
-        --batch=256 --model_channels=16 --ema=0.01 --lr_g=3e-4 --lr_f=3e-4 --lr_D=3e-4 --duration=0.06 --device=cpu
+        --batch=256 --model-channels=16 --ema=0.01 --lr-g=3e-4 --lr-f=3e-4 --lr-d=3e-4 --duration=0.06 --device=cpu
 
     \b
     # Gaussians in 16-D with the G-step whose optimum is the EOT plan (docs/gaussian_eot.md)
     python train.py --name=gauss16 --outdir=runs --data1train=a.npz --data2train=b.npz --gamma=1 \\
-        --G-loss=kinetic --batch=256 --model_channels=16 --ema=0.01 --lr_g=3e-4 --lr_f=3e-4 --lr_D=3e-4 \\
+        --g-loss=kinetic --batch=256 --model-channels=16 --ema=0.01 --lr-g=3e-4 --lr-f=3e-4 --lr-d=3e-4 \\
         --duration=0.3 --device=cpu
     """
     opts = dnnlib.EasyDict(kwargs)
+    _refuse_options_of_the_other_kind(click.get_current_context(), opts.kind)
     device = dist.init(opts.device)
     try:
         c = setup_training_config(world_size=dist.get_world_size(), **opts)

@@ -21,7 +21,8 @@ from models.diffusion_loss import LOSSES
 from models.networks import denoiser_kwargs, eot_network_kwargs
 from torch_utils import distributed as dist
 from torch_utils.training_stats import wandb_module
-from training.loop import find_latest_state, training_loop, write_options
+from training.loop import training_loop, write_options
+from training.runs import RunDirError, RunLock, claim_run_dir, find_latest_state, next_run_dir, run_ids
 from training.trainer import DivergenceError, split_batch
 
 #----------------------------------------------------------------------------
@@ -213,25 +214,44 @@ def _run_desc(opts, c):
     return re.sub(r'[^0-9A-Za-z._-]', '_', desc)
 
 
-def _pick_run_dir(opts, desc):
-    """(run_dir, resume_state): a new NNNNN-<desc> directory, or for --resume=auto the newest matching one."""
-    if opts.nosubdir:
-        candidates = [opts.outdir]
-    else:
-        runs = os.listdir(opts.outdir) if os.path.isdir(opts.outdir) else []
-        matching = sorted((r for r in runs if re.fullmatch(rf'\d{{5}}-{re.escape(desc)}', r)), reverse=True)
-        candidates = [os.path.join(opts.outdir, r) for r in matching]
-    if opts.resume == 'auto':
-        for run_dir in candidates:
-            state = find_latest_state(run_dir) if os.path.isdir(run_dir) else None
-            if state is not None:
-                return run_dir, state
+def _run_to_continue(opts, desc):
+    """(existing run directory to continue or None, training state to resume from or None)."""
     resume = None if opts.resume in (None, 'auto') else opts.resume
     if opts.nosubdir:
-        return opts.outdir, resume
-    ids = [int(m.group()) for r in (os.listdir(opts.outdir) if os.path.isdir(opts.outdir) else [])
-           if (m := re.match(r'^\d+', r)) is not None]
-    return os.path.join(opts.outdir, f'{max(ids, default=-1) + 1:05d}-{desc}'), resume
+        state = find_latest_state(opts.outdir) if opts.resume == 'auto' and os.path.isdir(opts.outdir) else None
+        return (opts.outdir, state or resume) if os.path.isdir(opts.outdir) else (None, resume)
+    if opts.resume == 'auto':
+        matching = sorted((r for r in run_ids(opts.outdir) if re.fullmatch(rf'\d+-{re.escape(desc)}', r)), reverse=True)
+        for name in matching:
+            state = find_latest_state(os.path.join(opts.outdir, name))
+            if state is not None:
+                return os.path.join(opts.outdir, name), state
+    return None, resume
+
+
+def _claim_run_dir(opts, desc, run_dir):
+    """Rank 0: the run directory, created (a new run) or locked (a run continued in its directory)."""
+    try:
+        if run_dir is None:
+            run_dir = opts.outdir if opts.nosubdir else claim_run_dir(opts.outdir, desc)
+            os.makedirs(run_dir, exist_ok=True)
+        return run_dir, RunLock(run_dir)
+    except RunDirError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _on_rank0(fn, *args):
+    """fn(*args) on rank 0; its result on every rank, or its ClickException raised on every rank."""
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn(*args)
+        except click.ClickException as err:
+            error = err.message
+    result, error = dist.broadcast_object((result, error))
+    if error is not None:
+        raise click.ClickException(error)
+    return result
 
 #----------------------------------------------------------------------------
 
@@ -361,28 +381,26 @@ def main(**kwargs):
 
 
 def launch_training(c, opts, device):
-    """Pick the run directory and the state to resume, print the options, write them, and run the loop."""
+    """Find the run to continue (if any), print the options, claim the run directory, write the options, train."""
     c.seed = dist.agree_on_seed(opts.seed)
     if opts.resume not in (None, 'auto') and not (os.path.isfile(opts.resume) and
                                                   re.fullmatch(r'training-state-\d+\.pt', os.path.basename(opts.resume))):
         raise click.ClickException(f'--resume="{opts.resume}" must be a training-state-*.pt file of an earlier run, or auto')
-    run_dir, resume = _pick_run_dir(opts, _run_desc(opts, c)) if dist.get_rank() == 0 else (None, None)
-    c.run_dir, c.resume_state = dist.broadcast_object((run_dir, resume))
+    desc = _run_desc(opts, c)
+    run_dir, c.resume_state = _on_rank0(_run_to_continue, opts, desc)
+    c.run_dir = run_dir or (opts.outdir if opts.nosubdir else next_run_dir(opts.outdir, desc))
     c.world_size = dist.get_world_size()
-    dist.print0()
-    dist.print0('Training options:')
-    dist.print0(json.dumps(c, indent=2))
-    dist.print0()
-    dist.print0(f'Output directory:   {c.run_dir}')
-    dist.print0(f'Processes:          {dist.get_world_size()} on {device.type}')
-    dist.print0(f'Resume from:        {c.resume_state or "-"}')
-    dist.print0()
+    _print_options(c, device)
     if opts.dry_run:
         dist.print0('Dry run; exiting.')
         return
-    logger = None
+    claimed = {}
+    def claim():
+        claimed['run_dir'], claimed['lock'] = _claim_run_dir(opts, desc, run_dir)
+        return claimed['run_dir']
+    c.run_dir = _on_rank0(claim)  # (A new run's number may differ from the one printed if another run took it.)
+    lock, logger = claimed.get('lock'), None
     if dist.get_rank() == 0:
-        os.makedirs(c.run_dir, exist_ok=True)
         write_options(c.run_dir, c)
         logger = dnnlib.util.Logger(os.path.join(c.run_dir, 'log.txt'), file_mode='a')
     dist.barrier()
@@ -394,6 +412,19 @@ def launch_training(c, opts, device):
     finally:
         if logger is not None:
             logger.close()
+        if lock is not None:
+            lock.release()
+
+
+def _print_options(c, device):
+    dist.print0()
+    dist.print0('Training options:')
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0()
+    dist.print0(f'Output directory:   {c.run_dir}')
+    dist.print0(f'Processes:          {dist.get_world_size()} on {device.type}')
+    dist.print0(f'Resume from:        {c.resume_state or "-"}')
+    dist.print0()
 
 #----------------------------------------------------------------------------
 

@@ -351,7 +351,7 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, image_domains):
 
 
 def test_find_latest_state_ignores_unfinished_writes(tmp_path):
-    from training.loop import find_latest_state
+    from training.runs import find_latest_state
     assert find_latest_state(str(tmp_path)) is None
     for name in ('training-state-000004.pt', 'training-state-000012.pt', '.training-state-000016.pt.abc.tmp',
                  'training-state-000020.pt.tmp', 'network-snapshot-000024.pkl'):
@@ -423,3 +423,18 @@ def test_the_seeds_command_line_trains(tmp_path, monkeypatch):
     assert os.path.basename(run_dir) == '00000-mnist-eot-gpus1-batch64-gamma1'
     assert sorted(os.listdir(os.path.join(run_dir, 'samples_G_1'))) == ['000000.png', '000001.png']
     assert sorted(os.listdir(os.path.join(run_dir, 'samples_SDE_1'))) == ['000000.png', '000001.png']
+
+
+def test_resume_auto_refuses_a_run_directory_another_run_is_writing_into(tmp_path, vector_domains):
+    from training.runs import RunLock
+    res = _run(_args(tmp_path / 'runs', vector_domains, '--dump=1'))
+    assert res.exit_code == 0, res.output
+    run_dir = _only_run_dir(tmp_path / 'runs')
+    lock = RunLock(run_dir)     # another run, alive, writing into it
+    try:
+        res = CliRunner().invoke(train.main, _args(tmp_path / 'runs', vector_domains, '--resume=auto', duration_iters=2))
+        assert res.exit_code != 0 and 'is in use by another run' in res.output, res.output
+    finally:
+        lock.release()
+    res = _run(_args(tmp_path / 'runs', vector_domains, '--resume=auto', duration_iters=2))
+    assert res.exit_code == 0 and 'Resuming from' in res.output, res.output

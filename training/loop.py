@@ -9,11 +9,9 @@ clipping, progress ticks, statistics, snapshots, training states and resume.
 Progress is counted in images (or vectors): one iteration advances `cur_nimg` by `batch_size`.
 """
 
-import glob
 import json
 import os
 import pickle
-import re
 import time
 
 import torch
@@ -25,12 +23,6 @@ from training.trainer import Trainer, _rng_state, _set_rng_state
 
 #----------------------------------------------------------------------------
 # Files of a run.
-
-def find_latest_state(run_dir):
-    """Path of the newest complete training-state-*.pt in `run_dir`, or None."""
-    states = glob.glob(os.path.join(run_dir, 'training-state-*.pt'))
-    states = [s for s in states if re.fullmatch(r'training-state-\d+\.pt', os.path.basename(s))]
-    return max(states, key=lambda s: int(re.findall(r'\d+', os.path.basename(s))[0]), default=None)
 
 def save_snapshot(run_dir, kimg_str, data):
     """Write network-snapshot-<kimg>.pkl atomically (rank 0)."""

@@ -22,7 +22,8 @@ from models.networks import denoiser_kwargs, eot_network_kwargs
 from torch_utils import distributed as dist
 from torch_utils.training_stats import wandb_module
 from training.loop import training_loop, write_options
-from training.runs import RunDirError, RunLock, claim_run_dir, find_latest_state, next_run_dir, run_ids
+from training.runs import (RunDirError, RunLock, claim_run_dir, file_nimg, find_latest_state, next_run_dir, run_ids,
+                           set_aside_later_files)
 from training.trainer import DivergenceError, split_batch
 
 #----------------------------------------------------------------------------
@@ -229,15 +230,30 @@ def _run_to_continue(opts, desc):
     return None, resume
 
 
-def _claim_run_dir(opts, desc, run_dir):
-    """Rank 0: the run directory, created (a new run) or locked (a run continued in its directory)."""
+def _claim_run_dir(opts, desc, run_dir, resume):
+    """Rank 0: the run directory, created (a new run) or locked (a run continued in its directory).
+
+    Files that a continued run would write again (those of its earlier attempt after the resumed state) are
+    set aside first, so nothing of an earlier run is replaced.
+    """
     try:
         if run_dir is None:
             run_dir = opts.outdir if opts.nosubdir else claim_run_dir(opts.outdir, desc)
             os.makedirs(run_dir, exist_ok=True)
-        return run_dir, RunLock(run_dir)
+            return run_dir, RunLock(run_dir)
+        lock = RunLock(run_dir)
     except RunDirError as err:
         raise click.ClickException(str(err)) from None
+    if resume is None and os.path.exists(os.path.join(run_dir, 'training_options.json')):
+        lock.release()
+        raise click.ClickException(f'--outdir={opts.outdir} already holds a run (training_options.json); continue it '
+                                   'with --resume=auto, or choose another --outdir (or leave out --nosubdir)')
+    if resume is not None:
+        moved = set_aside_later_files(run_dir, file_nimg(resume))
+        if moved:
+            print(f'Set aside {len(moved)} file(s) that the earlier attempt wrote after {os.path.basename(resume)} '
+                  f'(this run writes them anew): {", ".join(moved[:3])}{" ..." if len(moved) > 3 else ""}')
+    return run_dir, lock
 
 
 def _on_rank0(fn, *args):
@@ -396,7 +412,7 @@ def launch_training(c, opts, device):
         return
     claimed = {}
     def claim():
-        claimed['run_dir'], claimed['lock'] = _claim_run_dir(opts, desc, run_dir)
+        claimed['run_dir'], claimed['lock'] = _claim_run_dir(opts, desc, run_dir, c.resume_state)
         return claimed['run_dir']
     c.run_dir = _on_rank0(claim)  # (A new run's number may differ from the one printed if another run took it.)
     lock, logger = claimed.get('lock'), None

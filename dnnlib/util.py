@@ -72,11 +72,13 @@ def construct_class_by_name(*args, class_name=None, **kwargs):
 # Crash-safe writes.
 
 @contextlib.contextmanager
-def atomic_write(path, mode='wb'):
+def atomic_write(path, mode='wb', overwrite=True):
     """Open a temporary file beside `path` for writing; on success, fsync and rename it over `path`.
 
     A crash or exception at any point leaves `path` as it was (absent or the previous complete file)
-    and removes the temporary file. Yields the open file object.
+    and removes the temporary file. With overwrite=False an existing `path` is never replaced: the
+    file is linked into place, which fails with FileExistsError when the name exists (also when
+    another process created it meanwhile). Yields the open file object.
     """
     assert mode in ('w', 'wb'), f'atomic_write supports modes "w" and "wb", not {mode!r}'
     path = os.fspath(path)
@@ -90,7 +92,11 @@ def atomic_write(path, mode='wb'):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.remove(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

@@ -42,8 +42,8 @@ def test_one_tick_image_run_writes_every_file(tmp_path, image_domains):
     assert res.exit_code == 0, res.output
     run_dir = _only_run_dir(tmp_path / 'runs')
     files = set(os.listdir(run_dir))
-    for name in ('training_options.json', 'log.txt', 'stats.jsonl', 'fakes-000000.png',
-                 'network-snapshot-000000.pkl', 'training-state-000000.pt'):
+    for name in ('training_options.json', 'log.txt', 'stats.jsonl', 'fakes-0000000004.png',
+                 'network-snapshot-0000000004.pkl', 'training-state-0000000004.pt'):
         assert name in files, (name, files)
     assert not [f for f in files if f.endswith('.tmp')]
     options = json.load(open(os.path.join(run_dir, 'training_options.json')))
@@ -54,27 +54,27 @@ def test_one_tick_image_run_writes_every_file(tmp_path, image_domains):
     for key in ('Loss/G', 'Loss/f', 'Loss/D', 'Grad/nonfinite_G', 'Output/G_var', 'Output/SDE_var',
                 'Output/G_L2', 'Output/SDE_L2', 'Timing/sec_per_kimg', 'Resources/cpu_mem_gb'):
         assert key in stats[0], key
-    with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
+    with open(os.path.join(run_dir, 'network-snapshot-0000000004.pkl'), 'rb') as f:
         snap = pickle.load(f)
     assert snap['kind'] == 'eot' and snap['gamma'] == 0.5 and snap['sde_steps'] == 10 and snap['data_shape'] == [3, 8, 8]
     from data.dataset import ImageFolderDataset
     assert snap['provenance']['data1_sha256'] == ImageFolderDataset(image_domains['data1train']).data_hash()
     x = torch.zeros(2, 3, 8, 8)
     assert snap['G'](x).shape == x.shape and snap['f'](x, torch.zeros(2)).shape == x.shape and snap['D'](x).shape == (2,)
-    state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
+    state = torch.load(os.path.join(run_dir, 'training-state-0000000004.pt'), weights_only=True)
     assert set(state['trainer']['nets']) == {'G', 'f', 'D'} and state['trainer']['cur_nimg'] == 4
     import PIL.Image
-    assert PIL.Image.open(os.path.join(run_dir, 'fakes-000000.png')).size == (8 * 8, 3 * 8) # 8 test images, 3 rows.
+    assert PIL.Image.open(os.path.join(run_dir, 'fakes-0000000004.png')).size == (8 * 8, 3 * 8) # 8 test images, 3 rows.
 
 
 def test_vector_run_uses_mlps(tmp_path, vector_domains):
     res = _run(_args(tmp_path / 'runs', vector_domains, batch=8, duration_iters=2))
     assert res.exit_code == 0, res.output
     run_dir = _only_run_dir(tmp_path / 'runs')
-    with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
+    with open(os.path.join(run_dir, 'network-snapshot-0000000016.pkl'), 'rb') as f:
         snap = pickle.load(f)
     assert type(snap['G']).__name__ == 'MLPGenerator' and snap['data_shape'] == [2]
-    assert os.path.isfile(os.path.join(run_dir, 'fakes-000000.png'))
+    assert os.path.isfile(os.path.join(run_dir, 'fakes-0000000016.png'))
 
 
 def _tick_losses(run_dir):
@@ -127,7 +127,7 @@ def test_kinetic_g_loss_vector_run(tmp_path, vector_domains):
     assert run_dir.endswith('-gamma0.5-kinetic')
     task = json.load(open(os.path.join(run_dir, 'training_options.json')))['task_kwargs']
     assert task['G_loss'] == 'kinetic' and task['f_kwargs']['class_name'] == 'models.networks.VelocityDrift'
-    with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
+    with open(os.path.join(run_dir, 'network-snapshot-0000000016.pkl'), 'rb') as f:
         snap = pickle.load(f)
     assert snap['G_loss'] == 'kinetic' and snap['gamma'] == 0.5 and 'loss' not in snap # gamma is stored once
     assert type(snap['f']).__name__ == 'VelocityDrift' and snap['G'].z_shape == (2,)
@@ -170,8 +170,8 @@ def test_two_gloo_processes_train_and_stay_consistent(tmp_path, vector_domains, 
     run_dir = _only_run_dir(tmp_path / 'runs')
     assert 'gpus2' in run_dir and 'Batch: 8 = 2 process(es) x 2 x 2' in res.stdout
     # The snapshot passed check_ddp_consistency for G, f, D and their EMAs on both ranks.
-    assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
-    state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
+    assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-0000000016.pkl'))
+    state = torch.load(os.path.join(run_dir, 'training-state-0000000016.pt'), weights_only=True)
     assert len(state['rng']) == 2 and state['world_size'] == 2
 
 
@@ -196,7 +196,7 @@ def test_metrics_at_snapshots_and_samples_dirs(tmp_path, image_domains):
         assert len(rows) == 2 # Snapshots at tick 0 and at the end.
         values = [r['results'][metric] for r in rows]
         assert all(v > 0 for v in values) and rows[-1]['best'][metric] == min(values)
-        assert rows[0]['snapshot_pkl'] == 'network-snapshot-000000.pkl'
+        assert rows[0]['snapshot_pkl'] == 'network-snapshot-0000000004.pkl'
     # The translated test set (8 images) as PNGs; their stand-in FID equals the logged value.
     files = sorted(os.listdir(os.path.join(run_dir, 'samples_G')))
     assert files == [f'{i:06d}.png' for i in range(8)]
@@ -218,7 +218,7 @@ def test_missing_detector_prints_one_line_and_trains_on(tmp_path, image_domains)
     assert res.exit_code == 0, res.output
     assert res.output.count('Metrics fid_G disabled (training goes on)') == 1
     run_dir = _only_run_dir(tmp_path / 'runs')
-    assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
+    assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-0000000004.pkl'))
     assert not os.path.exists(os.path.join(run_dir, 'metric-fid_G.jsonl'))
 
 
@@ -237,9 +237,9 @@ def test_nan_parameters_never_replace_a_good_snapshot(tmp_path, vector_domains, 
     monkeypatch.setattr(Trainer, 'update_ema', poisoned_update_ema)
     res = CliRunner().invoke(train.main, _args(tmp_path / 'runs', vector_domains, '--tick=0.004', batch=8, duration_iters=3))
     assert res.exit_code != 0
-    assert 'Non-finite parameters in network G' in res.output and 'network-snapshot-000000.pkl' in res.output
+    assert 'Non-finite parameters in network G' in res.output and 'network-snapshot-0000000008.pkl' in res.output
     run_dir = _only_run_dir(tmp_path / 'runs')
-    with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
+    with open(os.path.join(run_dir, 'network-snapshot-0000000008.pkl'), 'rb') as f:
         snap = pickle.load(f)
     assert all(torch.isfinite(p).all() for p in snap['G'].parameters())
 
@@ -350,13 +350,18 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, image_domains):
     assert not os.path.exists(tmp_path / 'runs')
 
 
-def test_find_latest_state_ignores_unfinished_writes(tmp_path):
+def test_find_latest_state_reads_image_and_kimg_names_and_ignores_unfinished_writes(tmp_path):
     from training.runs import find_latest_state
     assert find_latest_state(str(tmp_path)) is None
     for name in ('training-state-000004.pt', 'training-state-000012.pt', '.training-state-000016.pt.abc.tmp',
                  'training-state-000020.pt.tmp', 'network-snapshot-000024.pkl'):
         (tmp_path / name).write_bytes(b'x')
     assert find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-000012.pt')
+    # Names by image count (this version): 12500 images is after kimg 12, 11999 before it.
+    (tmp_path / 'training-state-0000011999.pt').write_bytes(b'x')
+    assert find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-000012.pt')
+    (tmp_path / 'training-state-0000012500.pt').write_bytes(b'x')
+    assert find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-0000012500.pt')
 
 
 # The command line of the seed's documentation (DEVELOPERS.md), verbatim but for `torchrun ... train.py`.
@@ -438,3 +443,37 @@ def test_resume_auto_refuses_a_run_directory_another_run_is_writing_into(tmp_pat
         lock.release()
     res = _run(_args(tmp_path / 'runs', vector_domains, '--resume=auto', duration_iters=2))
     assert res.exit_code == 0 and 'Resuming from' in res.output, res.output
+
+
+def test_snapshot_names_never_collide_and_a_continued_run_replaces_nothing(tmp_path, vector_domains):
+    """Four ticks within one kimg give four snapshots (names by image count); a run continued from an earlier
+    state sets the files that its earlier attempt wrote after that state aside instead of replacing them."""
+    res = _run(_args(tmp_path / 'runs', vector_domains, '--tick=0.004', '--snap=1', '--dump=2', duration_iters=4))
+    assert res.exit_code == 0, res.output
+    run_dir = _only_run_dir(tmp_path / 'runs')
+    snaps = sorted(n for n in os.listdir(run_dir) if n.startswith('network-snapshot-'))
+    assert snaps == [f'network-snapshot-{n:010d}.pkl' for n in (4, 8, 12, 16)], snaps
+    assert res.output.count('Saved network-snapshot-') == 4
+    states = sorted(n for n in os.listdir(run_dir) if n.startswith('training-state-'))
+    assert states == ['training-state-0000000012.pt', 'training-state-0000000016.pt']
+    # The run stopped after snapshot 16 but before its last state: continue from the state at 12.
+    os.remove(os.path.join(run_dir, 'training-state-0000000016.pt'))
+    before = open(os.path.join(run_dir, 'network-snapshot-0000000016.pkl'), 'rb').read()
+    res = _run(_args(tmp_path / 'runs', vector_domains, '--tick=0.004', '--snap=1', '--dump=2', '--resume=auto',
+                     duration_iters=4))
+    assert res.exit_code == 0, res.output
+    assert 'Set aside 2 file(s)' in res.output and _only_run_dir(tmp_path / 'runs') == run_dir
+    aside = os.path.join(run_dir, 'superseded-0000000012')
+    assert sorted(os.listdir(aside)) == ['fakes-0000000016.png', 'network-snapshot-0000000016.pkl']
+    assert open(os.path.join(aside, 'network-snapshot-0000000016.pkl'), 'rb').read() == before
+    assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-0000000016.pkl'))
+
+
+def test_nosubdir_refuses_a_folder_that_holds_a_run(tmp_path, vector_domains):
+    res = _run(_args(tmp_path / 'run', vector_domains, '--nosubdir'))
+    assert res.exit_code == 0, res.output
+    mtimes = lambda: {n: os.path.getmtime(tmp_path / 'run' / n) for n in os.listdir(tmp_path / 'run') if n != '.lock'}
+    files = mtimes()
+    res = CliRunner().invoke(train.main, _args(tmp_path / 'run', vector_domains, '--nosubdir', '--gamma=0.1'))
+    assert res.exit_code != 0 and 'already holds a run' in res.output and '--resume=auto' in res.output, res.output
+    assert mtimes() == files

@@ -19,21 +19,23 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import training_stats
+from training.runs import progress_tag
 from training.trainer import Trainer, _rng_state, _set_rng_state
 
 #----------------------------------------------------------------------------
 # Files of a run.
 
-def save_snapshot(run_dir, kimg_str, data):
-    """Write network-snapshot-<kimg>.pkl atomically (rank 0)."""
-    path = os.path.join(run_dir, f'network-snapshot-{kimg_str}.pkl')
-    with dnnlib.util.atomic_write(path, 'wb') as f:
+def save_snapshot(run_dir, tag, data):
+    """Write network-snapshot-<tag>.pkl atomically (rank 0); never replaces a file."""
+    path = os.path.join(run_dir, f'network-snapshot-{tag}.pkl')
+    with dnnlib.util.atomic_write(path, 'wb', overwrite=False) as f:
         pickle.dump(data, f)
     return path
 
-def save_training_state(run_dir, kimg_str, state):
-    path = os.path.join(run_dir, f'training-state-{kimg_str}.pt')
-    with dnnlib.util.atomic_write(path, 'wb') as f:
+def save_training_state(run_dir, tag, state):
+    """Write training-state-<tag>.pt atomically (rank 0); never replaces a file."""
+    path = os.path.join(run_dir, f'training-state-{tag}.pt')
+    with dnnlib.util.atomic_write(path, 'wb', overwrite=False) as f:
         torch.save(state, f)
     return path
 
@@ -89,12 +91,12 @@ def training_loop(
         # A tick. Non-finite weights stop here, before anything is written, so a NaN snapshot never
         # replaces a good one.
         trainer.check_finite()
-        kimg_str = f'{trainer.cur_nimg // 1000:06d}'
+        tag = progress_tag(trainer.cur_nimg)
         ticks.report(cur_tick, task)
         if done or _every(cur_tick, snapshot_ticks):
-            _snapshot(trainer, task, run_dir, kimg_str)
+            _snapshot(trainer, task, run_dir, tag)
         if done or (_every(cur_tick, state_dump_ticks) and cur_tick != 0):
-            _save_state(trainer, task, run_dir, kimg_str, cur_tick, batch_size, seed)
+            _save_state(trainer, task, run_dir, tag, cur_tick, batch_size, seed)
         cur_tick += 1
         ticks.start()
 
@@ -139,28 +141,28 @@ def _iteration(trainer, task, batch_size):
     trainer.update_ema()
     trainer.cur_nimg += batch_size
 
-def _snapshot(trainer, task, run_dir, kimg_str):
+def _snapshot(trainer, task, run_dir, tag):
     """network-snapshot-<kimg>.pkl (rank 0), then the task's figures and metrics."""
     trainer.check_consistency()
     data = task.snapshot_data(trainer)
     if dist.get_rank() == 0:
-        path = save_snapshot(run_dir, kimg_str, data)
+        path = save_snapshot(run_dir, tag, data)
         dist.print0(f'Saved {os.path.basename(path)}')
-    trainer.last_good = dict(snapshot=os.path.join(run_dir, f'network-snapshot-{kimg_str}.pkl'),
+    trainer.last_good = dict(snapshot=os.path.join(run_dir, f'network-snapshot-{tag}.pkl'),
                              state=(trainer.last_good or {}).get('state'))
-    task.on_snapshot(trainer, run_dir, kimg_str)
+    task.on_snapshot(trainer, run_dir, tag)
 
-def _save_state(trainer, task, run_dir, kimg_str, cur_tick, batch_size, seed):
+def _save_state(trainer, task, run_dir, tag, cur_tick, batch_size, seed):
     """training-state-<kimg>.pt: everything an exact resume needs, every rank's random streams included."""
     rng = dist.all_gather_object({k: v.cpu() if torch.is_tensor(v) else v for k, v in _rng_state(trainer).items()})
     if dist.get_rank() == 0:
         state = dict(trainer=trainer.state_dict(), task=task.state_dict(), cur_tick=cur_tick, rng=rng,
                      batch_size=batch_size, world_size=dist.get_world_size(), seed=seed)
-        path = save_training_state(run_dir, kimg_str, state)
+        path = save_training_state(run_dir, tag, state)
         dist.print0(f'Saved {os.path.basename(path)}')
     dist.barrier()
     if trainer.last_good is not None:
-        trainer.last_good['state'] = os.path.join(run_dir, f'training-state-{kimg_str}.pt')
+        trainer.last_good['state'] = os.path.join(run_dir, f'training-state-{tag}.pt')
 
 #----------------------------------------------------------------------------
 # Ticks: timing, statistics, the progress line.

@@ -23,11 +23,51 @@ class RunDirError(RuntimeError):
     """A run directory cannot be claimed or is in use; the message says why and what to do."""
 
 
+# Files of a run named by progress: network-snapshot-<tag>.pkl, training-state-<tag>.pt, fakes-<tag>.png.
+# The tag is the image count, 10 digits (unique within a run, however short a tick); files written before
+# this version carry the floor of the kimg count in 6 digits (a kimg count would need 10 digits only after
+# 10^12 images), so the number of digits tells the two apart.
+PROGRESS_FILE = re.compile(r'(network-snapshot|training-state|fakes)-(\d+)\.(pkl|pt|png)')
+
+
+def progress_tag(nimg):
+    """The tag of the files written at `nimg` images."""
+    return f'{int(nimg):010d}'
+
+
+def file_nimg(name):
+    """The image count in a progress file's name (the lower bound for kimg-named files), or None."""
+    m = PROGRESS_FILE.fullmatch(os.path.basename(name))
+    if m is None:
+        return None
+    digits = m.group(2)
+    return int(digits) if len(digits) >= 10 else int(digits) * 1000
+
+
 def find_latest_state(run_dir):
-    """Path of the newest complete training-state-*.pt in `run_dir`, or None."""
-    states = glob.glob(os.path.join(run_dir, 'training-state-*.pt'))
-    states = [s for s in states if re.fullmatch(r'training-state-\d+\.pt', os.path.basename(s))]
-    return max(states, key=lambda s: int(re.findall(r'\d+', os.path.basename(s))[0]), default=None)
+    """Path of the newest complete training-state-*.pt in `run_dir` (image- or kimg-named), or None."""
+    states = [s for s in glob.glob(os.path.join(run_dir, 'training-state-*.pt')) if file_nimg(s) is not None]
+    return max(states, key=lambda s: (file_nimg(s), len(os.path.basename(s))), default=None)
+
+
+def set_aside_later_files(run_dir, nimg):
+    """Move the progress files of `run_dir` written after `nimg` images into superseded-<tag>/; their names.
+
+    A run continued from a state repeats the training after it and writes files of the same names; those
+    of the earlier attempt (written after its last state, before it stopped) are kept there, never replaced.
+    """
+    later = sorted(n for n in os.listdir(run_dir) if (k := file_nimg(n)) is not None and k > nimg)
+    if later:
+        dest = os.path.join(run_dir, f'superseded-{progress_tag(nimg)}')
+        for k in range(2, 10000):
+            try:
+                os.mkdir(dest)
+                break
+            except FileExistsError: # Continued from the same state before: a new folder, nothing replaced.
+                dest = os.path.join(run_dir, f'superseded-{progress_tag(nimg)}-{k}')
+        for name in later:
+            os.replace(os.path.join(run_dir, name), os.path.join(dest, name))
+    return later
 
 
 def run_ids(outdir):

@@ -139,3 +139,13 @@ def test_atomic_write_gives_default_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (os.stat(p).st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_atomic_write_without_overwrite_never_replaces_a_file(tmp_path):
+    p = tmp_path / 'snapshot.pkl'
+    with util.atomic_write(p, overwrite=False) as f:
+        f.write(b'first')
+    with pytest.raises(FileExistsError):
+        with util.atomic_write(p, overwrite=False) as f:
+            f.write(b'second')
+    assert p.read_bytes() == b'first' and sorted(os.listdir(tmp_path)) == ['snapshot.pkl']

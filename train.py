@@ -13,7 +13,6 @@ import os
 import re
 
 import click
-import torch
 
 import dnnlib
 from data.dataset import DatasetError
@@ -21,9 +20,7 @@ from models.diffusion_loss import LOSSES
 from models.networks import denoiser_kwargs, eot_network_kwargs
 from torch_utils import distributed as dist
 from torch_utils.training_stats import wandb_module
-from training.loop import training_loop, write_options
-from training.runs import (RunDirError, RunLock, claim_run_dir, file_nimg, find_latest_state, next_run_dir, run_ids,
-                           set_aside_later_files)
+from training.launch import CHANGEABLE, LaunchError, launch_training, parse_allowed_changes
 from training.trainer import DivergenceError, split_batch
 
 #----------------------------------------------------------------------------
@@ -215,60 +212,6 @@ def _run_desc(opts, c):
     return re.sub(r'[^0-9A-Za-z._-]', '_', desc)
 
 
-def _run_to_continue(opts, desc):
-    """(existing run directory to continue or None, training state to resume from or None)."""
-    resume = None if opts.resume in (None, 'auto') else opts.resume
-    if opts.nosubdir:
-        state = find_latest_state(opts.outdir) if opts.resume == 'auto' and os.path.isdir(opts.outdir) else None
-        return (opts.outdir, state or resume) if os.path.isdir(opts.outdir) else (None, resume)
-    if opts.resume == 'auto':
-        matching = sorted((r for r in run_ids(opts.outdir) if re.fullmatch(rf'\d+-{re.escape(desc)}', r)), reverse=True)
-        for name in matching:
-            state = find_latest_state(os.path.join(opts.outdir, name))
-            if state is not None:
-                return os.path.join(opts.outdir, name), state
-    return None, resume
-
-
-def _claim_run_dir(opts, desc, run_dir, resume):
-    """Rank 0: the run directory, created (a new run) or locked (a run continued in its directory).
-
-    Files that a continued run would write again (those of its earlier attempt after the resumed state) are
-    set aside first, so nothing of an earlier run is replaced.
-    """
-    try:
-        if run_dir is None:
-            run_dir = opts.outdir if opts.nosubdir else claim_run_dir(opts.outdir, desc)
-            os.makedirs(run_dir, exist_ok=True)
-            return run_dir, RunLock(run_dir)
-        lock = RunLock(run_dir)
-    except RunDirError as err:
-        raise click.ClickException(str(err)) from None
-    if resume is None and os.path.exists(os.path.join(run_dir, 'training_options.json')):
-        lock.release()
-        raise click.ClickException(f'--outdir={opts.outdir} already holds a run (training_options.json); continue it '
-                                   'with --resume=auto, or choose another --outdir (or leave out --nosubdir)')
-    if resume is not None:
-        moved = set_aside_later_files(run_dir, file_nimg(resume))
-        if moved:
-            print(f'Set aside {len(moved)} file(s) that the earlier attempt wrote after {os.path.basename(resume)} '
-                  f'(this run writes them anew): {", ".join(moved[:3])}{" ..." if len(moved) > 3 else ""}')
-    return run_dir, lock
-
-
-def _on_rank0(fn, *args):
-    """fn(*args) on rank 0; its result on every rank, or its ClickException raised on every rank."""
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = fn(*args)
-        except click.ClickException as err:
-            error = err.message
-    result, error = dist.broadcast_object((result, error))
-    if error is not None:
-        raise click.ClickException(error)
-    return result
-
 #----------------------------------------------------------------------------
 
 def option_name(name):
@@ -351,7 +294,8 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--snap',            help='How often to save snapshots and figures', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump',            help='How often to save the training state', metavar='TICKS', type=click.IntRange(min=1), default=500, show_default=True)
 @click.option('--seed',            help='Random seed  [default: random]', metavar='INT', type=int)
-@click.option('--resume',          help='Resume from a training-state-*.pt, or "auto": the newest state of the newest matching run in --outdir (continues in that directory)', metavar='PT|auto', type=str)
+@click.option('--resume',          help='Resume from a training-state-*.pt, or "auto": the newest state of the newest run in --outdir with this --name and --kind (continued in its directory). The state\'s seed and options are kept: options that change its meaning are refused (see --allow-change)', metavar='PT|auto', type=str)
+@click.option('--allow-change',    help=f'On resume: options that may differ from the state\'s, comma-separated, from {", ".join(CHANGEABLE)}. --kind, --precond, --g-loss and the networks never change; duration, intervals, evaluation, performance and output options always may', metavar='LIST', type=str)
 @click.option('--tensorboard/--no-tensorboard', help='Also write TensorBoard logs (when the package is installed)', default=True, show_default=True)
 @click.option('--wandb',           help='Also log the tick statistics to this Weights & Biases project (needs `pip install wandb`)', metavar='PROJECT', type=str)
 @click.option('-n', '--dry-run',   help='Print the resolved training options and exit', is_flag=True)
@@ -391,56 +335,15 @@ def main(**kwargs):
     device = dist.init(opts.device)
     try:
         c = setup_training_config(world_size=dist.get_world_size(), **opts)
-        launch_training(c, opts, device)
+        launch_training(c, device, outdir=opts.outdir, desc=_run_desc(opts, c), nosubdir=opts.nosubdir,
+                        resume=opts.resume, allow_change=parse_allowed_changes(opts.allow_change), seed=opts.seed,
+                        dry_run=opts.dry_run, threads=opts.threads)
+    except (LaunchError, DivergenceError) as err:
+        raise click.ClickException(str(err)) from None
     finally:
         dist.shutdown()
 
 
-def launch_training(c, opts, device):
-    """Find the run to continue (if any), print the options, claim the run directory, write the options, train."""
-    c.seed = dist.agree_on_seed(opts.seed)
-    if opts.resume not in (None, 'auto') and not (os.path.isfile(opts.resume) and
-                                                  re.fullmatch(r'training-state-\d+\.pt', os.path.basename(opts.resume))):
-        raise click.ClickException(f'--resume="{opts.resume}" must be a training-state-*.pt file of an earlier run, or auto')
-    desc = _run_desc(opts, c)
-    run_dir, c.resume_state = _on_rank0(_run_to_continue, opts, desc)
-    c.run_dir = run_dir or (opts.outdir if opts.nosubdir else next_run_dir(opts.outdir, desc))
-    c.world_size = dist.get_world_size()
-    _print_options(c, device)
-    if opts.dry_run:
-        dist.print0('Dry run; exiting.')
-        return
-    claimed = {}
-    def claim():
-        claimed['run_dir'], claimed['lock'] = _claim_run_dir(opts, desc, run_dir, c.resume_state)
-        return claimed['run_dir']
-    c.run_dir = _on_rank0(claim)  # (A new run's number may differ from the one printed if another run took it.)
-    lock, logger = claimed.get('lock'), None
-    if dist.get_rank() == 0:
-        write_options(c.run_dir, c)
-        logger = dnnlib.util.Logger(os.path.join(c.run_dir, 'log.txt'), file_mode='a')
-    dist.barrier()
-    dist.setup_precision(cudnn_benchmark=c.cudnn_benchmark, threads=opts.threads)
-    try:
-        training_loop(device=device, **c)
-    except DivergenceError as err:
-        raise click.ClickException(str(err)) from None
-    finally:
-        if logger is not None:
-            logger.close()
-        if lock is not None:
-            lock.release()
-
-
-def _print_options(c, device):
-    dist.print0()
-    dist.print0('Training options:')
-    dist.print0(json.dumps(c, indent=2))
-    dist.print0()
-    dist.print0(f'Output directory:   {c.run_dir}')
-    dist.print0(f'Processes:          {dist.get_world_size()} on {device.type}')
-    dist.print0(f'Resume from:        {c.resume_state or "-"}')
-    dist.print0()
 
 #----------------------------------------------------------------------------
 

@@ -477,3 +477,124 @@ def test_nosubdir_refuses_a_folder_that_holds_a_run(tmp_path, vector_domains):
     res = CliRunner().invoke(train.main, _args(tmp_path / 'run', vector_domains, '--nosubdir', '--gamma=0.1'))
     assert res.exit_code != 0 and 'already holds a run' in res.output and '--resume=auto' in res.output, res.output
     assert mtimes() == files
+
+
+#----------------------------------------------------------------------------
+# Resume: the state is checked against the options before anything is written.
+
+def _state_of_a_run(tmp_path, domains, *extra, iters=1):
+    res = _run(_args(tmp_path / 'first', domains, *extra, duration_iters=iters))
+    assert res.exit_code == 0, res.output
+    run_dir = _only_run_dir(tmp_path / 'first')
+    from training.runs import find_latest_state
+    return run_dir, find_latest_state(run_dir)
+
+
+@pytest.mark.parametrize('case', ['batch-gamma', 'swapped', 'kinetic', 'seed'])
+def test_resume_refuses_a_state_made_with_other_options(tmp_path, vector_domains, case):
+    run_dir, state = _state_of_a_run(tmp_path, vector_domains)     # --batch=4 --gamma=0.5 --seed=1
+    domains, extra = dict(vector_domains), []
+    if case == 'batch-gamma':
+        extra, expect = ['--batch=8', '--gamma=0.1'], ['--batch is 4 there and 8 here', '--gamma is 0.5 there and 0.1 here',
+                                                       '--allow-change=batch,gamma']
+    elif case == 'swapped':
+        domains = dict(data1train=vector_domains['data2train'], data2train=vector_domains['data1train'])
+        expect = [f'--data1train is {vector_domains["data1train"]} there and {vector_domains["data2train"]} here',
+                  '--allow-change=data1train,data2train']
+    elif case == 'kinetic':
+        extra, expect = ['--g-loss=kinetic'], ['--g-loss is stated there and kinetic here (it can never change)']
+    else:
+        extra, expect = ['--seed=2'], ['--seed is 1 there and 2 here', '--allow-change=seed']
+    args = [a for a in _args(tmp_path / 'second', domains, *extra, f'--resume={state}') if not (case == 'seed' and a == '--seed=1')]
+    res = CliRunner().invoke(train.main, args)
+    assert res.exit_code != 0 and f'--resume: {state} was made with other options' in res.output, res.output
+    for text in expect:
+        assert text in res.output, (text, res.output)
+    assert not os.path.exists(tmp_path / 'second')
+    if case in ('batch-gamma', 'swapped', 'seed'):     # Allowed explicitly, the run continues with the new values.
+        allow = {'batch-gamma': 'batch,gamma', 'swapped': 'data1train,data2train', 'seed': 'seed'}[case]
+        res = _run(args + [f'--allow-change={allow}', '--duration=0.000008'])
+        assert res.exit_code == 0 and 'Resuming from' in res.output, res.output
+    else:
+        res = CliRunner().invoke(train.main, args + ['--allow-change=g-loss'])
+        assert res.exit_code != 0 and '--g-loss can never change on resume' in res.output, res.output
+
+
+def test_nosubdir_resume_with_other_options_keeps_the_options_file(tmp_path, vector_domains):
+    res = _run(_args(tmp_path / 'run', vector_domains, '--nosubdir'))
+    assert res.exit_code == 0, res.output
+    before = open(tmp_path / 'run' / 'training_options.json').read()
+    res = CliRunner().invoke(train.main, _args(tmp_path / 'run', vector_domains, '--nosubdir', '--resume=auto',
+                                               '--gamma=0.25', duration_iters=2))
+    assert res.exit_code != 0 and '--gamma is 0.5 there and 0.25 here' in res.output, res.output
+    assert open(tmp_path / 'run' / 'training_options.json').read() == before
+
+
+def test_resume_takes_the_seed_from_the_state(tmp_path, vector_domains):
+    """Without --seed a resumed run continues with the state's seed: the same losses as one uninterrupted run."""
+    common = ['--tick=0.004', '--snap=100', '--dump=1', '--net-opts={"depth": 2, "dropout": 0.2}']
+    full = _run(_args(tmp_path / 'full', vector_domains, *common, duration_iters=4))
+    assert full.exit_code == 0, full.output
+    res = _run(_args(tmp_path / 'part', vector_domains, *common, duration_iters=2))
+    assert res.exit_code == 0, res.output
+    args = [a for a in _args(tmp_path / 'part', vector_domains, *common, '--resume=auto', duration_iters=4) if a != '--seed=1']
+    res = _run(args)
+    assert res.exit_code == 0, res.output
+    part_dir = _only_run_dir(tmp_path / 'part')
+    assert json.load(open(os.path.join(part_dir, 'training_options.json')))['seed'] == 1
+    full_losses, resumed = _tick_losses(_only_run_dir(tmp_path / 'full')), _tick_losses(part_dir)
+    assert sorted(full_losses) == sorted(resumed) == [0, 1, 2, 3]
+    for tick in range(4):
+        assert resumed[tick] == full_losses[tick], tick     # bit for bit
+
+
+def test_resume_auto_with_changed_options_says_so_and_stops(tmp_path, vector_domains):
+    res = _run(_args(tmp_path / 'runs', vector_domains, '--dump=1'))
+    assert res.exit_code == 0, res.output
+    run_dir = _only_run_dir(tmp_path / 'runs')
+    res = CliRunner().invoke(train.main, _args(tmp_path / 'runs', vector_domains, '--resume=auto', '--batch=8',
+                                               duration_iters=2))
+    assert res.exit_code != 0, res.output
+    assert f'--resume=auto: the newest run named "test", {run_dir}, was made with other options' in res.output
+    assert '--batch is 4 there and 8 here' in res.output and 'another --name' in res.output
+    assert _only_run_dir(tmp_path / 'runs') == run_dir   # no new run was started
+    res = _run(_args(tmp_path / 'runs', vector_domains, '--resume=auto', '--batch=8', '--allow-change=batch',
+                     duration_iters=2))
+    assert res.exit_code == 0 and 'Resuming from' in res.output and _only_run_dir(tmp_path / 'runs') == run_dir
+
+
+@pytest.mark.parametrize('case', ['denoiser-state', 'truncated', 'other-dimension', 'old-state-other-dimension',
+                                  'old-denoiser-state'])
+def test_incompatible_or_truncated_states_are_refused_before_any_output(tmp_path, vector_domains, case):
+    from tests.conftest import write_vector_npz
+    domains = dict(vector_domains)
+    if case in ('denoiser-state', 'old-denoiser-state'):
+        res = _run(['--kind=denoiser', f'--outdir={tmp_path / "den"}', '--name=d', f'--data={domains["data1train"]}',
+                    '--batch=8', '--model_channels=4', '--workers=0', '--device=cpu', '--no-tensorboard',
+                    '--duration=0.000008', '--lr-rampup=0'])
+        assert res.exit_code == 0, res.output
+        from training.runs import find_latest_state
+        state = find_latest_state(_only_run_dir(tmp_path / 'den'))
+        expect = ('--kind is DenoiserTask there and EOTTask here' if case == 'denoiser-state' else
+                  'holds the networks denoiser, but this run trains D, G, f')
+    else:
+        _run_dir, state = _state_of_a_run(tmp_path, domains)
+        expect = {'truncated': 'not a readable training state',
+                  'other-dimension': 'task_kwargs.G_kwargs.dim is 2 there and 3 here',
+                  'old-state-other-dimension': 'holds other networks than this run builds: G.'}[case]
+    if case == 'truncated':
+        data = open(state, 'rb').read()
+        state = str(tmp_path / 'training-state-0000000004.pt')
+        open(state, 'wb').write(data[:len(data) // 2])
+    if case.startswith('old-'):     # As written by earlier versions: no options in the state, none beside it.
+        import torch
+        old = torch.load(state, weights_only=True)
+        del old['options']
+        state = str(tmp_path / 'training-state-000000.pt')
+        torch.save(old, state)
+    if 'dimension' in case:
+        domains = dict(data1train=write_vector_npz(tmp_path / 'a3.npz', 64, dim=3, seed=1),
+                       data2train=write_vector_npz(tmp_path / 'b3.npz', 64, dim=3, seed=2))
+    res = CliRunner().invoke(train.main, _args(tmp_path / 'second', domains, f'--resume={state}'))
+    assert res.exit_code != 0 and expect in res.output, res.output
+    assert 'Traceback' not in res.output and not os.path.exists(tmp_path / 'second')

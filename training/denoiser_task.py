@@ -45,6 +45,10 @@ class DenoiserTask:
         self.num_figure_samples = num_figure_samples
         self.provenance = dict(provenance or {})
 
+    def networks(self):
+        """{name: network kwargs} of the networks this task trains (resume checks build them)."""
+        return dict(denoiser=self.network_kwargs)
+
     def setup(self, trainer, run_dir, seed):
         self.run_dir = run_dir
         dist.print0('Loading dataset...')

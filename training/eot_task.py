@@ -77,6 +77,10 @@ class EOTTask:
         self.samples_dir = dict(G=samples_dir_G, SDE=samples_dir_SDE)
         self.provenance = {}
 
+    def networks(self):
+        """{name: network kwargs} of the networks this task trains (resume checks build them)."""
+        return dict(self.net_kwargs)
+
     # Set-up --------------------------------------------------------------
 
     def setup(self, trainer, run_dir, seed):

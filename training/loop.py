@@ -67,6 +67,7 @@ def training_loop(
     device              = torch.device('cpu'),
     tensorboard         = True,     # Mirror stats to TensorBoard when installed.
     wandb_project       = None,     # Mirror stats to this Weights & Biases project (optional package).
+    options             = None,     # The run's options (training_options.json), kept in training states.
     **_ignored,                     # Options recorded for reference only (e.g. the command line).
 ):
     """Train the task described by `task_kwargs`; see the module docstring. Returns `run_dir`.
@@ -96,7 +97,7 @@ def training_loop(
         if done or _every(cur_tick, snapshot_ticks):
             _snapshot(trainer, task, run_dir, tag)
         if done or (_every(cur_tick, state_dump_ticks) and cur_tick != 0):
-            _save_state(trainer, task, run_dir, tag, cur_tick, batch_size, seed)
+            _save_state(trainer, task, run_dir, tag, cur_tick, dict(batch_size=batch_size, seed=seed, options=options))
         cur_tick += 1
         ticks.start()
 
@@ -152,12 +153,13 @@ def _snapshot(trainer, task, run_dir, tag):
                              state=(trainer.last_good or {}).get('state'))
     task.on_snapshot(trainer, run_dir, tag)
 
-def _save_state(trainer, task, run_dir, tag, cur_tick, batch_size, seed):
-    """training-state-<kimg>.pt: everything an exact resume needs, every rank's random streams included."""
+def _save_state(trainer, task, run_dir, tag, cur_tick, run_info):
+    """training-state-<tag>.pt: everything an exact resume needs, every rank's random streams included, and
+    `run_info` (batch_size, seed and the run's options, which resume checks against)."""
     rng = dist.all_gather_object({k: v.cpu() if torch.is_tensor(v) else v for k, v in _rng_state(trainer).items()})
     if dist.get_rank() == 0:
         state = dict(trainer=trainer.state_dict(), task=task.state_dict(), cur_tick=cur_tick, rng=rng,
-                     batch_size=batch_size, world_size=dist.get_world_size(), seed=seed)
+                     world_size=dist.get_world_size(), **run_info)
         path = save_training_state(run_dir, tag, state)
         dist.print0(f'Saved {os.path.basename(path)}')
     dist.barrier()

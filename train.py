@@ -21,6 +21,7 @@ from models.networks import denoiser_kwargs, eot_network_kwargs
 from torch_utils import distributed as dist
 from torch_utils.training_stats import wandb_module
 from training.launch import CHANGEABLE, LaunchError, launch_training, parse_allowed_changes
+from training.loop import TrainingStopped
 from training.trainer import DivergenceError, split_batch
 
 #----------------------------------------------------------------------------
@@ -165,7 +166,8 @@ def _schedule_config(c, opts):
     c.grad_clip = opts.grad_clip
     c.precision = opts.precision
     c.nan_policy = opts.nan_policy
-    c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
+    c.kimg_per_tick, c.snapshot_ticks = opts.tick, opts.snap
+    c.state_dump_ticks = opts.dump if opts.dump is not None else opts.snap # A state at least as often as a snapshot.
     c.cudnn_benchmark = opts.bench
     c.tensorboard = opts.tensorboard
     c.wandb_project = opts.wandb
@@ -292,7 +294,7 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--nosubdir',        help='Write into --outdir itself instead of a new NNNNN-<desc> subdirectory', is_flag=True)
 @click.option('--tick',            help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap',            help='How often to save snapshots and figures', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
-@click.option('--dump',            help='How often to save the training state', metavar='TICKS', type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--dump',            help='How often to save the training state (also saved at the end, and on SIGTERM / Ctrl-C)  [default: --snap]', metavar='TICKS', type=click.IntRange(min=1))
 @click.option('--seed',            help='Random seed  [default: random]', metavar='INT', type=int)
 @click.option('--resume',          help='Resume from a training-state-*.pt, or "auto": the newest state of the newest run in --outdir with this --name and --kind (continued in its directory). The state\'s seed and options are kept: options that change its meaning are refused (see --allow-change)', metavar='PT|auto', type=str)
 @click.option('--allow-change',    help=f'On resume: options that may differ from the state\'s, comma-separated, from {", ".join(CHANGEABLE)}. --kind, --precond, --g-loss and the networks never change; duration, intervals, evaluation, performance and output options always may', metavar='LIST', type=str)
@@ -340,6 +342,8 @@ def main(**kwargs):
                         dry_run=opts.dry_run, threads=opts.threads)
     except (LaunchError, DivergenceError) as err:
         raise click.ClickException(str(err)) from None
+    except TrainingStopped as stop: # The state is written and the way to resume printed: exit as the signal says.
+        click.get_current_context().exit(128 + stop.signum)
     finally:
         dist.shutdown()
 

@@ -418,6 +418,164 @@ def test_options_of_the_other_kind_are_refused(tmp_path, vector_domains, kind):
     assert not os.path.exists(tmp_path / 'runs')
 
 
+def _start_train(args, cwd, log_path):
+    """train.py in a process of its own session (so that a signal to its group reaches it and its workers only)."""
+    import subprocess
+    import sys
+    from tests.launch import REPO
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    with open(log_path, 'w') as log:
+        return subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), *args], cwd=cwd, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _signal_when(proc, log_path, ready, signum, group=False, timeout=300):
+    """Send `signum` once ready() holds; (return code, output). The process is killed if it outlives `timeout`."""
+    import signal
+    import time
+    deadline = time.time() + timeout
+    try:
+        while not ready() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, open(log_path).read()
+        (os.killpg if group else os.kill)(proc.pid, signum)
+        proc.wait(timeout=max(deadline - time.time(), 1))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, open(log_path).read()
+
+
+@pytest.mark.slow
+def test_the_seeds_command_line_trains_and_stops_on_sigterm(tmp_path):
+    """The seed's command line, unchanged, in one process on tiny data; a SIGTERM during its first iteration
+    ends that iteration (tick 0: snapshot, translations), writes a training state and says how to resume."""
+    import signal
+    _seed_line_data(tmp_path)
+    log = tmp_path / 'log'
+    proc = _start_train(SEED_COMMAND_LINE, tmp_path, log)
+    code, out = _signal_when(proc, log, lambda: 'Training for' in open(log).read(), signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, out
+    run_dir = _only_run_dir(tmp_path / 'outdir')
+    assert os.path.basename(run_dir) == '00000-mnist-eot-gpus1-batch64-gamma1'
+    state = os.path.join(run_dir, 'training-state-0000000064.pt')
+    relative = os.path.join('outdir', os.path.basename(run_dir), 'training-state-0000000064.pt')
+    assert f'Stopped by SIGTERM; the training state is {relative}' in out and '--resume=auto' in out
+    assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-0000000064.pkl'))
+    assert sorted(os.listdir(os.path.join(run_dir, 'samples_G_1'))) == ['000000.png', '000001.png']
+    assert sorted(os.listdir(os.path.join(run_dir, 'samples_SDE_1'))) == ['000000.png', '000001.png']
+    assert torch.load(state, weights_only=True)['trainer']['cur_nimg'] == 64
+
+
+def _stats_lines(outdir):
+    runs = os.listdir(outdir) if os.path.isdir(outdir) else []
+    path = os.path.join(outdir, runs[0], 'stats.jsonl') if runs else None
+    return len(open(path).read().splitlines()) if path and os.path.isfile(path) else 0
+
+
+@pytest.mark.parametrize('signame', ['SIGTERM', 'SIGINT'])
+def test_a_signal_stops_with_a_state_from_which_the_run_continues_exactly(tmp_path, vector_domains, signame):
+    """SIGTERM to the process, or Ctrl-C (SIGINT to its whole process group, DataLoader workers included): the
+    current iteration ends, a training state is written, the exit code is 128 + the signal, and --resume=auto
+    continues within the tick to the same weights as a run never stopped."""
+    import signal
+    signum = getattr(signal, signame)
+    common = ['--tick=0.012', '--snap=1000', '--dump=1000', '--workers=1', '--net-opts={"depth": 2, "dropout": 0.2}']
+    args = [str(a) for a in _args(tmp_path / 'part', vector_domains, *common, duration_iters=100000)]
+    log = tmp_path / 'log'
+    code, out = _signal_when(_start_train(args, tmp_path, log), log, lambda: _stats_lines(tmp_path / 'part') >= 2,
+                             signum, group=signame == 'SIGINT')
+    assert code == 128 + signum and f'Stopped by {signame}' in out and 'Traceback' not in out, out
+    run_dir = _only_run_dir(tmp_path / 'part')
+    from training.runs import file_nimg, find_latest_state
+    stopped = file_nimg(find_latest_state(run_dir))
+    assert stopped >= 16 and f'--resume={find_latest_state(run_dir)}' in out
+    total_iters = stopped // 4 + 5      # on beyond the next tick boundary
+    res = _run(_args(tmp_path / 'part', vector_domains, *common, '--resume=auto', duration_iters=total_iters))
+    assert res.exit_code == 0 and 'Resuming from' in res.output, res.output
+    res = _run(_args(tmp_path / 'full', vector_domains, *common, duration_iters=total_iters))
+    assert res.exit_code == 0, res.output
+    snaps = {}
+    for name in ('part', 'full'):
+        with open(os.path.join(_only_run_dir(tmp_path / name), f'network-snapshot-{total_iters * 4:010d}.pkl'), 'rb') as f:
+            snaps[name] = pickle.load(f)
+    for net in ('G', 'f', 'D'):
+        for (k, a), b in zip(snaps['part'][net].state_dict().items(), snaps['full'][net].state_dict().values()):
+            assert torch.equal(a, b), (net, k)
+    kimgs = lambda name: [json.loads(line)['Progress/kimg']['mean'] for line in
+                          open(os.path.join(_only_run_dir(tmp_path / name), 'stats.jsonl'))]
+    assert kimgs('part') == kimgs('full')   # the same ticks: ends at every third iteration, and at the end
+
+
+def test_find_latest_state_reads_image_and_kimg_names_and_ignores_unfinished_writes(tmp_path):
+    from training.runs import find_latest_state
+    assert find_latest_state(str(tmp_path)) is None
+    for name in ('training-state-000004.pt', 'training-state-000012.pt', '.training-state-000016.pt.abc.tmp',
+                 'training-state-000020.pt.tmp', 'network-snapshot-000024.pkl'):
+        (tmp_path / name).write_bytes(b'x')
+    assert find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-000012.pt')
+    # Names by image count (this version): 12500 images is after kimg 12, 11999 before it.
+    (tmp_path / 'training-state-0000011999.pt').write_bytes(b'x')
+    assert find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-000012.pt')
+    (tmp_path / 'training-state-0000012500.pt').write_bytes(b'x')
+    assert find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-0000012500.pt')
+
+
+# The command line of the seed's documentation (DEVELOPERS.md), verbatim but for `torchrun ... train.py`.
+SEED_COMMAND_LINE = ('--name=mnist --outdir=outdir --data1train=datasets/2_train.zip --data2train=datasets/3_train.zip '
+                     '--data1test=datasets/2_test.zip --data2test=datasets/3_test.zip --data1stats=datasets/2_train.npz '
+                     '--data2stats=datasets/3_train.npz --batch=64 --batch-gpu=16 --G_iters=10 --D_iters=1 --f_iters=2 '
+                     '--samples_dir_G=samples_G_1 --samples_dir_SDE=samples_SDE_1 --gamma=1.0 --model_channels=32').split()
+
+
+def _seed_line_data(root):
+    """The files the seed's command line names, tiny: 4x4 RGB digits stand-ins and FID statistics."""
+    import numpy as np
+    (root / 'datasets').mkdir()
+    for name, num, seed in (('2_train', 8, 1), ('3_train', 8, 2), ('2_test', 2, 3), ('3_test', 2, 4)):
+        write_image_zip(root / 'datasets' / f'{name}.zip', num, resolution=4, seed=seed)
+    for name in ('2_train', '3_train'):
+        np.savez(root / 'datasets' / f'{name}.npz', mu=np.zeros(4), sigma=np.eye(4))
+
+
+def test_option_spellings_are_one_style_in_help_and_the_old_ones_still_parse(tmp_path, monkeypatch):
+    import re
+    help_text = CliRunner().invoke(train.main, ['--help'], terminal_width=200).output
+    options = re.findall(r'^\s+(?:-\w, )?(--[^\s/]+)', help_text.split('Options:')[1], flags=re.M)
+    assert len(options) > 40 and all(re.fullmatch(r'--[a-z0-9]+(-[a-z0-9]+)*', o) for o in options), options
+    monkeypatch.chdir(tmp_path)
+    _seed_line_data(tmp_path)
+    old = _dry_run_options(SEED_COMMAND_LINE + ['--lr_D=0.002', '--lr_g=0.003', '--G-loss=stated', '--D-gp=1'])
+    new = _dry_run_options(['--name=mnist', '--outdir=outdir', '--data1train=datasets/2_train.zip',
+                            '--data2train=datasets/3_train.zip', '--data1test=datasets/2_test.zip',
+                            '--data2test=datasets/3_test.zip', '--data1stats=datasets/2_train.npz',
+                            '--data2stats=datasets/3_train.npz', '--batch=64', '--batch-gpu=16', '--g-iters=10',
+                            '--d-iters=1', '--f-iters=2', '--samples-dir-g=samples_G_1', '--samples-dir-sde=samples_SDE_1',
+                            '--gamma=1.0', '--model-channels=32', '--lr-d=0.002', '--lr-g=0.003', '--g-loss=stated',
+                            '--d-gp=1'])
+    for options in (old, new):
+        options.pop('seed')
+    assert old == new
+    task = new['task_kwargs']
+    assert (task['G_iters'], task['f_iters'], task['D_iters'], task['D_opt_kwargs']['lr'], task['D_gp']) == (10, 2, 1, 0.002, 1)
+    assert task['samples_dir_G'] == 'samples_G_1' and task['G_kwargs']['model_channels'] == 32
+
+
+@pytest.mark.parametrize('kind', ['eot', 'denoiser'])
+def test_options_of_the_other_kind_are_refused(tmp_path, vector_domains, kind):
+    if kind == 'denoiser':
+        args = ['--kind=denoiser', f'--data={vector_domains["data1train"]}', '--gamma=0.5', '--G_iters=2',
+                f'--data1train={vector_domains["data1train"]}', '--metrics=fid_G']
+        expect = '--kind=denoiser does not use --data1train, --metrics, --g-iters, --gamma (options of --kind=eot)'
+    else:
+        args = [f'--{k}={v}' for k, v in vector_domains.items()] + ['--precond=vp', '--lr=0.01']
+        expect = '--kind=eot does not use --precond, --lr (options of --kind=denoiser)'
+    res = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "runs"}', '--name=x', *args])
+    assert res.exit_code == 2 and expect in res.output, res.output
+    assert not os.path.exists(tmp_path / 'runs')
+
+
 @pytest.mark.slow
 def test_the_seeds_command_line_trains(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

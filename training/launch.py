@@ -7,10 +7,11 @@ directory, before anything in it changes), with a LaunchError naming the option,
 
 import json
 import os
+import signal
 
 import dnnlib
 from torch_utils import distributed as dist
-from training.loop import training_loop, write_options
+from training.loop import TrainingStopped, training_loop, write_options
 from training.resume import StateError, check_networks, compare_options, load_state, state_options
 from training.runs import (RunDirError, RunLock, claim_run_dir, file_nimg, find_latest_state, next_run_dir, run_ids,
                            set_aside_later_files)
@@ -85,7 +86,8 @@ def launch_training(c, device, outdir, desc, nosubdir=False, resume=None, allow_
         dry_run: print the options and return.
         threads: CPU threads per process (None: torch's choice).
     Raises:
-        LaunchError before any output exists; DivergenceError from the loop.
+        LaunchError before any output exists; DivergenceError and TrainingStopped (a signal; the state is
+        written) from the loop.
     """
     if resume not in (None, 'auto') and not (os.path.isfile(resume) and file_nimg(resume) is not None and
                                              os.path.basename(resume).startswith('training-state-')):
@@ -115,6 +117,10 @@ def launch_training(c, device, outdir, desc, nosubdir=False, resume=None, allow_
     dist.setup_precision(cudnn_benchmark=c.cudnn_benchmark, threads=threads)
     try:
         return training_loop(device=device, options=json.loads(json.dumps(c)), **c)
+    except TrainingStopped as stop:
+        dist.print0(f'Stopped by {signal.Signals(stop.signum).name}; the training state is {stop.state_path}. To '
+                    f'continue, run the same command with --resume=auto (or --resume={stop.state_path})')
+        raise
     finally:
         if logger is not None:
             logger.close()

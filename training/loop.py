@@ -72,39 +72,65 @@ def training_loop(
 ):
     """Train the task described by `task_kwargs`; see the module docstring. Returns `run_dir`.
 
-    Raises DivergenceError (training.trainer) on non-finite parameters, or on a non-finite loss with
-    nan_policy='stop'.
+    Ticks end at the first iteration that crosses a multiple of `kimg_per_tick` (tick 0 after the first
+    iteration), so a run stopped within a tick and resumed keeps the same ticks. A SIGTERM or SIGINT ends the
+    current iteration, writes a training state and raises TrainingStopped. Raises DivergenceError
+    (training.trainer) on non-finite parameters, or on a non-finite loss with nan_policy='stop'.
     """
     trainer, task = _build(run_dir, task_kwargs, seed, device, batch_size=batch_size, batch_gpu=batch_gpu,
                            precision=precision, grad_clip=grad_clip, lr_rampup_kimg=lr_rampup_kimg,
                            ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio, nan_policy=nan_policy)
     cur_tick = _resume(trainer, task, resume_state, device) if resume_state is not None else 0
     ticks = _Ticks(run_dir, trainer, device, tensorboard=tensorboard, wandb_project=wandb_project)
+    state_info = dict(batch_size=batch_size, seed=seed, options=options)
+    schedule = dict(total_nimg=total_kimg * 1000, tick_nimg=max(1, round(kimg_per_tick * 1000)),
+                    snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks)
     dist.print0(f'Training for {total_kimg} kimg from kimg {trainer.cur_nimg / 1000:.3f}...')
     dist.print0()
 
-    done = trainer.cur_nimg >= total_kimg * 1000
-    while not done:
-        _iteration(trainer, task, batch_size)
-        done = trainer.cur_nimg >= total_kimg * 1000
-        if not (done or cur_tick == 0 or ticks.due(kimg_per_tick)):
-            continue
-        # A tick. Non-finite weights stop here, before anything is written, so a NaN snapshot never
-        # replaces a good one.
-        trainer.check_finite()
-        tag = progress_tag(trainer.cur_nimg)
-        ticks.report(cur_tick, task)
-        if done or _every(cur_tick, snapshot_ticks):
-            _snapshot(trainer, task, run_dir, tag)
-        if done or (_every(cur_tick, state_dump_ticks) and cur_tick != 0):
-            _save_state(trainer, task, run_dir, tag, cur_tick, dict(batch_size=batch_size, seed=seed, options=options))
-        cur_tick += 1
-        ticks.start()
+    done = trainer.cur_nimg >= schedule['total_nimg']
+    saved = None # The training state written at the current image count, if any.
+    with dist.StopSignals() as stop:
+        while not done:
+            _iteration(trainer, task, batch_size)
+            done = trainer.cur_nimg >= schedule['total_nimg']
+            if done or cur_tick == 0 or ticks.due(schedule['tick_nimg']):
+                saved = _tick(trainer, task, ticks, run_dir, cur_tick, done, schedule, state_info)
+                cur_tick += 1
+            if not done and (signum := stop.requested(device)) is not None:
+                if saved != trainer.cur_nimg: # (cur_tick - 1: the last completed tick, as in every state.)
+                    _save_state(trainer, task, run_dir, progress_tag(trainer.cur_nimg), cur_tick - 1, state_info)
+                raise TrainingStopped(signum, os.path.join(run_dir, f'training-state-{progress_tag(trainer.cur_nimg)}.pt'))
 
     ticks.close()
     dist.print0()
     dist.print0('Exiting...')
     return run_dir
+
+
+class TrainingStopped(Exception):
+    """A SIGTERM or SIGINT stopped the run after writing the training state `state_path`."""
+
+    def __init__(self, signum, state_path):
+        super().__init__(f'stopped by signal {signum}; training state {state_path}')
+        self.signum, self.state_path = signum, state_path
+
+
+def _tick(trainer, task, ticks, run_dir, cur_tick, done, schedule, state_info):
+    """The end of a tick: statistics, then the snapshot and the training state when due. Returns the image
+    count of the state written, or None."""
+    # Non-finite weights stop here, before anything is written, so a NaN snapshot never replaces a good one.
+    trainer.check_finite()
+    tag = progress_tag(trainer.cur_nimg)
+    ticks.report(cur_tick, task)
+    if done or _every(cur_tick, schedule['snapshot_ticks']):
+        _snapshot(trainer, task, run_dir, tag)
+    saved = None
+    if done or (_every(cur_tick, schedule['state_dump_ticks']) and cur_tick != 0):
+        _save_state(trainer, task, run_dir, tag, cur_tick, state_info)
+        saved = trainer.cur_nimg
+    ticks.start()
+    return saved
 
 def _every(cur_tick, interval):
     return interval is not None and cur_tick % interval == 0
@@ -187,9 +213,9 @@ class _Ticks:
         self.tick_start_time = time.time()
         dist.reset_peak_memory(self.device)
 
-    def due(self, kimg_per_tick):
-        """Whether this tick has covered its images."""
-        return self.trainer.cur_nimg >= self.tick_start_nimg + kimg_per_tick * 1000
+    def due(self, tick_nimg):
+        """Whether the last iteration crossed a multiple of `tick_nimg` images (the end of this tick)."""
+        return self.trainer.cur_nimg // tick_nimg > self.tick_start_nimg // tick_nimg
 
     def report(self, cur_tick, task):
         """Gather the tick's statistics (the task's own included), print the progress line, write stats.jsonl."""

@@ -43,6 +43,8 @@ class DataStream:
         # An own generator: creating the loader's iterator must not draw from the global RNG, whose
         # state is part of an exact resume.
         generator = torch.Generator().manual_seed(self.seed)
+        if kwargs.get('num_workers', 0) > 0: # A Ctrl-C or SIGTERM stops the run, not its data workers mid-iteration.
+            kwargs.setdefault('worker_init_fn', dist.ignore_stop_signals)
         loader = torch.utils.data.DataLoader(self.dataset, sampler=sampler, batch_size=self.batch_size,
                                              generator=generator, **kwargs)
         return iter(loader)

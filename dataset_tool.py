@@ -26,7 +26,7 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from dnnlib.util import atomic_write
+from dnnlib.util import atomic_write, remove_stale_temporaries, temporary_prefix
 from data import digits, toy
 from data.dataset import (LABELS_FILE, DatasetError, RawFiles, check_entry_name, decode_image, image_names,
                               parse_labels)
@@ -455,15 +455,18 @@ def _created_parents(path):
 
 @contextlib.contextmanager
 def open_dest(dest, overwrite=False):
-    """Yield write(relative_name, bytes) into a new zip (dest ends in .zip) or folder, committed only on success."""
+    """Yield write(relative_name, bytes) into a new zip (dest ends in .zip) or folder, committed only on success.
+
+    Temporaries that an interrupted earlier write of `dest` left beside it are removed first."""
     _check_dest(dest, overwrite)
+    _remove_stale_temporaries(dest)
     with _created_parents(dest):
         if dest.lower().endswith('.zip'):
             with atomic_write(dest, 'wb') as f, zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as zf:
                 yield lambda name, data: zf.writestr(name, data)
             return
         parent = os.path.dirname(os.path.abspath(dest))
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(dest)}.', suffix='.tmp')
+        tmp = tempfile.mkdtemp(dir=parent, prefix=temporary_prefix(dest), suffix='.tmp')
         try:
             def write(name, data):
                 check_entry_name(name, dest)
@@ -473,7 +476,7 @@ def open_dest(dest, overwrite=False):
             yield write
             os.chmod(tmp, 0o777 & ~_umask())            # mkdtemp makes it private; give it the usual mode
             if os.path.isdir(dest):                 # an empty folder, or --overwrite: swap, then delete the old one
-                old = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(dest)}.', suffix='.old')
+                old = tempfile.mkdtemp(dir=parent, prefix=temporary_prefix(dest), suffix='.old')
                 os.rename(dest, os.path.join(old, 'old'))
                 os.rename(tmp, dest)
                 shutil.rmtree(old)
@@ -484,6 +487,13 @@ def open_dest(dest, overwrite=False):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _remove_stale_temporaries(dest):
+    dest = os.path.normpath(dest)
+    removed = remove_stale_temporaries(os.path.dirname(os.path.abspath(dest)), names=[os.path.basename(dest)])
+    if removed:
+        click.echo(f'Removed {len(removed)} temporary file(s) of an interrupted earlier write: {", ".join(removed)}')
 
 
 def _umask():
@@ -542,6 +552,7 @@ def write_toy(name, dest, num, dim, seed, overwrite=False):
     except ValueError as e:
         raise DatasetError(f'--source=toy:{name}: {e}') from None
     _check_dest(dest, overwrite)
+    _remove_stale_temporaries(dest)
     with _created_parents(dest), atomic_write(dest, 'wb') as f:
         np.savez(f, **arrays)
     return arrays

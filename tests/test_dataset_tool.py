@@ -447,3 +447,26 @@ def test_help_lists_every_option():
         assert option in result.output
 
 #----------------------------------------------------------------------------
+
+
+def test_temporaries_of_an_interrupted_write_are_removed_at_start_up(tmp_path):
+    """What a killed dataset_tool left beside its --dest (a zip's temporary file, a folder's temporary folder, a
+    folder set aside mid-swap) goes at the next start-up; a live writer's temporary and other files stay."""
+    make_image_folder(tmp_path / 'src', np.zeros((2, 4, 4), np.uint8))
+    old = 1e9
+    left = {'.x.zip.a1b2c3d4.tmp': 'file', '.y.tmp1234.tmp': 'dir', '.y.k9k9k9.old': 'dir'}
+    for name, kind in left.items():
+        if kind == 'dir':
+            (tmp_path / name / '00000').mkdir(parents=True)
+            (tmp_path / name / '00000' / 'img00000000.png').write_bytes(b'x' * 100)
+            for p in (tmp_path / name / '00000' / 'img00000000.png', tmp_path / name / '00000', tmp_path / name):
+                os.utime(p, (old, old))
+        else:
+            (tmp_path / name).write_bytes(b'x' * 100)
+            os.utime(tmp_path / name, (old, old))
+    live = tmp_path / f'.x.zip.{os.getpid()}-live.tmp'
+    live.write_bytes(b'x')
+    for dest in ('x.zip', 'y'):
+        result = run_tool('--source', tmp_path / 'src', '--dest', tmp_path / dest)
+        assert result.exit_code == 0 and 'Removed' in result.output, result.output
+    assert sorted(p for p in os.listdir(tmp_path)) == sorted(['src', 'x.zip', 'y', live.name])

@@ -756,3 +756,15 @@ def test_incompatible_or_truncated_states_are_refused_before_any_output(tmp_path
     res = CliRunner().invoke(train.main, _args(tmp_path / 'second', domains, f'--resume={state}'))
     assert res.exit_code != 0 and expect in res.output, res.output
     assert 'Traceback' not in res.output and not os.path.exists(tmp_path / 'second')
+
+
+def test_a_continued_run_removes_the_temporaries_of_interrupted_writes(tmp_path, vector_domains):
+    res = _run(_args(tmp_path / 'runs', vector_domains, '--dump=1'))
+    assert res.exit_code == 0, res.output
+    run_dir = _only_run_dir(tmp_path / 'runs')
+    left = ['.training-state-000016.pt.abc123.tmp', '.network-snapshot-0000000012.pkl.99999999-x1.tmp']
+    for name in left:   # an earlier version's name, and one whose writer (a pid no process has) is gone
+        open(os.path.join(run_dir, name), 'wb').write(b'partial')
+    res = _run(_args(tmp_path / 'runs', vector_domains, '--resume=auto', duration_iters=2))
+    assert res.exit_code == 0 and 'Removed 2 temporary file(s) of interrupted writes' in res.output, res.output
+    assert not [n for n in os.listdir(run_dir) if n.endswith('.tmp')]

@@ -201,6 +201,9 @@ def _claim_run_dir(outdir, desc, nosubdir, run_dir, resume):
         lock.release()
         raise LaunchError(f'--outdir={outdir} already holds a run (training_options.json); continue it with '
                           '--resume=auto, or choose another --outdir (or leave out --nosubdir)')
+    removed = dnnlib.util.remove_stale_temporaries(run_dir, min_age_s=0) # Nothing else writes here: we hold the lock.
+    if removed:
+        print(f'Removed {len(removed)} temporary file(s) of interrupted writes: {", ".join(removed)}')
     if resume is not None:
         moved = set_aside_later_files(run_dir, file_nimg(resume))
         if moved:

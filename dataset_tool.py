@@ -273,6 +273,9 @@ def open_image_files(path):
     notes = []
     if others:
         notes.append(f'skipped {len(others)} non-image files, e.g. {others[0]!r}')
+    if raw.skipped_links:
+        notes.append(f'skipped {len(raw.skipped_links)} symlinked folder(s), not followed, e.g. {raw.skipped_links[0]!r} '
+                     '(pass the folder it points to as a --source of its own, or copy it in)')
     if not names:
         raise DatasetError(f'{path}: no PNG or JPEG images found' + (f' ({notes[0]})' if notes else ''))
     labels = None

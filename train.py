@@ -11,8 +11,10 @@ The script only parses options into a config (`setup_training_config`) and launc
 import json
 import os
 import re
+import time
 
 import click
+import tqdm
 
 import dnnlib
 from data.dataset import DatasetError
@@ -46,17 +48,41 @@ def _dataset_kwargs(path, cache, option):
     return dnnlib.EasyDict(class_name='data.dataset.ImageFolderDataset', path=path, cache=cache)
 
 
-def _inspect_dataset(kwargs, option):
-    """Open a dataset once to check it and read its shape and size."""
+def _inspect_dataset(kwargs, option, verify=False):
+    """Open a data set to check it and read its item shape and size; with `verify`, decode every image now, so
+    that a corrupt or truncated file stops the run before it starts rather than mid-training."""
+    ds = None
     try:
         ds = dnnlib.util.construct_class_by_name(**kwargs)
+        for what, names in (('files that are not PNG/JPEG images', getattr(ds, 'ignored_files', [])),
+                            ('symlinked folders (not followed)', getattr(ds, 'skipped_links', []))):
+            if names:
+                dist.print0(f'Note: {option}: ignoring {len(names)} {what}, e.g. {names[0]!r}')
+        if verify and hasattr(ds, 'verify'):
+            _verify_images(ds, option)
+        return tuple(ds.item_shape), len(ds)
     except (DatasetError, OSError) as err:
         raise click.ClickException(f'{option}: {err}') from None
-    shape, size = tuple(ds.item_shape), len(ds)
-    close = getattr(ds, 'close', None)
-    if close is not None:
-        close()
-    return shape, size
+    finally:
+        if ds is not None and hasattr(ds, 'close'):
+            ds.close()
+
+
+def _verify_images(ds, option):
+    """Decode every image of `ds`, with a progress bar on a terminal and a line before and after."""
+    dist.print0(f'{option}: checking every image of {ds.path} ...', flush=True)
+    start, bar = time.time(), tqdm.tqdm(unit='img', desc=option, leave=False, disable=None if dist.get_rank() == 0 else True)
+    counted = []
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(1)
+        counted[:] = [total]
+    try:
+        ds.verify(progress=progress)
+    finally:
+        bar.close()
+    dist.print0(f'{option}: all {counted[0] if counted else 0} images decode ({time.time() - start:.1f} s)')
 
 
 def setup_training_config(world_size=1, **opts):
@@ -99,7 +125,7 @@ def _eot_data(opts):
     for key, option in (('data1', '--data1train'), ('data2', '--data2train'), ('test1', '--data1test'), ('test2', '--data2test')):
         kwargs = _dataset_kwargs(opts[option[2:]], opts.cache, option)
         if kwargs is not None:
-            data[key] = (kwargs, _inspect_dataset(kwargs, option)[0], option)
+            data[key] = (kwargs, _inspect_dataset(kwargs, option, verify=not opts.dry_run)[0], option)
     shape1 = data['data1'][1]
     for kwargs, shape, option in data.values():
         if shape != shape1:
@@ -186,7 +212,7 @@ def _denoiser_task_kwargs(opts):
     if opts.data is None:
         raise click.ClickException('--data is required for --kind=denoiser (image zip/folder or vector .npz)')
     data_kwargs = _dataset_kwargs(opts.data, opts.cache, '--data')
-    shape, _size = _inspect_dataset(data_kwargs, '--data')
+    shape, _size = _inspect_dataset(data_kwargs, '--data', verify=not opts.dry_run)
     try:
         net_kwargs = denoiser_kwargs(shape, precond=opts.precond, model_channels=opts.model_channels, **_net_opts(opts))
     except ValueError as err:

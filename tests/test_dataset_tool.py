@@ -470,3 +470,13 @@ def test_temporaries_of_an_interrupted_write_are_removed_at_start_up(tmp_path):
         result = run_tool('--source', tmp_path / 'src', '--dest', tmp_path / dest)
         assert result.exit_code == 0 and 'Removed' in result.output, result.output
     assert sorted(p for p in os.listdir(tmp_path)) == sorted(['src', 'x.zip', 'y', live.name])
+
+
+def test_symlinked_subfolders_are_named_not_skipped_silently(tmp_path):
+    make_image_folder(tmp_path / 'src', np.zeros((2, 4, 4), np.uint8))
+    make_image_folder(tmp_path / 'elsewhere', np.zeros((3, 4, 4), np.uint8))
+    os.symlink(tmp_path / 'elsewhere', tmp_path / 'src' / 'linked')
+    result = run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'out.zip')
+    assert result.exit_code == 0, result.output
+    assert "Note: skipped 1 symlinked folder(s), not followed, e.g. 'linked'" in result.output
+    assert 'Wrote 2 images' in result.output

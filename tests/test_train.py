@@ -768,3 +768,38 @@ def test_a_continued_run_removes_the_temporaries_of_interrupted_writes(tmp_path,
     res = _run(_args(tmp_path / 'runs', vector_domains, '--resume=auto', duration_iters=2))
     assert res.exit_code == 0 and 'Removed 2 temporary file(s) of interrupted writes' in res.output, res.output
     assert not [n for n in os.listdir(run_dir) if n.endswith('.tmp')]
+
+
+def _zip_with(path, source_zip, name, data):
+    """A copy of an image zip with one more entry (`data` under `name`), or the entry replaced."""
+    import zipfile
+    with zipfile.ZipFile(source_zip) as src, zipfile.ZipFile(path, 'w') as dst:
+        for info in src.infolist():
+            if info.filename != name:
+                dst.writestr(info, src.read(info))
+        dst.writestr(name, data)
+    return str(path)
+
+
+def test_a_truncated_image_stops_the_run_before_its_directory_exists(tmp_path, image_domains):
+    """The header scan passes an image cut short inside its data; the full check (every image decoded, with a
+    progress line) finds it before anything is written, naming the file."""
+    import zipfile
+    with zipfile.ZipFile(image_domains['data2train']) as zf:
+        name = sorted(zf.namelist())[5]
+        cut = zf.read(name)[:-30]
+    domains = dict(image_domains, data2train=_zip_with(tmp_path / 'cut.zip', image_domains['data2train'], name, cut))
+    from data.dataset import ImageFolderDataset
+    ImageFolderDataset(domains['data2train'])   # the start-up header scan alone passes it
+    res = CliRunner().invoke(train.main, _args(tmp_path / 'runs', domains))
+    assert res.exit_code != 0 and f'--data2train: {domains["data2train"]}:{name}: corrupt or truncated image' in res.output
+    assert '--data1train: checking every image of' in res.output and '--data1train: all 24 images decode' in res.output
+    assert 'Traceback' not in res.output and not os.path.exists(tmp_path / 'runs')
+
+
+def test_ignored_zip_entries_are_named(tmp_path, image_domains):
+    domains = dict(image_domains, data1train=_zip_with(tmp_path / 'notes.zip', image_domains['data1train'],
+                                                       'readme.txt', b'notes'))
+    res = _run(_args(tmp_path / 'runs', domains, '--dry-run'))
+    assert res.exit_code == 0, res.output
+    assert "Note: --data1train: ignoring 1 files that are not PNG/JPEG images, e.g. 'readme.txt'" in res.output

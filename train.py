@@ -9,6 +9,7 @@ The script only parses options into a config (`setup_training_config`) and launc
 """
 
 import json
+import math
 import os
 import re
 import time
@@ -108,12 +109,16 @@ def setup_training_config(world_size=1, **opts):
 def _net_opts(opts):
     """--net-opts as a dict."""
     try:
-        net_opts = json.loads(opts.net_opts) if opts.net_opts else {}
+        net_opts = json.loads(opts.net_opts, parse_constant=_no_json_constant) if opts.net_opts else {}
     except ValueError as err:
         raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
     if not isinstance(net_opts, dict):
         raise click.ClickException(f'--net-opts={opts.net_opts!r}: not a JSON object')
     return net_opts
+
+
+def _no_json_constant(name):
+    raise ValueError(f'{name} is not a finite number')
 
 
 def _eot_data(opts):
@@ -242,6 +247,17 @@ def _run_desc(opts, c):
 
 #----------------------------------------------------------------------------
 
+class FiniteFloat(click.FloatRange):
+    """A float option within a range that must be a finite number (click's FloatRange lets nan and inf through:
+    --duration=nan trained forever, --gamma=inf trained nothing)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f'{value} is not a finite number', param, ctx)
+        return value
+
+
 def option_name(name):
     """The one spelling of an option name: lower case with hyphens (click applies it to the options given and
     declared alike, so --G_iters, --lr_D and --model_channels stay accepted as --g-iters, --lr-d, --model-channels)."""
@@ -286,7 +302,7 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--detector',        help='FID feature detector: path or URL  [default: $EOT_FID_DETECTOR or the Inception-v3 URL]', metavar='PATH|URL', type=str)
 
 # Hyperparameters.
-@click.option('--duration',        help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
+@click.option('--duration',        help='Training duration', metavar='MIMG', type=FiniteFloat(min=0, min_open=True), default=200, show_default=True)
 @click.option('--batch',           help='Total batch size of one step, over all processes', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
 @click.option('--batch-gpu',       help='Limit the batch per process and accumulation round (gradient accumulation)', metavar='INT', type=click.IntRange(min=1))
 @click.option('--g-loss',          'g_loss', help='G-step transport term. stated: the original statement (docs/architecture.md), t ~ U(0,1) unweighted (its optimum is biased away from the EOT plan). kinetic: weighted 1/(1-t)^2 with t = 1-u^2 and f = x + (1-t) v (optimum: the EOT plan). See docs/gaussian_eot.md', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
@@ -295,15 +311,15 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--f-iters',         'f_iters', help='f-steps before each G-step', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
 @click.option('--model-channels',  'model_channels', help='Base channels c of G and f (D uses (c//32+1)*32); MLP width is 8c for vectors', metavar='INT', type=click.IntRange(min=1), default=96, show_default=True)
 @click.option('--net-opts',        help='Network overrides as a JSON object, e.g. \'{"num_blocks": 1, "attn_resolutions": []}\' for all, or \'{"D": {"model_channels": 32}}\' for one', metavar='JSON', type=str)
-@click.option('--gamma',           help='Entropy: the bridge volatility is sqrt(gamma) (EOT with eps = gamma)', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option('--lr-g',            'lr_g', help='Learning rate of G', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option('--d-gp',            'd_gp', help='Weight of a WGAN-GP gradient penalty on the critic (0: none, as in the stated method; 10 is the usual value; it steadies short image runs)', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--lr-d',            'lr_d', help='Learning rate of D', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option('--lr-f',            'lr_f', help='Learning rate of f', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option('--lr',              help='--kind=denoiser: learning rate of the denoiser', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)  [default: 0 for --kind=eot (every measured run, docs/gaussian_eot.md; 10000 left short runs at a few % of the rate), 10000 for --kind=denoiser (EDM)]', metavar='KIMG', type=click.FloatRange(min=0))
-@click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
-@click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option('--gamma',           help='Entropy: the bridge volatility is sqrt(gamma) (EOT with eps = gamma)', metavar='FLOAT', type=FiniteFloat(min=0), default=0.0, show_default=True)
+@click.option('--lr-g',            'lr_g', help='Learning rate of G', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--d-gp',            'd_gp', help='Weight of a WGAN-GP gradient penalty on the critic (0: none, as in the stated method; 10 is the usual value; it steadies short image runs)', metavar='FLOAT', type=FiniteFloat(min=0), default=0, show_default=True)
+@click.option('--lr-d',            'lr_d', help='Learning rate of D', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr-f',            'lr_f', help='Learning rate of f', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr',              help='--kind=denoiser: learning rate of the denoiser', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)  [default: 0 for --kind=eot (every measured run, docs/gaussian_eot.md; 10000 left short runs at a few % of the rate), 10000 for --kind=denoiser (EDM)]', metavar='KIMG', type=FiniteFloat(min=0))
+@click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)', metavar='MIMG', type=FiniteFloat(min=0), default=0.5, show_default=True)
+@click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=FiniteFloat(min=0), default=1.0, show_default=True)
 @click.option('--nan-policy',      help='On a non-finite loss: skip the step (counted in the tick line) or stop with the last good snapshot named', type=click.Choice(['skip', 'stop']), default='skip', show_default=True)
 @click.option('--sde-steps',       help='Euler-Maruyama steps of the SDE sampler (figures, metrics, snapshots)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
 
@@ -318,7 +334,7 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 # I/O-related.
 @click.option('--desc',            help='String to include in the run directory name', metavar='STR', type=str)
 @click.option('--nosubdir',        help='Write into --outdir itself instead of a new NNNNN-<desc> subdirectory', is_flag=True)
-@click.option('--tick',            help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
+@click.option('--tick',            help='How often to print progress', metavar='KIMG', type=FiniteFloat(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap',            help='How often to save snapshots and figures', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump',            help='How often to save the training state (also saved at the end, and on SIGTERM / Ctrl-C)  [default: --snap]', metavar='TICKS', type=click.IntRange(min=1))
 @click.option('--seed',            help='Random seed  [default: random]', metavar='INT', type=int)

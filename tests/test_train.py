@@ -803,3 +803,17 @@ def test_ignored_zip_entries_are_named(tmp_path, image_domains):
     res = _run(_args(tmp_path / 'runs', domains, '--dry-run'))
     assert res.exit_code == 0, res.output
     assert "Note: --data1train: ignoring 1 files that are not PNG/JPEG images, e.g. 'readme.txt'" in res.output
+
+
+def test_every_float_option_must_be_finite(tmp_path, vector_domains):
+    floats = [p for p in train.main.params if isinstance(p.type, train.FiniteFloat)]
+    assert {p.opts[0] for p in floats} >= {'--duration', '--gamma', '--lr-g', '--lr-d', '--lr-f', '--lr', '--lr-rampup',
+                                           '--ema', '--grad-clip', '--d-gp', '--tick'}
+    for p in floats:
+        for value in ('nan', 'inf', 'NaN', 'Infinity', '-inf'):
+            res = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "runs"}', '--name=x', f'{p.opts[0]}={value}'])
+            expect = 'is not in the range' if value == '-inf' else 'is not a finite number' # (every one has a minimum)
+            assert res.exit_code == 2 and expect in res.output, (p.opts[0], value, res.output)
+    res = CliRunner().invoke(train.main, _args(tmp_path / 'runs', vector_domains, '--net-opts={"dropout": NaN}'))
+    assert res.exit_code != 0 and 'NaN is not a finite number' in res.output, res.output
+    assert not os.path.exists(tmp_path / 'runs')

@@ -26,7 +26,7 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from dnnlib.util import atomic_write, remove_stale_temporaries, temporary_prefix
+from dnnlib.util import atomic_write, output_dir_problem, remove_stale_temporaries, temporary_prefix
 from data import digits, toy
 from data.dataset import (LABELS_FILE, DatasetError, RawFiles, check_entry_name, decode_image, image_names,
                               parse_labels)
@@ -698,9 +698,14 @@ EXAMPLES
 @click.option('--overwrite', is_flag=True, help='Replace an existing --dest.')
 def main(**opts):
     try:
+        problem = output_dir_problem(os.path.dirname(os.path.abspath(opts['dest'])))
+        if problem is not None:
+            raise DatasetError(f'--dest={opts["dest"]}: its folder cannot be written: {problem}; choose another --dest')
         run(**opts)
     except DatasetError as e:
         raise click.ClickException(str(e)) from e
+    except OSError as e: # Writing failed after all (a read-only filesystem, a full disk, a race): one line, no traceback.
+        raise click.ClickException(f'--dest={opts["dest"]}: cannot write {e.filename or "there"} ({e.strerror or e})') from None
 
 
 if __name__ == '__main__':

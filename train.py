@@ -23,7 +23,7 @@ from models.diffusion_loss import LOSSES
 from models.networks import denoiser_kwargs, eot_network_kwargs
 from torch_utils import distributed as dist
 from torch_utils.training_stats import wandb_module
-from training.launch import CHANGEABLE, LaunchError, launch_training, parse_allowed_changes
+from training.launch import CHANGEABLE, LaunchError, check_outdir, launch_training, parse_allowed_changes
 from training.loop import TrainingStopped
 from training.trainer import DivergenceError, split_batch
 
@@ -378,6 +378,7 @@ def main(**kwargs):
     _refuse_options_of_the_other_kind(click.get_current_context(), opts.kind)
     device = dist.init(opts.device)
     try:
+        check_outdir(opts.outdir) # (Before the data are checked, which may take a while.)
         c = setup_training_config(world_size=dist.get_world_size(), **opts)
         launch_training(c, device, outdir=opts.outdir, desc=_run_desc(opts, c), nosubdir=opts.nosubdir,
                         resume=opts.resume, allow_change=parse_allowed_changes(opts.allow_change), seed=opts.seed,

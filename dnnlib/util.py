@@ -110,6 +110,25 @@ def atomic_write(path, mode='wb', overwrite=True):
         finally:
             os.close(dir_fd)
 
+def output_dir_problem(path):
+    """Why a folder cannot be written at `path` (it is a file, lies under a file, or its nearest existing folder
+    is not writable), as a phrase; None when it can be (made and) written into."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        return 'it is a file, not a folder'
+    existing = path
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        return f'{existing} is a file, so no folder can be made under it'
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f'{existing} is not writable by this user' if existing == path else f'{existing} is not writable by this user, so the folder cannot be made'
+    return None
+
+
 def temporary_prefix(path):
     """The name prefix of temporaries written for `path`: '.<name>.<pid>-' (the pid tells whether the writer lives)."""
     return f'.{os.path.basename(os.path.normpath(os.fspath(path)))}.{os.getpid()}-'

@@ -480,3 +480,16 @@ def test_symlinked_subfolders_are_named_not_skipped_silently(tmp_path):
     assert result.exit_code == 0, result.output
     assert "Note: skipped 1 symlinked folder(s), not followed, e.g. 'linked'" in result.output
     assert 'Wrote 2 images' in result.output
+
+
+@pytest.mark.parametrize('case', ['under-a-file', 'unwritable'])
+def test_a_bad_dest_is_a_one_line_error(tmp_path, case):
+    from tests.test_train import _unwritable_folder
+    make_image_folder(tmp_path / 'src', np.zeros((2, 4, 4), np.uint8))
+    (tmp_path / 'afile').write_text('x')
+    folder = str(tmp_path / 'afile' / 'sub') if case == 'under-a-file' else _unwritable_folder(tmp_path)
+    for dest, source in ((f'{folder}/x.zip', tmp_path / 'src'), (f'{folder}/y', tmp_path / 'src'),
+                         (f'{folder}/t.npz', 'toy:moons')):
+        result = run_tool('--source', source, '--dest', dest)
+        assert result.exit_code == 1 and result.output.startswith(f'Error: --dest={dest}: ') and \
+            result.output.count('\n') == 1, result.output

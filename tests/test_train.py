@@ -817,3 +817,32 @@ def test_every_float_option_must_be_finite(tmp_path, vector_domains):
     res = CliRunner().invoke(train.main, _args(tmp_path / 'runs', vector_domains, '--net-opts={"dropout": NaN}'))
     assert res.exit_code != 0 and 'NaN is not a finite number' in res.output, res.output
     assert not os.path.exists(tmp_path / 'runs')
+
+
+def _unwritable_folder(tmp_path):
+    """A folder this user cannot write into: a read-only one, or for root (who may write anywhere) a sysfs path."""
+    if os.geteuid() != 0:
+        folder = tmp_path / 'readonly'
+        folder.mkdir()
+        folder.chmod(0o500)
+        return str(folder / 'runs')
+    if not os.path.isdir('/sys/kernel'):
+        pytest.skip('running as root and no /sys to stand for a folder that cannot be written')
+    return '/sys/kernel/eot-runs'
+
+
+@pytest.mark.parametrize('case', ['file', 'under-a-file', 'unwritable'])
+def test_a_bad_outdir_is_a_one_line_error(tmp_path, vector_domains, case):
+    (tmp_path / 'afile').write_text('x')
+    outdir = {'file': str(tmp_path / 'afile'), 'under-a-file': str(tmp_path / 'afile' / 'runs'),
+              'unwritable': _unwritable_folder(tmp_path)}[case]
+    # (As root, who passes every permission check, the sysfs folder fails only when the run directory is made:
+    # after the options are printed, still with one line of error and nothing written.)
+    early = not (case == 'unwritable' and os.geteuid() == 0)
+    for extra in ([], ['--nosubdir']):
+        res = CliRunner().invoke(train.main, _args(outdir, vector_domains, *extra))
+        error = [line for line in res.output.splitlines() if line.startswith('Error')]
+        assert res.exit_code == 1 and len(error) == 1 and 'Traceback' not in res.output, res.output
+        assert error[0].startswith(f'Error: --outdir={outdir}: ')
+        assert res.output.count('\n') == 1 or not early, res.output
+    assert open(tmp_path / 'afile').read() == 'x'

@@ -57,6 +57,13 @@ CHANGEABLE = tuple(dict.fromkeys(label for label, _path, rule in RESUME_RULES if
 NEVER = tuple(dict.fromkeys(label for label, _path, rule in RESUME_RULES if rule == 'never'))
 
 
+def check_outdir(outdir):
+    """Refuse an --outdir that cannot hold run directories, naming why (LaunchError)."""
+    problem = dnnlib.util.output_dir_problem(outdir)
+    if problem is not None:
+        raise LaunchError(f'--outdir={outdir}: {problem}; choose another --outdir')
+
+
 def parse_allowed_changes(text):
     """--allow-change=LIST as a tuple of option names (without dashes, any spelling)."""
     names = tuple(n.strip().lstrip('-').lower().replace('_', '-') for n in (text or '').split(',') if n.strip())
@@ -89,6 +96,7 @@ def launch_training(c, device, outdir, desc, nosubdir=False, resume=None, allow_
         LaunchError before any output exists; DivergenceError and TrainingStopped (a signal; the state is
         written) from the loop.
     """
+    check_outdir(outdir)
     if resume not in (None, 'auto') and not (os.path.isfile(resume) and file_nimg(resume) is not None and
                                              os.path.basename(resume).startswith('training-state-')):
         raise LaunchError(f'--resume="{resume}" must be a training-state-*.pt file of an earlier run, or auto')
@@ -197,6 +205,8 @@ def _claim_run_dir(outdir, desc, nosubdir, run_dir, resume):
         lock = RunLock(run_dir)
     except RunDirError as err:
         raise LaunchError(str(err)) from None
+    except OSError as err: # Not writable after all (a read-only filesystem, a quota, a race): one line, no traceback.
+        raise LaunchError(f'--outdir={outdir}: cannot write there ({err.strerror or err}); choose another --outdir') from None
     if resume is None and os.path.exists(os.path.join(run_dir, 'training_options.json')):
         lock.release()
         raise LaunchError(f'--outdir={outdir} already holds a run (training_options.json); continue it with '

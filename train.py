@@ -114,6 +114,7 @@ def _net_opts(opts):
         raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
     if not isinstance(net_opts, dict):
         raise click.ClickException(f'--net-opts={opts.net_opts!r}: not a JSON object')
+    _check_net_opt_bounds(net_opts)
     return net_opts
 
 
@@ -247,6 +248,25 @@ def _run_desc(opts, c):
 
 #----------------------------------------------------------------------------
 
+# Bounds of what an option may ask for (each far above any measured or published setting; past them a run would
+# only fail to allocate). --net-opts obeys the same bounds for the keys that size a network.
+MAX_BATCH = 1 << 20
+MAX_ITERS = 1000
+MAX_STEPS = 10000
+MAX_CHANNELS = 1024                     # base channels (edm2's largest U-Net uses 448)
+NET_OPT_BOUNDS = dict(model_channels=MAX_CHANNELS, width=8 * MAX_CHANNELS, num_blocks=64, depth=64)
+
+
+def _check_net_opt_bounds(value, where='--net-opts'):
+    """Refuse --net-opts values over NET_OPT_BOUNDS, in any network's section."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            bound = NET_OPT_BOUNDS.get(key)
+            if bound is not None and isinstance(item, (int, float)) and item > bound:
+                raise click.ClickException(f'{where}: {key}={item} is over the bound of {bound}')
+            _check_net_opt_bounds(item, where)
+
+
 class FiniteFloat(click.FloatRange):
     """A float option within a range that must be a finite number (click's FloatRange lets nan and inf through:
     --duration=nan trained forever, --gamma=inf trained nothing)."""
@@ -303,13 +323,13 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 
 # Hyperparameters.
 @click.option('--duration',        help='Training duration', metavar='MIMG', type=FiniteFloat(min=0, min_open=True), default=200, show_default=True)
-@click.option('--batch',           help='Total batch size of one step, over all processes', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
-@click.option('--batch-gpu',       help='Limit the batch per process and accumulation round (gradient accumulation)', metavar='INT', type=click.IntRange(min=1))
+@click.option('--batch',           help='Total batch size of one step, over all processes', metavar='INT', type=click.IntRange(min=1, max=MAX_BATCH), default=512, show_default=True)
+@click.option('--batch-gpu',       help='Limit the batch per process and accumulation round (gradient accumulation)', metavar='INT', type=click.IntRange(min=1, max=MAX_BATCH))
 @click.option('--g-loss',          'g_loss', help='G-step transport term. stated: the original statement (docs/architecture.md), t ~ U(0,1) unweighted (its optimum is biased away from the EOT plan). kinetic: weighted 1/(1-t)^2 with t = 1-u^2 and f = x + (1-t) v (optimum: the EOT plan). See docs/gaussian_eot.md', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
-@click.option('--g-iters',         'g_iters', help='G-steps per outer iteration (each after --f-iters f-steps)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
-@click.option('--d-iters',         'd_iters', help='Critic steps per outer iteration', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
-@click.option('--f-iters',         'f_iters', help='f-steps before each G-step', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
-@click.option('--model-channels',  'model_channels', help='Base channels c of G and f (D uses (c//32+1)*32); MLP width is 8c for vectors', metavar='INT', type=click.IntRange(min=1), default=96, show_default=True)
+@click.option('--g-iters',         'g_iters', help='G-steps per outer iteration (each after --f-iters f-steps)', metavar='INT', type=click.IntRange(min=1, max=MAX_ITERS), default=10, show_default=True)
+@click.option('--d-iters',         'd_iters', help='Critic steps per outer iteration', metavar='INT', type=click.IntRange(min=0, max=MAX_ITERS), default=1, show_default=True)
+@click.option('--f-iters',         'f_iters', help='f-steps before each G-step', metavar='INT', type=click.IntRange(min=1, max=MAX_ITERS), default=2, show_default=True)
+@click.option('--model-channels',  'model_channels', help='Base channels c of G and f (D uses (c//32+1)*32); MLP width is 8c for vectors', metavar='INT', type=click.IntRange(min=1, max=MAX_CHANNELS), default=96, show_default=True)
 @click.option('--net-opts',        help='Network overrides as a JSON object, e.g. \'{"num_blocks": 1, "attn_resolutions": []}\' for all, or \'{"D": {"model_channels": 32}}\' for one', metavar='JSON', type=str)
 @click.option('--gamma',           help='Entropy: the bridge volatility is sqrt(gamma) (EOT with eps = gamma)', metavar='FLOAT', type=FiniteFloat(min=0), default=0.0, show_default=True)
 @click.option('--lr-g',            'lr_g', help='Learning rate of G', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
@@ -321,15 +341,15 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)', metavar='MIMG', type=FiniteFloat(min=0), default=0.5, show_default=True)
 @click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=FiniteFloat(min=0), default=1.0, show_default=True)
 @click.option('--nan-policy',      help='On a non-finite loss: skip the step (counted in the tick line) or stop with the last good snapshot named', type=click.Choice(['skip', 'stop']), default='skip', show_default=True)
-@click.option('--sde-steps',       help='Euler-Maruyama steps of the SDE sampler (figures, metrics, snapshots)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
+@click.option('--sde-steps',       help='Euler-Maruyama steps of the SDE sampler (figures, metrics, snapshots)', metavar='INT', type=click.IntRange(min=1, max=MAX_STEPS), default=10, show_default=True)
 
 # Performance-related.
 @click.option('--device',          help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
 @click.option('--precision',       help='Forward-pass precision (bf16 = autocast)', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True)
 @click.option('--bench',           help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--cache',           help='Cache decoded images in memory', metavar='BOOL', type=bool, default=True, show_default=True)
-@click.option('--threads',         help='CPU threads per process for torch  [default: torch\'s choice]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--workers',         help='DataLoader worker processes per process (0 = load in the main process)', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
+@click.option('--threads',         help='CPU threads per process for torch  [default: torch\'s choice]', metavar='INT', type=click.IntRange(min=1, max=1024))
+@click.option('--workers',         help='DataLoader worker processes per process (0 = load in the main process)', metavar='INT', type=click.IntRange(min=0, max=128), default=1, show_default=True)
 
 # I/O-related.
 @click.option('--desc',            help='String to include in the run directory name', metavar='STR', type=str)
@@ -337,7 +357,7 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--tick',            help='How often to print progress', metavar='KIMG', type=FiniteFloat(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap',            help='How often to save snapshots and figures', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump',            help='How often to save the training state (also saved at the end, and on SIGTERM / Ctrl-C)  [default: --snap]', metavar='TICKS', type=click.IntRange(min=1))
-@click.option('--seed',            help='Random seed  [default: random]', metavar='INT', type=int)
+@click.option('--seed',            help='Random seed  [default: the resumed state\'s, else random]', metavar='INT', type=click.IntRange(min=0, max=2**31 - 1))
 @click.option('--resume',          help='Resume from a training-state-*.pt, or "auto": the newest state of the newest run in --outdir with this --name and --kind (continued in its directory). The state\'s seed and options are kept: options that change its meaning are refused (see --allow-change)', metavar='PT|auto', type=str)
 @click.option('--allow-change',    help=f'On resume: options that may differ from the state\'s, comma-separated, from {", ".join(CHANGEABLE)}. --kind, --precond, --g-loss and the networks never change; duration, intervals, evaluation, performance and output options always may', metavar='LIST', type=str)
 @click.option('--tensorboard/--no-tensorboard', help='Also write TensorBoard logs (when the package is installed)', default=True, show_default=True)

@@ -493,3 +493,15 @@ def test_a_bad_dest_is_a_one_line_error(tmp_path, case):
         result = run_tool('--source', source, '--dest', dest)
         assert result.exit_code == 1 and result.output.startswith(f'Error: --dest={dest}: ') and \
             result.output.count('\n') == 1, result.output
+
+
+@pytest.mark.parametrize('args,bound', [(['--source', 'toy:gaussian', '--dim', '100000', '--num', '100000'], 'over the bound of 4096'),
+                                        (['--source', 'toy:gaussian', '--dim', '4096', '--num', '100000'], 'over the bound of 134217728'),
+                                        (['--source', 'toy:moons', '--num', '100000000'], 'over the bound of 134217728'),
+                                        (['--source', 'synthetic-digits', '--num', '10000000'], 'over the bound of 100000'),
+                                        (['--source', 'synthetic-digits', '--resolution', '100000x100000'], 'over the bound of 67108864')])
+def test_what_an_option_asks_for_is_bounded(tmp_path, args, bound):
+    dest = tmp_path / ('out.npz' if args[1].startswith('toy:') else 'out.zip')
+    result = run_tool(*args, '--dest', dest)
+    assert result.exit_code != 0 and bound in result.output, result.output
+    assert not os.path.exists(dest)

@@ -846,3 +846,14 @@ def test_a_bad_outdir_is_a_one_line_error(tmp_path, vector_domains, case):
         assert error[0].startswith(f'Error: --outdir={outdir}: ')
         assert res.output.count('\n') == 1 or not early, res.output
     assert open(tmp_path / 'afile').read() == 'x'
+
+
+@pytest.mark.parametrize('option,bound', [('--model-channels=100000', '1<=x<=1024'), ('--batch=99999999999', '1<=x<=1048576'),
+                                          ('--seed=-1', '0<=x<=2147483647'), ('--g-iters=100000', '1<=x<=1000'),
+                                          ('--sde-steps=10000000', '1<=x<=10000'),
+                                          ('--net-opts={"D": {"model_channels": 100000}}', 'model_channels=100000 is over the bound of 1024'),
+                                          ('--net-opts={"width": 1e9}', 'width=1000000000.0 is over the bound of 8192')])
+def test_options_are_bounded(tmp_path, vector_domains, option, bound):
+    res = CliRunner().invoke(train.main, _args(tmp_path / 'runs', vector_domains, option))
+    assert res.exit_code != 0 and bound in res.output and 'Traceback' not in res.output, res.output
+    assert not os.path.exists(tmp_path / 'runs')

@@ -72,7 +72,8 @@ def _inspect_dataset(kwargs, option, verify=False):
 def _verify_images(ds, option):
     """Decode every image of `ds`, with a progress bar on a terminal and a line before and after."""
     dist.print0(f'{option}: checking every image of {ds.path} ...', flush=True)
-    start, bar = time.time(), tqdm.tqdm(unit='img', desc=option, leave=False, disable=None if dist.get_rank() == 0 else True)
+    bar = tqdm.tqdm(unit='img', desc=option, leave=False, disable=None if dist.get_rank() == 0 else True)
+    start = time.time()
     counted = []
 
     def progress(done, total):
@@ -128,7 +129,8 @@ def _eot_data(opts):
         if value is None:
             raise click.ClickException(f'{option} is required for --kind=eot')
     data = {}
-    for key, option in (('data1', '--data1train'), ('data2', '--data2train'), ('test1', '--data1test'), ('test2', '--data2test')):
+    for key, option in (('data1', '--data1train'), ('data2', '--data2train'), ('test1', '--data1test'),
+                        ('test2', '--data2test')):
         kwargs = _dataset_kwargs(opts[option[2:]], opts.cache, option)
         if kwargs is not None:
             data[key] = (kwargs, _inspect_dataset(kwargs, option, verify=not opts.dry_run)[0], option)

@@ -174,7 +174,8 @@ class RawFiles:
             dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
             rel_root = os.path.relpath(root, self.path)
             links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
-            self.skipped_links += [(d if rel_root == '.' else os.path.join(rel_root, d)).replace(os.sep, '/') for d in links]
+            self.skipped_links += [(d if rel_root == '.' else os.path.join(rel_root, d)).replace(os.sep, '/')
+                                   for d in links]
             for f in files:
                 rel = f if rel_root == '.' else os.path.join(rel_root, f)
                 rel = rel.replace(os.sep, '/')

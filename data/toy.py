@@ -176,8 +176,9 @@ def make_toy(name, num, seed, dim=None):
             raise ValueError(f'dimension {dim} is over the bound of {MAX_TOY_DIM} (a [dim, dim] covariance is drawn)')
         kwargs['dim'] = int(dim)
     if int(num) * kwargs.get('dim', 2) > MAX_TOY_VALUES:
-        raise ValueError(f'{num} vectors of dimension {kwargs.get("dim", 2)} are {int(num) * kwargs.get("dim", 2)} values, '
-                         f'over the bound of {MAX_TOY_VALUES} (2^27); draw fewer or in several files')
+        values = int(num) * kwargs.get('dim', 2)
+        raise ValueError(f'{num} vectors of dimension {kwargs.get("dim", 2)} are {values} values, over the bound of '
+                         f'{MAX_TOY_VALUES} (2^27); draw fewer or in several files')
     return SOURCES[name](int(num), np.random.default_rng(int(seed)), **kwargs)
 
 

@@ -125,7 +125,7 @@ def output_dir_problem(path):
     if not os.path.isdir(existing):
         return f'{existing} is a file, so no folder can be made under it'
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f'{existing} is not writable by this user' if existing == path else f'{existing} is not writable by this user, so the folder cannot be made'
+        return f'{existing} is not writable by this user' + ('' if existing == path else ', so the folder cannot be made')
     return None
 
 

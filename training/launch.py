@@ -184,7 +184,8 @@ def _runs_of(outdir, name, task_class):
         try:
             with open(os.path.join(outdir, dirname, 'training_options.json'), encoding='utf-8') as f:
                 options = json.load(f)
-            same = options['name'] == name and options['task_kwargs']['class_name'].split('.')[-1] == task_class.split('.')[-1]
+            same = (options['name'] == name and
+                    options['task_kwargs']['class_name'].split('.')[-1] == task_class.split('.')[-1])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         if same:
@@ -206,7 +207,8 @@ def _claim_run_dir(outdir, desc, nosubdir, run_dir, resume):
     except RunDirError as err:
         raise LaunchError(str(err)) from None
     except OSError as err: # Not writable after all (a read-only filesystem, a quota, a race): one line, no traceback.
-        raise LaunchError(f'--outdir={outdir}: cannot write there ({err.strerror or err}); choose another --outdir') from None
+        raise LaunchError(f'--outdir={outdir}: cannot write there ({err.strerror or err}); '
+                          'choose another --outdir') from None
     if resume is None and os.path.exists(os.path.join(run_dir, 'training_options.json')):
         lock.release()
         raise LaunchError(f'--outdir={outdir} already holds a run (training_options.json); continue it with '

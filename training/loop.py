@@ -79,7 +79,8 @@ def training_loop(
     """
     trainer, task = _build(run_dir, task_kwargs, seed, device, batch_size=batch_size, batch_gpu=batch_gpu,
                            precision=precision, grad_clip=grad_clip, lr_rampup_kimg=lr_rampup_kimg,
-                           ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio, nan_policy=nan_policy)
+                           ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio,
+                           nan_policy=nan_policy)
     cur_tick = _resume(trainer, task, resume_state, device) if resume_state is not None else 0
     ticks = _Ticks(run_dir, trainer, device, tensorboard=tensorboard, wandb_project=wandb_project)
     state_info = dict(batch_size=batch_size, seed=seed, options=options)
@@ -98,9 +99,10 @@ def training_loop(
                 saved = _tick(trainer, task, ticks, run_dir, cur_tick, done, schedule, state_info)
                 cur_tick += 1
             if not done and (signum := stop.requested(device)) is not None:
+                tag = progress_tag(trainer.cur_nimg)
                 if saved != trainer.cur_nimg: # (cur_tick - 1: the last completed tick, as in every state.)
-                    _save_state(trainer, task, run_dir, progress_tag(trainer.cur_nimg), cur_tick - 1, state_info)
-                raise TrainingStopped(signum, os.path.join(run_dir, f'training-state-{progress_tag(trainer.cur_nimg)}.pt'))
+                    _save_state(trainer, task, run_dir, tag, cur_tick - 1, state_info)
+                raise TrainingStopped(signum, os.path.join(run_dir, f'training-state-{tag}.pt'))
 
     ticks.close()
     dist.print0()

@@ -71,7 +71,8 @@ def _normal(value):
     """Values compared the way they mean: class names by their last component (modules moved between versions),
     tuples as lists, ints as floats."""
     if isinstance(value, dict):
-        return {k: (v.rsplit('.', 1)[-1] if k == 'class_name' and isinstance(v, str) else _normal(v)) for k, v in value.items()}
+        return {k: (v.rsplit('.', 1)[-1] if k == 'class_name' and isinstance(v, str) else _normal(v))
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_normal(v) for v in value]
     if isinstance(value, str) and value.count('.') >= 2 and ' ' not in value and '/' not in value:

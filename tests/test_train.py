@@ -635,6 +635,9 @@ def test_nosubdir_refuses_a_folder_that_holds_a_run(tmp_path, vector_domains):
     res = CliRunner().invoke(train.main, _args(tmp_path / 'run', vector_domains, '--nosubdir', '--gamma=0.1'))
     assert res.exit_code != 0 and 'already holds a run' in res.output and '--resume=auto' in res.output, res.output
     assert mtimes() == files
+    os.remove(tmp_path / 'run' / 'training-state-0000000004.pt')     # as if it stopped before writing a state
+    res = CliRunner().invoke(train.main, _args(tmp_path / 'run', vector_domains, '--nosubdir', '--resume=auto'))
+    assert res.exit_code != 0 and 'already holds a run (training_options.json) but no training state' in res.output
 
 
 #----------------------------------------------------------------------------

@@ -167,8 +167,15 @@ def _run_to_continue(c, outdir, nosubdir, resume):
     """(existing run directory to continue or None, training state to resume from or None)."""
     explicit = None if resume in (None, 'auto') else resume
     if nosubdir:
-        state = find_latest_state(outdir) if resume == 'auto' and os.path.isdir(outdir) else None
-        return (outdir, state or explicit) if os.path.isdir(outdir) else (None, explicit)
+        if not os.path.isdir(outdir):
+            return None, explicit
+        state = (find_latest_state(outdir) if resume == 'auto' else None) or explicit
+        if state is None and os.path.exists(os.path.join(outdir, 'training_options.json')):
+            raise LaunchError(f'--outdir={outdir} already holds a run (training_options.json)' +
+                              (' but no training state to resume (it stopped before writing one); remove it or '
+                               'choose another --outdir' if resume == 'auto' else
+                               '; continue it with --resume=auto, or choose another --outdir (or leave out --nosubdir)'))
+        return outdir, state
     if resume == 'auto':
         for run_dir in _runs_of(outdir, c.name, c.task_kwargs['class_name']):
             state = find_latest_state(run_dir)
@@ -209,10 +216,6 @@ def _claim_run_dir(outdir, desc, nosubdir, run_dir, resume):
     except OSError as err: # Not writable after all (a read-only filesystem, a quota, a race): one line, no traceback.
         raise LaunchError(f'--outdir={outdir}: cannot write there ({err.strerror or err}); '
                           'choose another --outdir') from None
-    if resume is None and os.path.exists(os.path.join(run_dir, 'training_options.json')):
-        lock.release()
-        raise LaunchError(f'--outdir={outdir} already holds a run (training_options.json); continue it with '
-                          '--resume=auto, or choose another --outdir (or leave out --nosubdir)')
     removed = dnnlib.util.remove_stale_temporaries(run_dir, min_age_s=0) # Nothing else writes here: we hold the lock.
     if removed:
         print(f'Removed {len(removed)} temporary file(s) of interrupted writes: {", ".join(removed)}')

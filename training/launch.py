@@ -41,10 +41,10 @@ RESUME_RULES = (
     ('f-iters', 'task_kwargs.f_iters', 'allow'),
     ('d-iters', 'task_kwargs.D_iters', 'allow'),
     ('d-gp', 'task_kwargs.D_gp', 'allow'),
-    ('lr-g', 'task_kwargs.G_opt_kwargs', 'allow'),
-    ('lr-f', 'task_kwargs.f_opt_kwargs', 'allow'),
-    ('lr-d', 'task_kwargs.D_opt_kwargs', 'allow'),
-    ('lr', 'task_kwargs.optimizer_kwargs', 'allow'),
+    ('lr-g', 'task_kwargs.G_opt_kwargs.lr', 'allow'),
+    ('lr-f', 'task_kwargs.f_opt_kwargs.lr', 'allow'),
+    ('lr-d', 'task_kwargs.D_opt_kwargs.lr', 'allow'),
+    ('lr', 'task_kwargs.optimizer_kwargs.lr', 'allow'),
     ('lr-rampup', 'lr_rampup_kimg', 'allow'),
     ('ema', 'ema_halflife_kimg', 'allow'),
     ('grad-clip', 'grad_clip', 'allow'),
@@ -271,9 +271,7 @@ def _mismatch_message(path, problems, auto_run_dir, name):
 
 
 def _value(value):
-    """An option value as the user wrote it (optimiser kwargs by their learning rate)."""
-    if isinstance(value, dict) and 'lr' in value:
-        return f'{value["lr"]:g}'
+    """An option value as the user wrote it."""
     if isinstance(value, float):
         return f'{value:g}'
     if isinstance(value, str) and value.count('.') >= 2 and '/' not in value:

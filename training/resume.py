@@ -89,9 +89,12 @@ def _same_path(a, b):
 
 
 def _first_difference(old, new, prefix=''):
-    """(key path, old value, new value) of the first difference between two normalised values, or None."""
+    """(key path, old value, new value) of the first difference between two normalised values, or None.
+
+    Dicts are compared on the keys both hold: a key only one side has is an argument one version of the code
+    records and the other does not (the shapes of the networks are checked on their own)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
+        for key in sorted(set(old) & set(new)):
             diff = _first_difference(old.get(key), new.get(key), f'{prefix}.{key}' if prefix else key)
             if diff is not None:
                 return diff

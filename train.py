@@ -400,19 +400,18 @@ def main(**kwargs):
     _refuse_options_of_the_other_kind(click.get_current_context(), opts.kind)
     device = dist.init(opts.device)
     try:
-        check_outdir(opts.outdir) # (Before the data are checked, which may take a while.)
+        check_outdir(opts.outdir) # (These two before the data are checked, which may take a while.)
+        allow_change = parse_allowed_changes(opts.allow_change)
         c = setup_training_config(world_size=dist.get_world_size(), **opts)
         launch_training(c, device, outdir=opts.outdir, desc=_run_desc(opts, c), nosubdir=opts.nosubdir,
-                        resume=opts.resume, allow_change=parse_allowed_changes(opts.allow_change), seed=opts.seed,
-                        dry_run=opts.dry_run, threads=opts.threads)
+                        resume=opts.resume, allow_change=allow_change, seed=opts.seed, dry_run=opts.dry_run,
+                        threads=opts.threads)
     except (LaunchError, DivergenceError) as err:
         raise click.ClickException(str(err)) from None
     except TrainingStopped as stop: # The state is written and the way to resume printed: exit as the signal says.
         click.get_current_context().exit(128 + stop.signum)
     finally:
         dist.shutdown()
-
-
 
 #----------------------------------------------------------------------------
 

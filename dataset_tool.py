@@ -26,10 +26,10 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from dnnlib.util import atomic_write
+from dnnlib.util import atomic_write, output_dir_problem, remove_stale_temporaries, temporary_prefix
 from data import digits, toy
-from data.dataset import (LABELS_FILE, DatasetError, RawFiles, check_entry_name, decode_image, image_names,
-                              parse_labels)
+from data.dataset import (LABELS_FILE, MAX_IMAGE_PIXELS, DatasetError, RawFiles, check_entry_name, decode_image,
+                          image_names, parse_labels)
 
 #----------------------------------------------------------------------------
 # Sources. Each yields Items; an item's pixels are loaded only when it is written.
@@ -41,6 +41,7 @@ SPLITS = ('train', 'val', 'test', 'all')
 SYNTHETIC = 'synthetic-digits'
 SYNTHETIC_COUNTS = dict(train=4000, test=1000)   # per class
 SPLIT_IDS = dict(train=0, val=1, test=2)         # keep the seeds of different splits disjoint
+MAX_DIGITS_PER_CLASS = 100_000                  # --num bound for synthetic digits (each item is listed up front)
 MAX_IDX_ITEMS = 1 << 31
 
 
@@ -273,6 +274,9 @@ def open_image_files(path):
     notes = []
     if others:
         notes.append(f'skipped {len(others)} non-image files, e.g. {others[0]!r}')
+    if raw.skipped_links:
+        notes.append(f'skipped {len(raw.skipped_links)} symlinked folder(s), not followed, e.g. {raw.skipped_links[0]!r} '
+                     '(pass the folder it points to as a --source of its own, or copy it in)')
     if not names:
         raise DatasetError(f'{path}: no PNG or JPEG images found' + (f' ({notes[0]})' if notes else ''))
     labels = None
@@ -294,6 +298,8 @@ def open_synthetic_digits(split, classes, num, seed, resolution):
     bad = [c for c in classes if not 0 <= c <= 9]
     if bad:
         raise DatasetError(f'--classes: synthetic digits have classes 0..9, not {bad}')
+    if num is not None and num > MAX_DIGITS_PER_CLASS:
+        raise DatasetError(f'--num={num}: over the bound of {MAX_DIGITS_PER_CLASS} synthetic digits per class and split')
     items = []
     for s in _select_own_split('synthetic-digits', split, ['train', 'test']):
         for i in range(SYNTHETIC_COUNTS[s] if num is None else num):
@@ -455,15 +461,18 @@ def _created_parents(path):
 
 @contextlib.contextmanager
 def open_dest(dest, overwrite=False):
-    """Yield write(relative_name, bytes) into a new zip (dest ends in .zip) or folder, committed only on success."""
+    """Yield write(relative_name, bytes) into a new zip (dest ends in .zip) or folder, committed only on success.
+
+    Temporaries that an interrupted earlier write of `dest` left beside it are removed first."""
     _check_dest(dest, overwrite)
+    _remove_stale_temporaries(dest)
     with _created_parents(dest):
         if dest.lower().endswith('.zip'):
             with atomic_write(dest, 'wb') as f, zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as zf:
                 yield lambda name, data: zf.writestr(name, data)
             return
         parent = os.path.dirname(os.path.abspath(dest))
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(dest)}.', suffix='.tmp')
+        tmp = tempfile.mkdtemp(dir=parent, prefix=temporary_prefix(dest), suffix='.tmp')
         try:
             def write(name, data):
                 check_entry_name(name, dest)
@@ -473,7 +482,7 @@ def open_dest(dest, overwrite=False):
             yield write
             os.chmod(tmp, 0o777 & ~_umask())            # mkdtemp makes it private; give it the usual mode
             if os.path.isdir(dest):                 # an empty folder, or --overwrite: swap, then delete the old one
-                old = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(dest)}.', suffix='.old')
+                old = tempfile.mkdtemp(dir=parent, prefix=temporary_prefix(dest), suffix='.old')
                 os.rename(dest, os.path.join(old, 'old'))
                 os.rename(tmp, dest)
                 shutil.rmtree(old)
@@ -484,6 +493,13 @@ def open_dest(dest, overwrite=False):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _remove_stale_temporaries(dest):
+    dest = os.path.normpath(dest)
+    removed = remove_stale_temporaries(os.path.dirname(os.path.abspath(dest)), names=[os.path.basename(dest)])
+    if removed:
+        click.echo(f'Removed {len(removed)} temporary file(s) of an interrupted earlier write: {", ".join(removed)}')
 
 
 def _umask():
@@ -542,6 +558,7 @@ def write_toy(name, dest, num, dim, seed, overwrite=False):
     except ValueError as e:
         raise DatasetError(f'--source=toy:{name}: {e}') from None
     _check_dest(dest, overwrite)
+    _remove_stale_temporaries(dest)
     with _created_parents(dest), atomic_write(dest, 'wb') as f:
         np.savez(f, **arrays)
     return arrays
@@ -549,11 +566,15 @@ def write_toy(name, dest, num, dim, seed, overwrite=False):
 #----------------------------------------------------------------------------
 
 def parse_resolution(text):
-    """'WxH' -> (W, H)."""
+    """'WxH' -> (W, H), with W * H at most the pixels a training data set accepts (data.dataset.MAX_IMAGE_PIXELS)."""
     m = re.fullmatch(r'\s*(\d+)\s*[xX]\s*(\d+)\s*', text or '')
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
         raise DatasetError(f'--resolution={text}: expected WIDTHxHEIGHT, e.g. 32x32')
-    return int(m.group(1)), int(m.group(2))
+    w, h = int(m.group(1)), int(m.group(2))
+    if w * h > MAX_IMAGE_PIXELS:
+        raise DatasetError(f'--resolution={text}: {w * h} pixels, over the bound of {MAX_IMAGE_PIXELS} (2^26, what '
+                           'train.py reads)')
+    return w, h
 
 
 def parse_classes(text):
@@ -661,7 +682,7 @@ EXAMPLES
 @click.option('--transform', type=click.Choice(list(TRANSFORMS)),
               help='center-crop: crop the largest centred square; center-crop-wide: crop to W:H and pad to WxW. '
                    'Then resize to --resolution (required).')
-@click.option('--resolution', metavar='WxH', help='Output size; without --transform the image is resized as is.')
+@click.option('--resolution', metavar='WxH', help='Output size (W x H at most 2^26 pixels); without --transform the image is resized as is.')
 @click.option('--classes', metavar='LIST', help='Keep only these labels, comma-separated, e.g. 2 or 2,3 (labelled sources).')
 @click.option('--colorize', is_flag=True,
               help='Tint every image: grey image times a random saturated RGB colour (seeded by --seed and the '
@@ -675,18 +696,23 @@ EXAMPLES
 @click.option('--attr', metavar='NAME', help='CelebA: keep images by this attribute, e.g. Male (with --attr-value).')
 @click.option('--attr-value', type=click.Choice(['1', '-1']), help='CelebA: the value of --attr to keep.')
 @click.option('--num', type=click.IntRange(min=1), metavar='INT',
-              help=f'{SYNTHETIC}: images per class per split (default 4000 train, 1000 test); toy: number of '
-                   'vectors (default 10000).')
+              help=f'{SYNTHETIC}: images per class per split (default 4000 train, 1000 test; at most '
+                   f'{MAX_DIGITS_PER_CLASS}); toy: number of vectors (default 10000; num x dim at most 2^27).')
 @click.option('--dim', type=click.IntRange(min=1), metavar='INT',
-              help=f'toy:{"/".join(toy.DIM_SOURCES)}: dimension (default 2).')
+              help=f'toy:{"/".join(toy.DIM_SOURCES)}: dimension (default 2, at most {toy.MAX_TOY_DIM}).')
 @click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True, metavar='INT',
               help='Seed of --colorize, --split-fraction, synthetic digits and toy sources.')
 @click.option('--overwrite', is_flag=True, help='Replace an existing --dest.')
 def main(**opts):
     try:
+        problem = output_dir_problem(os.path.dirname(os.path.abspath(opts['dest'])))
+        if problem is not None:
+            raise DatasetError(f'--dest={opts["dest"]}: its folder cannot be written: {problem}; choose another --dest')
         run(**opts)
     except DatasetError as e:
         raise click.ClickException(str(e)) from e
+    except OSError as e: # Writing failed after all (a read-only filesystem, a full disk, a race): one line, no traceback.
+        raise click.ClickException(f'--dest={opts["dest"]}: cannot write {e.filename or "there"} ({e.strerror or e})') from None
 
 
 if __name__ == '__main__':

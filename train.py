@@ -9,11 +9,13 @@ The script only parses options into a config (`setup_training_config`) and launc
 """
 
 import json
+import math
 import os
 import re
+import time
 
 import click
-import torch
+import tqdm
 
 import dnnlib
 from data.dataset import DatasetError
@@ -21,8 +23,9 @@ from models.diffusion_loss import LOSSES
 from models.networks import denoiser_kwargs, eot_network_kwargs
 from torch_utils import distributed as dist
 from torch_utils.training_stats import wandb_module
-from training.loop import find_latest_state, training_loop, write_options
-from training.trainer import DivergenceError
+from training.launch import CHANGEABLE, LaunchError, check_outdir, launch_training, parse_allowed_changes
+from training.loop import TrainingStopped
+from training.trainer import DivergenceError, split_batch
 
 #----------------------------------------------------------------------------
 
@@ -46,54 +49,93 @@ def _dataset_kwargs(path, cache, option):
     return dnnlib.EasyDict(class_name='data.dataset.ImageFolderDataset', path=path, cache=cache)
 
 
-def _inspect_dataset(kwargs, option):
-    """Open a dataset once to check it and read its shape and size."""
+def _inspect_dataset(kwargs, option, verify=False):
+    """Open a data set to check it and read its item shape and size; with `verify`, decode every image now, so
+    that a corrupt or truncated file stops the run before it starts rather than mid-training."""
+    ds = None
     try:
         ds = dnnlib.util.construct_class_by_name(**kwargs)
+        for what, names in (('files that are not PNG/JPEG images', getattr(ds, 'ignored_files', [])),
+                            ('symlinked folders (not followed)', getattr(ds, 'skipped_links', []))):
+            if names:
+                dist.print0(f'Note: {option}: ignoring {len(names)} {what}, e.g. {names[0]!r}')
+        if verify and hasattr(ds, 'verify'):
+            _verify_images(ds, option)
+        return tuple(ds.item_shape), len(ds)
     except (DatasetError, OSError) as err:
         raise click.ClickException(f'{option}: {err}') from None
-    shape, size = tuple(ds.item_shape), len(ds)
-    close = getattr(ds, 'close', None)
-    if close is not None:
-        close()
-    return shape, size
+    finally:
+        if ds is not None and hasattr(ds, 'close'):
+            ds.close()
 
 
-def setup_training_config(opts):
-    """Turn parsed command-line options into the loop's config; raises ClickException on bad input.
+def _verify_images(ds, option):
+    """Decode every image of `ds`, with a progress bar on a terminal and a line before and after."""
+    dist.print0(f'{option}: checking every image of {ds.path} ...', flush=True)
+    bar = tqdm.tqdm(unit='img', desc=option, leave=False, disable=None if dist.get_rank() == 0 else True)
+    start = time.time()
+    counted = []
 
-    Checks everything that can be checked (paths, shapes, batch sizes) before any output exists.
+    def progress(done, total):
+        bar.total = total
+        bar.update(1)
+        counted[:] = [total]
+    try:
+        ds.verify(progress=progress)
+    finally:
+        bar.close()
+    dist.print0(f'{option}: all {counted[0] if counted else 0} images decode ({time.time() - start:.1f} s)')
+
+
+def setup_training_config(world_size=1, **opts):
+    """The loop's config from parsed command-line options (a pure function: it reads data headers, writes nothing).
+
+    Checks everything that can be checked before any output exists (paths, shapes, batch split, option
+    combinations) and raises click.ClickException naming the option and the fix.
     """
-    c = Config()
-    c.name = opts.name
-    world = dist.get_world_size()
-
-    # Batch.
-    if opts.batch % world != 0:
-        raise click.ClickException(f'--batch={opts.batch} is not divisible by the number of processes ({world}); '
-                                   f'use a multiple of {world}')
-    per_rank = opts.batch // world
-    if opts.batch_gpu is not None and opts.batch_gpu < per_rank and per_rank % opts.batch_gpu != 0:
-        raise click.ClickException(f'--batch={opts.batch} over {world} process(es) gives {per_rank} per process, '
-                                   f'which --batch-gpu={opts.batch_gpu} does not divide; choose a divisor of {per_rank}')
+    opts = dnnlib.EasyDict(opts)
+    c = Config(name=opts.name)
+    try:
+        split_batch(opts.batch, opts.batch_gpu, world_size)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     c.batch_size, c.batch_gpu = opts.batch, opts.batch_gpu
-
-    # Data.
     if opts.kind == 'denoiser':
         c.task_kwargs, c.data_paths = _denoiser_task_kwargs(opts)
-        return _schedule_config(c, opts)
+    else:
+        c.task_kwargs, c.data_paths = _eot_task_kwargs(opts)
+    return _schedule_config(c, opts)
+
+
+def _net_opts(opts):
+    """--net-opts as a dict."""
+    try:
+        net_opts = json.loads(opts.net_opts, parse_constant=_no_json_constant) if opts.net_opts else {}
+    except ValueError as err:
+        raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
+    if not isinstance(net_opts, dict):
+        raise click.ClickException(f'--net-opts={opts.net_opts!r}: not a JSON object')
+    _check_net_opt_bounds(net_opts)
+    return net_opts
+
+
+def _no_json_constant(name):
+    raise ValueError(f'{name} is not a finite number')
+
+
+def _eot_data(opts):
+    """{key: (dataset kwargs, item shape, option)} of the EOT data sets given, all checked to share one shape."""
     for option, value in (('--data1train', opts.data1train), ('--data2train', opts.data2train)):
         if value is None:
             raise click.ClickException(f'{option} is required for --kind=eot')
     data = {}
-    for key, option in (('data1', '--data1train'), ('data2', '--data2train'), ('test1', '--data1test'), ('test2', '--data2test')):
-        path = opts[option[2:]]
-        kwargs = _dataset_kwargs(path, opts.cache, option)
+    for key, option in (('data1', '--data1train'), ('data2', '--data2train'), ('test1', '--data1test'),
+                        ('test2', '--data2test')):
+        kwargs = _dataset_kwargs(opts[option[2:]], opts.cache, option)
         if kwargs is not None:
-            shape, size = _inspect_dataset(kwargs, option)
-            data[key] = (kwargs, shape, size, option)
+            data[key] = (kwargs, _inspect_dataset(kwargs, option, verify=not opts.dry_run)[0], option)
     shape1 = data['data1'][1]
-    for key, (kwargs, shape, size, option) in data.items():
+    for kwargs, shape, option in data.values():
         if shape != shape1:
             raise click.ClickException(f'{option} holds items of shape {list(shape)} but --data1train holds '
                                        f'{list(shape1)}: both domains need the same resolution, channels or dimension '
@@ -101,6 +143,10 @@ def setup_training_config(opts):
     for option, path in (('--data1stats', opts.data1stats), ('--data2stats', opts.data2stats)):
         if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
             raise click.ClickException(f'{option}: no such file: "{path}"')
+    return data
+
+
+def _eot_metrics(opts, data):
     metrics = [m for m in (opts.metrics or '').split(',') if m and m != 'none']
     for m in metrics:
         if m not in ('fid_G', 'fid_SDE'):
@@ -110,34 +156,40 @@ def setup_training_config(opts):
                                    'from `fid.py ref`)')
     if metrics and 'test1' not in data:
         raise click.ClickException('--metrics needs --data1test (the images translated for FID)')
+    return metrics
 
-    # Networks, optimisers, task.
+
+def _eot_task_kwargs(opts):
+    """(task_kwargs, data_paths) of --kind=eot: G, f and D trained by EOTTask on two domains."""
+    data = _eot_data(opts)
+    metrics = _eot_metrics(opts, data)
+    drift = 'velocity' if opts.g_loss == 'kinetic' else 'end_point' # The kinetic G-step needs f = x + (1 - t) v.
     try:
-        net_opts = json.loads(opts.net_opts) if opts.net_opts else {}
-        if not isinstance(net_opts, dict):
-            raise ValueError('not a JSON object')
-        drift = 'velocity' if opts.g_loss == 'kinetic' else 'end_point' # The kinetic G-step needs f = x + (1 - t) v.
-        G_kwargs, f_kwargs, D_kwargs = eot_network_kwargs(shape1, model_channels=opts.model_channels, drift=drift,
-                                                          **net_opts)
+        G_kwargs, f_kwargs, D_kwargs = eot_network_kwargs(data['data1'][1], model_channels=opts.model_channels,
+                                                          drift=drift, **_net_opts(opts))
     except ValueError as err:
         raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
-    adam = lambda lr: dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr, betas=[0.9, 0.999], eps=1e-8)
-    c.task_kwargs = dnnlib.EasyDict(
+    task_kwargs = dnnlib.EasyDict(
         class_name='training.eot_task.EOTTask',
         data1_kwargs=data['data1'][0], data2_kwargs=data['data2'][0],
-        test1_kwargs=data['test1'][0] if 'test1' in data else None,
-        loader_kwargs=dnnlib.EasyDict(num_workers=opts.workers, prefetch_factor=2 if opts.workers > 0 else None,
-                                      pin_memory=False),
+        test1_kwargs=data['test1'][0] if 'test1' in data else None, loader_kwargs=_loader_kwargs(opts),
         G_kwargs=G_kwargs, f_kwargs=f_kwargs, D_kwargs=D_kwargs,
-        G_opt_kwargs=adam(opts.lr_g), f_opt_kwargs=adam(opts.lr_f), D_opt_kwargs=adam(opts.lr_d),
+        G_opt_kwargs=_adam(opts.lr_g), f_opt_kwargs=_adam(opts.lr_f), D_opt_kwargs=_adam(opts.lr_d),
         gamma=opts.gamma, G_loss=opts.g_loss, G_iters=opts.g_iters, f_iters=opts.f_iters, D_iters=opts.d_iters,
         D_gp=opts.d_gp, sde_steps=opts.sde_steps,
         metrics=metrics, data2stats=opts.data2stats, detector=opts.detector,
         samples_dir_G=opts.samples_dir_g, samples_dir_SDE=opts.samples_dir_sde)
-    c.data_paths = dnnlib.EasyDict(data1train=opts.data1train, data2train=opts.data2train, data1test=opts.data1test,
-                                   data2test=opts.data2test, data1stats=opts.data1stats, data2stats=opts.data2stats)
+    data_paths = dnnlib.EasyDict(data1train=opts.data1train, data2train=opts.data2train, data1test=opts.data1test,
+                                 data2test=opts.data2test, data1stats=opts.data1stats, data2stats=opts.data2stats)
+    return task_kwargs, data_paths
 
-    return _schedule_config(c, opts)
+
+def _adam(lr):
+    return dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr, betas=[0.9, 0.999], eps=1e-8)
+
+
+def _loader_kwargs(opts):
+    return dnnlib.EasyDict(num_workers=opts.workers, prefetch_factor=2 if opts.workers > 0 else None, pin_memory=False)
 
 
 def _schedule_config(c, opts):
@@ -148,7 +200,8 @@ def _schedule_config(c, opts):
     c.grad_clip = opts.grad_clip
     c.precision = opts.precision
     c.nan_policy = opts.nan_policy
-    c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
+    c.kimg_per_tick, c.snapshot_ticks = opts.tick, opts.snap
+    c.state_dump_ticks = opts.dump if opts.dump is not None else opts.snap # A state at least as often as a snapshot.
     c.cudnn_benchmark = opts.bench
     c.tensorboard = opts.tensorboard
     c.wandb_project = opts.wandb
@@ -167,12 +220,9 @@ def _denoiser_task_kwargs(opts):
     if opts.data is None:
         raise click.ClickException('--data is required for --kind=denoiser (image zip/folder or vector .npz)')
     data_kwargs = _dataset_kwargs(opts.data, opts.cache, '--data')
-    shape, _size = _inspect_dataset(data_kwargs, '--data')
+    shape, _size = _inspect_dataset(data_kwargs, '--data', verify=not opts.dry_run)
     try:
-        net_opts = json.loads(opts.net_opts) if opts.net_opts else {}
-        if not isinstance(net_opts, dict):
-            raise ValueError('not a JSON object')
-        net_kwargs = denoiser_kwargs(shape, precond=opts.precond, model_channels=opts.model_channels, **net_opts)
+        net_kwargs = denoiser_kwargs(shape, precond=opts.precond, model_channels=opts.model_channels, **_net_opts(opts))
     except ValueError as err:
         raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
     loss_kwargs = dnnlib.EasyDict(class_name=LOSSES[opts.precond])
@@ -181,9 +231,8 @@ def _denoiser_task_kwargs(opts):
     task_kwargs = dnnlib.EasyDict(
         class_name='training.denoiser_task.DenoiserTask', data_kwargs=data_kwargs, network_kwargs=net_kwargs,
         loss_kwargs=loss_kwargs,
-        optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8),
-        loader_kwargs=dnnlib.EasyDict(num_workers=opts.workers, prefetch_factor=2 if opts.workers > 0 else None,
-                                      pin_memory=False))
+        optimizer_kwargs=_adam(opts.lr),
+        loader_kwargs=_loader_kwargs(opts))
     return task_kwargs, dnnlib.EasyDict(data=opts.data)
 
 
@@ -199,29 +248,63 @@ def _run_desc(opts, c):
     return re.sub(r'[^0-9A-Za-z._-]', '_', desc)
 
 
-def _pick_run_dir(opts, desc):
-    """(run_dir, resume_state): a new NNNNN-<desc> directory, or for --resume=auto the newest matching one."""
-    if opts.nosubdir:
-        candidates = [opts.outdir]
-    else:
-        runs = os.listdir(opts.outdir) if os.path.isdir(opts.outdir) else []
-        matching = sorted((r for r in runs if re.fullmatch(rf'\d{{5}}-{re.escape(desc)}', r)), reverse=True)
-        candidates = [os.path.join(opts.outdir, r) for r in matching]
-    if opts.resume == 'auto':
-        for run_dir in candidates:
-            state = find_latest_state(run_dir) if os.path.isdir(run_dir) else None
-            if state is not None:
-                return run_dir, state
-    resume = None if opts.resume in (None, 'auto') else opts.resume
-    if opts.nosubdir:
-        return opts.outdir, resume
-    ids = [int(m.group()) for r in (os.listdir(opts.outdir) if os.path.isdir(opts.outdir) else [])
-           if (m := re.match(r'^\d+', r)) is not None]
-    return os.path.join(opts.outdir, f'{max(ids, default=-1) + 1:05d}-{desc}'), resume
-
 #----------------------------------------------------------------------------
 
-@click.command(context_settings=dict(max_content_width=120))
+# Bounds of what an option may ask for (each far above any measured or published setting; past them a run would
+# only fail to allocate). --net-opts obeys the same bounds for the keys that size a network.
+MAX_BATCH = 1 << 20
+MAX_ITERS = 1000
+MAX_STEPS = 10000
+MAX_CHANNELS = 1024                     # base channels (edm2's largest U-Net uses 448)
+NET_OPT_BOUNDS = dict(model_channels=MAX_CHANNELS, width=8 * MAX_CHANNELS, num_blocks=64, depth=64)
+
+
+def _check_net_opt_bounds(value, where='--net-opts'):
+    """Refuse --net-opts values over NET_OPT_BOUNDS, in any network's section."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            bound = NET_OPT_BOUNDS.get(key)
+            if bound is not None and isinstance(item, (int, float)) and item > bound:
+                raise click.ClickException(f'{where}: {key}={item} is over the bound of {bound}')
+            _check_net_opt_bounds(item, where)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option within a range that must be a finite number (click's FloatRange lets nan and inf through:
+    --duration=nan trained forever, --gamma=inf trained nothing)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f'{value} is not a finite number', param, ctx)
+        return value
+
+
+def option_name(name):
+    """The one spelling of an option name: lower case with hyphens (click applies it to the options given and
+    declared alike, so --G_iters, --lr_D and --model_channels stay accepted as --g-iters, --lr-d, --model-channels)."""
+    return name.lower().replace('_', '-')
+
+
+# The options that only one --kind reads (parameter names); given with the other kind they are refused.
+KIND_OPTIONS = dict(
+    eot=('data1train', 'data2train', 'data1test', 'data2test', 'data1stats', 'data2stats', 'samples_dir_sde',
+         'samples_dir_g', 'metrics', 'detector', 'g_loss', 'g_iters', 'd_iters', 'f_iters', 'gamma', 'lr_g', 'lr_d',
+         'lr_f', 'd_gp', 'sde_steps'),
+    denoiser=('data', 'precond', 'lr'),
+)
+
+
+def _refuse_options_of_the_other_kind(ctx, kind):
+    given = [p for p in ctx.command.params if ctx.get_parameter_source(p.name) in
+             (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)]
+    other = [p.opts[0] for p in given for k, names in KIND_OPTIONS.items() if k != kind and p.name in names]
+    if other:
+        raise click.UsageError(f'--kind={kind} does not use {", ".join(other)} (options of --kind='
+                               f'{"denoiser" if kind == "eot" else "eot"}); remove them')
+
+
+@click.command(context_settings=dict(max_content_width=120, token_normalize_func=option_name))
 
 # Main options.
 @click.option('--name',            help='Run name (part of the run directory name)', metavar='STR', type=str, required=True)
@@ -235,49 +318,50 @@ def _pick_run_dir(opts, desc):
 @click.option('--data2test',       help='Domain 2 test data (checked for shape; recorded with the run)', metavar='ZIP|DIR|NPZ', type=str)
 @click.option('--data1stats',      help='FID reference statistics of domain 1 (fid.py ref); recorded only', metavar='NPZ|URL', type=str)
 @click.option('--data2stats',      help='FID reference statistics of domain 2; needed by --metrics', metavar='NPZ|URL', type=str)
-@click.option('--samples_dir_SDE', 'samples_dir_sde', help='Write the SDE translations of --data1test at each snapshot here (relative to the run directory)', metavar='DIR', type=str)
-@click.option('--samples_dir_G',   'samples_dir_g', help='Write the one-step G translations of --data1test at each snapshot here (relative to the run directory)', metavar='DIR', type=str)
+@click.option('--samples-dir-sde', 'samples_dir_sde', help='Write the SDE translations of --data1test at each snapshot here (relative to the run directory)', metavar='DIR', type=str)
+@click.option('--samples-dir-g',   'samples_dir_g', help='Write the one-step G translations of --data1test at each snapshot here (relative to the run directory)', metavar='DIR', type=str)
 @click.option('--metrics',         help='Metrics at each snapshot: fid_G, fid_SDE (comma-separated) or none', metavar='LIST', type=str, default='none', show_default=True)
 @click.option('--detector',        help='FID feature detector: path or URL  [default: $EOT_FID_DETECTOR or the Inception-v3 URL]', metavar='PATH|URL', type=str)
 
 # Hyperparameters.
-@click.option('--duration',        help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
-@click.option('--batch',           help='Total batch size of one step, over all processes', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
-@click.option('--batch-gpu',       help='Limit the batch per process and accumulation round (gradient accumulation)', metavar='INT', type=click.IntRange(min=1))
-@click.option('--G-loss',          'g_loss', help='G-step transport term. stated: the original statement (docs/architecture.md), t ~ U(0,1) unweighted (its optimum is biased away from the EOT plan). kinetic: weighted 1/(1-t)^2 with t = 1-u^2 and f = x + (1-t) v (optimum: the EOT plan). See docs/gaussian_eot.md', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
-@click.option('--G_iters',         'g_iters', help='G-steps per outer iteration (each after --f_iters f-steps)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
-@click.option('--D_iters',         'd_iters', help='Critic steps per outer iteration', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
-@click.option('--f_iters',         'f_iters', help='f-steps before each G-step', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
-@click.option('--model_channels',  'model_channels', help='Base channels c of G and f (D uses (c//32+1)*32); MLP width is 8c for vectors', metavar='INT', type=click.IntRange(min=1), default=96, show_default=True)
+@click.option('--duration',        help='Training duration', metavar='MIMG', type=FiniteFloat(min=0, min_open=True), default=200, show_default=True)
+@click.option('--batch',           help='Total batch size of one step, over all processes', metavar='INT', type=click.IntRange(min=1, max=MAX_BATCH), default=512, show_default=True)
+@click.option('--batch-gpu',       help='Limit the batch per process and accumulation round (gradient accumulation)', metavar='INT', type=click.IntRange(min=1, max=MAX_BATCH))
+@click.option('--g-loss',          'g_loss', help='G-step transport term. stated: the original statement (docs/architecture.md), t ~ U(0,1) unweighted (its optimum is biased away from the EOT plan). kinetic: weighted 1/(1-t)^2 with t = 1-u^2 and f = x + (1-t) v (optimum: the EOT plan). See docs/gaussian_eot.md', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
+@click.option('--g-iters',         'g_iters', help='G-steps per outer iteration (each after --f-iters f-steps)', metavar='INT', type=click.IntRange(min=1, max=MAX_ITERS), default=10, show_default=True)
+@click.option('--d-iters',         'd_iters', help='Critic steps per outer iteration', metavar='INT', type=click.IntRange(min=0, max=MAX_ITERS), default=1, show_default=True)
+@click.option('--f-iters',         'f_iters', help='f-steps before each G-step', metavar='INT', type=click.IntRange(min=1, max=MAX_ITERS), default=2, show_default=True)
+@click.option('--model-channels',  'model_channels', help='Base channels c of G and f (D uses (c//32+1)*32); MLP width is 8c for vectors', metavar='INT', type=click.IntRange(min=1, max=MAX_CHANNELS), default=96, show_default=True)
 @click.option('--net-opts',        help='Network overrides as a JSON object, e.g. \'{"num_blocks": 1, "attn_resolutions": []}\' for all, or \'{"D": {"model_channels": 32}}\' for one', metavar='JSON', type=str)
-@click.option('--gamma',           help='Entropy: the bridge volatility is sqrt(gamma) (EOT with eps = gamma)', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option('--lr_g',            'lr_g', help='Learning rate of G', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option('--D-gp',          'd_gp', help='Weight of a WGAN-GP gradient penalty on the critic (0: none, as in the stated method; 10 is the usual value; it steadies short image runs)', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--lr_D',            'lr_d', help='Learning rate of D', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option('--lr_f',            'lr_f', help='Learning rate of f', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option('--lr',              help='--kind=denoiser: learning rate of the denoiser', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)  [default: 0 for --kind=eot (every measured run, docs/gaussian_eot.md; 10000 left short runs at a few % of the rate), 10000 for --kind=denoiser (EDM)]', metavar='KIMG', type=click.FloatRange(min=0))
-@click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
-@click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option('--gamma',           help='Entropy: the bridge volatility is sqrt(gamma) (EOT with eps = gamma)', metavar='FLOAT', type=FiniteFloat(min=0), default=0.0, show_default=True)
+@click.option('--lr-g',            'lr_g', help='Learning rate of G', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--d-gp',            'd_gp', help='Weight of a WGAN-GP gradient penalty on the critic (0: none, as in the stated method; 10 is the usual value; it steadies short image runs)', metavar='FLOAT', type=FiniteFloat(min=0), default=0, show_default=True)
+@click.option('--lr-d',            'lr_d', help='Learning rate of D', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr-f',            'lr_f', help='Learning rate of f', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr',              help='--kind=denoiser: learning rate of the denoiser', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)  [default: 0 for --kind=eot (every measured run, docs/gaussian_eot.md; 10000 left short runs at a few % of the rate), 10000 for --kind=denoiser (EDM)]', metavar='KIMG', type=FiniteFloat(min=0))
+@click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)', metavar='MIMG', type=FiniteFloat(min=0), default=0.5, show_default=True)
+@click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=FiniteFloat(min=0), default=1.0, show_default=True)
 @click.option('--nan-policy',      help='On a non-finite loss: skip the step (counted in the tick line) or stop with the last good snapshot named', type=click.Choice(['skip', 'stop']), default='skip', show_default=True)
-@click.option('--sde-steps',       help='Euler-Maruyama steps of the SDE sampler (figures, metrics, snapshots)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
+@click.option('--sde-steps',       help='Euler-Maruyama steps of the SDE sampler (figures, metrics, snapshots)', metavar='INT', type=click.IntRange(min=1, max=MAX_STEPS), default=10, show_default=True)
 
 # Performance-related.
 @click.option('--device',          help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
 @click.option('--precision',       help='Forward-pass precision (bf16 = autocast)', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True)
 @click.option('--bench',           help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--cache',           help='Cache decoded images in memory', metavar='BOOL', type=bool, default=True, show_default=True)
-@click.option('--threads',         help='CPU threads per process for torch  [default: torch\'s choice]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--workers',         help='DataLoader worker processes per process (0 = load in the main process)', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
+@click.option('--threads',         help='CPU threads per process for torch  [default: torch\'s choice]', metavar='INT', type=click.IntRange(min=1, max=1024))
+@click.option('--workers',         help='DataLoader worker processes per process (0 = load in the main process)', metavar='INT', type=click.IntRange(min=0, max=128), default=1, show_default=True)
 
 # I/O-related.
 @click.option('--desc',            help='String to include in the run directory name', metavar='STR', type=str)
 @click.option('--nosubdir',        help='Write into --outdir itself instead of a new NNNNN-<desc> subdirectory', is_flag=True)
-@click.option('--tick',            help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
+@click.option('--tick',            help='How often to print progress', metavar='KIMG', type=FiniteFloat(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap',            help='How often to save snapshots and figures', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
-@click.option('--dump',            help='How often to save the training state', metavar='TICKS', type=click.IntRange(min=1), default=500, show_default=True)
-@click.option('--seed',            help='Random seed  [default: random]', metavar='INT', type=int)
-@click.option('--resume',          help='Resume from a training-state-*.pt, or "auto": the newest state of the newest matching run in --outdir (continues in that directory)', metavar='PT|auto', type=str)
+@click.option('--dump',            help='How often to save the training state (also saved at the end, and on SIGTERM / Ctrl-C)  [default: --snap]', metavar='TICKS', type=click.IntRange(min=1))
+@click.option('--seed',            help='Random seed  [default: the resumed state\'s, else random]', metavar='INT', type=click.IntRange(min=0, max=2**31 - 1))
+@click.option('--resume',          help='Resume from a training-state-*.pt, or "auto": the newest state of the newest run in --outdir with this --name and --kind (continued in its directory). The state\'s seed and options are kept: options that change its meaning are refused (see --allow-change)', metavar='PT|auto', type=str)
+@click.option('--allow-change',    help=f'On resume: options that may differ from the state\'s, comma-separated, from {", ".join(CHANGEABLE)}. --kind, --precond, --g-loss and the networks never change; duration, intervals, evaluation, performance and output options always may', metavar='LIST', type=str)
 @click.option('--tensorboard/--no-tensorboard', help='Also write TensorBoard logs (when the package is installed)', default=True, show_default=True)
 @click.option('--wandb',           help='Also log the tick statistics to this Weights & Biases project (needs `pip install wandb`)', metavar='PROJECT', type=str)
 @click.option('-n', '--dry-run',   help='Print the resolved training options and exit', is_flag=True)
@@ -285,69 +369,47 @@ def _pick_run_dir(opts, desc):
 def main(**kwargs):
     """Train a one-step entropic OT model, or (--kind=denoiser) a diffusion denoiser.
 
+    Options are written in lower case with hyphens; case and '_' versus '-' do not matter, so the
+    earlier spellings (--G_iters, --lr_D, --model_channels, --samples_dir_G, --G-loss) still work.
+
     \b
     Examples:
     # Coloured digits 2 -> 3 on 4 GPUs (data from dataset_tool.py)
     torchrun --standalone --nproc_per_node=4 train.py --name=mnist --outdir=runs \\
         --data1train=datasets/2_train.zip --data2train=datasets/3_train.zip \\
         --data1test=datasets/2_test.zip --data2test=datasets/3_test.zip \\
-        --batch=64 --batch-gpu=16 --G_iters=10 --D_iters=1 --f_iters=2 --gamma=1.0 --model_channels=32
+        --batch=64 --batch-gpu=16 --g-iters=10 --d-iters=1 --f-iters=2 --gamma=1.0 --model-channels=32
 
     \b
     # A diffusion denoiser for DPM-OT (EDM preconditioning and loss) on vectors, on the CPU
     python train.py --kind=denoiser --name=gmm --outdir=runs --data=gmm.npz --precond=edm \\
-        --model_channels=32 --batch=512 --lr=1e-3 --lr-rampup=100 --duration=2 --ema=0.05
+        --model-channels=32 --batch=512 --lr=1e-3 --lr-rampup=100 --duration=2 --ema=0.05
 
     \b
     # A toy task on the CPU (vectors in .npz; the measured settings of docs/recipes.md)
     python train.py --name=moons --outdir=runs --data1train=gauss.npz --data2train=moons.npz --gamma=0.1 \\
-        --batch=256 --model_channels=16 --ema=0.01 --lr_g=3e-4 --lr_f=3e-4 --lr_D=3e-4 --duration=0.06 --device=cpu
+        --batch=256 --model-channels=16 --ema=0.01 --lr-g=3e-4 --lr-f=3e-4 --lr-d=3e-4 --duration=0.06 --device=cpu
 
     \b
     # Gaussians in 16-D with the G-step whose optimum is the EOT plan (docs/gaussian_eot.md)
     python train.py --name=gauss16 --outdir=runs --data1train=a.npz --data2train=b.npz --gamma=1 \\
-        --G-loss=kinetic --batch=256 --model_channels=16 --ema=0.01 --lr_g=3e-4 --lr_f=3e-4 --lr_D=3e-4 \\
+        --g-loss=kinetic --batch=256 --model-channels=16 --ema=0.01 --lr-g=3e-4 --lr-f=3e-4 --lr-d=3e-4 \\
         --duration=0.3 --device=cpu
     """
     opts = dnnlib.EasyDict(kwargs)
+    _refuse_options_of_the_other_kind(click.get_current_context(), opts.kind)
     device = dist.init(opts.device)
     try:
-        c = setup_training_config(opts)
-        c.seed = dist.agree_on_seed(opts.seed)
-        desc = _run_desc(opts, c)
-        if opts.resume not in (None, 'auto') and not (os.path.isfile(opts.resume) and
-                                                      re.fullmatch(r'training-state-\d+\.pt', os.path.basename(opts.resume))):
-            raise click.ClickException(f'--resume="{opts.resume}" must be a training-state-*.pt file of an earlier run, or auto')
-        run_dir, resume = _pick_run_dir(opts, desc) if dist.get_rank() == 0 else (None, None)
-        run_dir, resume = dist.broadcast_object((run_dir, resume))
-        c.run_dir, c.resume_state = run_dir, resume
-        c.world_size = dist.get_world_size()
-
-        dist.print0()
-        dist.print0('Training options:')
-        dist.print0(json.dumps(c, indent=2))
-        dist.print0()
-        dist.print0(f'Output directory:   {run_dir}')
-        dist.print0(f'Processes:          {dist.get_world_size()} on {device.type}')
-        dist.print0(f'Resume from:        {resume or "-"}')
-        dist.print0()
-        if opts.dry_run:
-            dist.print0('Dry run; exiting.')
-            return
-
-        if dist.get_rank() == 0:
-            os.makedirs(run_dir, exist_ok=True)
-            write_options(run_dir, c)
-            logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a')
-        dist.barrier()
-        dist.setup_precision(cudnn_benchmark=c.cudnn_benchmark, threads=opts.threads)
-        try:
-            training_loop(device=device, **c)
-        except DivergenceError as err:
-            raise click.ClickException(str(err)) from None
-        finally:
-            if dist.get_rank() == 0:
-                logger.close()
+        check_outdir(opts.outdir) # (These two before the data are checked, which may take a while.)
+        allow_change = parse_allowed_changes(opts.allow_change)
+        c = setup_training_config(world_size=dist.get_world_size(), **opts)
+        launch_training(c, device, outdir=opts.outdir, desc=_run_desc(opts, c), nosubdir=opts.nosubdir,
+                        resume=opts.resume, allow_change=allow_change, seed=opts.seed, dry_run=opts.dry_run,
+                        threads=opts.threads)
+    except (LaunchError, DivergenceError) as err:
+        raise click.ClickException(str(err)) from None
+    except TrainingStopped as stop: # The state is written and the way to resume printed: exit as the signal says.
+        click.get_current_context().exit(128 + stop.signum)
     finally:
         dist.shutdown()
 

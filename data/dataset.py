@@ -158,6 +158,7 @@ class RawFiles:
         self.path = os.fspath(path)
         self._zip = None
         self._zip_pid = None
+        self.skipped_links = [] # Symlinked subfolders of a folder: listed here, not followed (they may loop).
         if os.path.isdir(self.path):
             self.kind = 'dir'
             self.names = sorted(self._list_dir())
@@ -172,6 +173,9 @@ class RawFiles:
         for root, dirs, files in os.walk(self.path):
             dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
             rel_root = os.path.relpath(root, self.path)
+            links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+            self.skipped_links += [(d if rel_root == '.' else os.path.join(rel_root, d)).replace(os.sep, '/')
+                                   for d in links]
             for f in files:
                 rel = f if rel_root == '.' else os.path.join(rel_root, f)
                 rel = rel.replace(os.sep, '/')
@@ -421,7 +425,7 @@ class ImageFolderDataset(Dataset):
                  name=None, **kwargs):
         self._path = os.fspath(path)
         self._raw = RawFiles(self._path)
-        self._image_names, _others = image_names(self._raw)
+        self._image_names, self.ignored_files = image_names(self._raw)
         self._cache = bool(cache)
         self._cached = {}
         self._max_pixels = int(max_pixels)
@@ -452,9 +456,25 @@ class ImageFolderDataset(Dataset):
                                f'{self._image_names[self._raw_idx[0]]} is {w0}x{h0} with {c0}; all images must '
                                'share one size and channel count (rebuild with dataset_tool.py --resolution)')
 
+    def verify(self, progress=None):
+        """Decode every image of the data set once (without caching) to find corrupt or truncated files now rather
+        than mid-training. `progress(done, total)` is called after each image. Raises DatasetError naming the file."""
+        indices = np.unique(self._raw_idx)
+        for k, raw_idx in enumerate(indices):
+            name = self._image_names[raw_idx]
+            image = decode_image(self._raw.read(name), self._raw.describe(name), self._max_pixels)
+            self._check_shape((image.shape[1], image.shape[0], image.shape[2]), name)
+            if progress is not None:
+                progress(k + 1, len(indices))
+
     @property
     def path(self):
         return self._path
+
+    @property
+    def skipped_links(self):
+        """Symlinked subfolders of a folder data set, which are not followed."""
+        return list(self._raw.skipped_links)
 
     @property
     def image_shape(self):

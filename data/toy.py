@@ -153,10 +153,17 @@ SOURCES = {
 DIM_SOURCES = ('gaussian', 'gaussian-mixture')  # the sources whose dimension can be chosen
 
 
+# Bounds of what make_toy draws: a Gaussian's covariance is [dim, dim] (float64) and its random rotation a QR of
+# that size; the samples are drawn in float64 (num * dim values). 4096 and 2^27 keep each under 1 GiB.
+MAX_TOY_DIM = 4096
+MAX_TOY_VALUES = 1 << 27
+
+
 def make_toy(name, num, seed, dim=None):
     """Draw `num` samples of the toy source `name` (a key of SOURCES) with np.random.default_rng(seed).
 
-    `dim` applies to the sources in DIM_SOURCES (default 2); the others are 2-D.
+    `dim` applies to the sources in DIM_SOURCES (default 2); the others are 2-D. dim <= MAX_TOY_DIM and
+    num * dim <= MAX_TOY_VALUES (ValueError naming the bound otherwise).
     Returns the source function's dict of arrays.
     """
     if name not in SOURCES:
@@ -165,7 +172,13 @@ def make_toy(name, num, seed, dim=None):
     if dim is not None:
         if name not in DIM_SOURCES:
             raise ValueError(f'Toy source "{name}" is 2-D; a dimension ({dim}) applies only to {", ".join(DIM_SOURCES)}')
+        if int(dim) > MAX_TOY_DIM:
+            raise ValueError(f'dimension {dim} is over the bound of {MAX_TOY_DIM} (a [dim, dim] covariance is drawn)')
         kwargs['dim'] = int(dim)
+    if int(num) * kwargs.get('dim', 2) > MAX_TOY_VALUES:
+        values = int(num) * kwargs.get('dim', 2)
+        raise ValueError(f'{num} vectors of dimension {kwargs.get("dim", 2)} are {values} values, over the bound of '
+                         f'{MAX_TOY_VALUES} (2^27); draw fewer or in several files')
     return SOURCES[name](int(num), np.random.default_rng(int(seed)), **kwargs)
 
 

@@ -6,6 +6,7 @@ import importlib
 import io
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -72,16 +73,18 @@ def construct_class_by_name(*args, class_name=None, **kwargs):
 # Crash-safe writes.
 
 @contextlib.contextmanager
-def atomic_write(path, mode='wb'):
+def atomic_write(path, mode='wb', overwrite=True):
     """Open a temporary file beside `path` for writing; on success, fsync and rename it over `path`.
 
     A crash or exception at any point leaves `path` as it was (absent or the previous complete file)
-    and removes the temporary file. Yields the open file object.
+    and removes the temporary file. With overwrite=False an existing `path` is never replaced: the
+    file is linked into place, which fails with FileExistsError when the name exists (also when
+    another process created it meanwhile). Yields the open file object.
     """
     assert mode in ('w', 'wb'), f'atomic_write supports modes "w" and "wb", not {mode!r}'
     path = os.fspath(path)
     dirname = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=dirname, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=dirname, prefix=temporary_prefix(path), suffix='.tmp')
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -90,7 +93,11 @@ def atomic_write(path, mode='wb'):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.remove(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -102,6 +109,81 @@ def atomic_write(path, mode='wb'):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+def output_dir_problem(path):
+    """Why a folder cannot be written at `path` (it is a file, lies under a file, or its nearest existing folder
+    is not writable), as a phrase; None when it can be (made and) written into."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        return 'it is a file, not a folder'
+    existing = path
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        return f'{existing} is a file, so no folder can be made under it'
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f'{existing} is not writable by this user' + ('' if existing == path else ', so the folder cannot be made')
+    return None
+
+
+def temporary_prefix(path):
+    """The name prefix of temporaries written for `path`: '.<name>.<pid>-' (the pid tells whether the writer lives)."""
+    return f'.{os.path.basename(os.path.normpath(os.fspath(path)))}.{os.getpid()}-'
+
+
+_TEMPORARY = re.compile(r'\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[A-Za-z0-9_]+\.(?:tmp|old)')
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**22
+    return True
+
+
+def _last_change(path):
+    """The newest modification time of a file, or of a folder and everything in it."""
+    newest = os.lstat(path).st_mtime
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def remove_stale_temporaries(dirname, names=None, min_age_s=60.0):
+    """Remove what interrupted atomic writes left in `dirname`: '.<name>.[<pid>-]<random>.tmp' files and folders
+    (and '.<name>.<random>.old' folders), for the given file `names` or any. Returns the names removed.
+
+    An entry is stale when its writer is not a running process on this machine (or its name, from an earlier
+    version, carries no pid) and nothing in it changed for `min_age_s` seconds (a writer on another machine of a
+    shared filesystem keeps changing it).
+    """
+    removed = []
+    now = time.time()
+    for entry in sorted(os.listdir(dirname)) if os.path.isdir(dirname) else []:
+        m = _TEMPORARY.fullmatch(entry)
+        if m is None or (names is not None and m.group('name') not in names):
+            continue
+        path = os.path.join(dirname, entry)
+        try:
+            if (m.group('pid') and _process_alive(int(m.group('pid')))) or now - _last_change(path) < min_age_s:
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            removed.append(entry)
+        except OSError:
+            continue # Gone meanwhile, or not ours to remove: leave it.
+    return removed
 
 #----------------------------------------------------------------------------
 # Tee of stdout/stderr into a log file.

@@ -447,3 +447,61 @@ def test_help_lists_every_option():
         assert option in result.output
 
 #----------------------------------------------------------------------------
+
+
+def test_temporaries_of_an_interrupted_write_are_removed_at_start_up(tmp_path):
+    """What a killed dataset_tool left beside its --dest (a zip's temporary file, a folder's temporary folder, a
+    folder set aside mid-swap) goes at the next start-up; a live writer's temporary and other files stay."""
+    make_image_folder(tmp_path / 'src', np.zeros((2, 4, 4), np.uint8))
+    old = 1e9
+    left = {'.x.zip.a1b2c3d4.tmp': 'file', '.y.tmp1234.tmp': 'dir', '.y.k9k9k9.old': 'dir'}
+    for name, kind in left.items():
+        if kind == 'dir':
+            (tmp_path / name / '00000').mkdir(parents=True)
+            (tmp_path / name / '00000' / 'img00000000.png').write_bytes(b'x' * 100)
+            for p in (tmp_path / name / '00000' / 'img00000000.png', tmp_path / name / '00000', tmp_path / name):
+                os.utime(p, (old, old))
+        else:
+            (tmp_path / name).write_bytes(b'x' * 100)
+            os.utime(tmp_path / name, (old, old))
+    live = tmp_path / f'.x.zip.{os.getpid()}-live.tmp'
+    live.write_bytes(b'x')
+    for dest in ('x.zip', 'y'):
+        result = run_tool('--source', tmp_path / 'src', '--dest', tmp_path / dest)
+        assert result.exit_code == 0 and 'Removed' in result.output, result.output
+    assert sorted(p for p in os.listdir(tmp_path)) == sorted(['src', 'x.zip', 'y', live.name])
+
+
+def test_symlinked_subfolders_are_named_not_skipped_silently(tmp_path):
+    make_image_folder(tmp_path / 'src', np.zeros((2, 4, 4), np.uint8))
+    make_image_folder(tmp_path / 'elsewhere', np.zeros((3, 4, 4), np.uint8))
+    os.symlink(tmp_path / 'elsewhere', tmp_path / 'src' / 'linked')
+    result = run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'out.zip')
+    assert result.exit_code == 0, result.output
+    assert "Note: skipped 1 symlinked folder(s), not followed, e.g. 'linked'" in result.output
+    assert 'Wrote 2 images' in result.output
+
+
+@pytest.mark.parametrize('case', ['under-a-file', 'unwritable'])
+def test_a_bad_dest_is_a_one_line_error(tmp_path, case):
+    from tests.test_train import _unwritable_folder
+    make_image_folder(tmp_path / 'src', np.zeros((2, 4, 4), np.uint8))
+    (tmp_path / 'afile').write_text('x')
+    folder = str(tmp_path / 'afile' / 'sub') if case == 'under-a-file' else _unwritable_folder(tmp_path)
+    for dest, source in ((f'{folder}/x.zip', tmp_path / 'src'), (f'{folder}/y', tmp_path / 'src'),
+                         (f'{folder}/t.npz', 'toy:moons')):
+        result = run_tool('--source', source, '--dest', dest)
+        assert result.exit_code == 1 and result.output.startswith(f'Error: --dest={dest}: ') and \
+            result.output.count('\n') == 1, result.output
+
+
+@pytest.mark.parametrize('args,bound', [(['--source', 'toy:gaussian', '--dim', '100000', '--num', '100000'], 'over the bound of 4096'),
+                                        (['--source', 'toy:gaussian', '--dim', '4096', '--num', '100000'], 'over the bound of 134217728'),
+                                        (['--source', 'toy:moons', '--num', '100000000'], 'over the bound of 134217728'),
+                                        (['--source', 'synthetic-digits', '--num', '10000000'], 'over the bound of 100000'),
+                                        (['--source', 'synthetic-digits', '--resolution', '100000x100000'], 'over the bound of 67108864')])
+def test_what_an_option_asks_for_is_bounded(tmp_path, args, bound):
+    dest = tmp_path / ('out.npz' if args[1].startswith('toy:') else 'out.zip')
+    result = run_tool(*args, '--dest', dest)
+    assert result.exit_code != 0 and bound in result.output, result.output
+    assert not os.path.exists(dest)

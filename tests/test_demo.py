@@ -49,7 +49,9 @@ def test_quick_demo_writes_everything_and_reports_true_figures(tmp_path):
         assert report[key]['transport_cost'] == pytest.approx(((x - y) ** 2).mean(), rel=1e-5, abs=1e-9)
         # The printed row shows the same numbers.
         assert f'{report[key]["transport_cost"]:.4f}' in out and f'{100 * report[key]["read_as_3"]:.1f}%' in out
-    assert os.path.basename(report['untrained']['snapshot']) == 'network-snapshot-000000.pkl'
+    # The tick-0 snapshot (one batch of images in) and the last one are two files (names count images).
+    assert os.path.basename(report['untrained']['snapshot']) == f'network-snapshot-{demo.QUICK["batch"]:010d}.pkl'
+    assert report['trained']['snapshot'] != report['untrained']['snapshot']
     figure = PIL.Image.open(outdir / 'demo.png')
     assert figure.size[1] == 3 * 4 * demo.QUICK['resolution'] # Three rows of 4x upscaled images.
     assert (outdir / 'classifier.pt').is_file() and (outdir / 'train' / 'log.txt').is_file()

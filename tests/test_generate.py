@@ -45,7 +45,7 @@ def _train_one_tick(tmp, data1, data2, net_opts, *extra):
             f'--data1train={data1}', f'--data2train={data2}']
     res = CliRunner().invoke(train.main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    path = tmp / 'runs' / 'network-snapshot-000000.pkl'
+    path = tmp / 'runs' / 'network-snapshot-0000000004.pkl'
     with open(path, 'rb') as f:
         snap = pickle.load(f)
     gen = torch.Generator().manual_seed(0)

@@ -43,8 +43,8 @@ def test_vector_run_writes_an_edm_style_snapshot(tmp_path, vectors):
     assert res.exit_code == 0, res.output
     run_dir = _only_run_dir(tmp_path / 'runs')
     assert os.path.basename(run_dir) == '00000-test-denoiser-gpus1-batch8-edm'
-    for name in ('training_options.json', 'log.txt', 'stats.jsonl', 'fakes-000000.png', 'network-snapshot-000000.pkl',
-                 'training-state-000000.pt'):
+    for name in ('training_options.json', 'log.txt', 'stats.jsonl', 'fakes-0000000016.png',
+                 'network-snapshot-0000000016.pkl', 'training-state-0000000016.pt'):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     options = json.load(open(os.path.join(run_dir, 'training_options.json')))
     assert options['task_kwargs']['class_name'] == 'training.denoiser_task.DenoiserTask'
@@ -53,7 +53,7 @@ def test_vector_run_writes_an_edm_style_snapshot(tmp_path, vectors):
     stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
     for key in ('Loss/denoiser', 'Denoise/mse_sigma0.2', 'Grad/nonfinite_denoiser'):
         assert key in stats[0], key
-    with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
+    with open(os.path.join(run_dir, 'network-snapshot-0000000016.pkl'), 'rb') as f:
         snap = pickle.load(f)
     net = snap['ema']
     assert snap['kind'] == 'denoiser' and type(net).__name__ == 'Denoiser' and net.precond == 'edm'
@@ -61,7 +61,7 @@ def test_vector_run_writes_an_edm_style_snapshot(tmp_path, vectors):
     from data.dataset import VectorDataset
     assert snap['provenance']['data_sha256'] == VectorDataset(vectors).data_hash()
     assert net(torch.zeros(3, 2), torch.ones(3)).shape == (3, 2)
-    state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
+    state = torch.load(os.path.join(run_dir, 'training-state-0000000016.pt'), weights_only=True)
     assert set(state['trainer']['nets']) == {'denoiser'} and state['trainer']['cur_nimg'] == 16
     # The snapshot drives the samplers (the plain baseline of DPM-OT).
     from sampling.dpmot import generate_samples
@@ -74,12 +74,12 @@ def test_image_run_uses_a_unet(tmp_path):
     res = _run(_args(tmp_path / 'runs', data, '--precond=vp', batch=4))
     assert res.exit_code == 0, res.output
     run_dir = _only_run_dir(tmp_path / 'runs')
-    with open(os.path.join(run_dir, 'network-snapshot-000000.pkl'), 'rb') as f:
+    with open(os.path.join(run_dir, 'network-snapshot-0000000004.pkl'), 'rb') as f:
         snap = pickle.load(f)
     assert type(snap['ema'].model).__name__ == 'UNet' and snap['ema'].precond == 'vp'
     assert type(snap['loss_fn']).__name__ == 'VPLoss' and snap['data_shape'] == [3, 8, 8]
     import PIL.Image
-    assert PIL.Image.open(os.path.join(run_dir, 'fakes-000000.png')).size == (16 * 8, 2 * 8)
+    assert PIL.Image.open(os.path.join(run_dir, 'fakes-0000000004.png')).size == (16 * 8, 2 * 8)
 
 
 def _tick_losses(run_dir):
@@ -135,5 +135,5 @@ def test_two_gloo_processes_train_a_denoiser(tmp_path, vectors):
     res = torchrun(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'train.py'), *args, nproc=2)
     run_dir = _only_run_dir(tmp_path / 'runs')
     assert 'gpus2' in run_dir and 'Batch: 8 = 2 process(es) x 2 x 2' in res.stdout
-    state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
+    state = torch.load(os.path.join(run_dir, 'training-state-0000000016.pt'), weights_only=True)
     assert len(state['rng']) == 2 and set(state['trainer']['nets']) == {'denoiser'}

@@ -6,10 +6,12 @@ local rank). Nothing here touches CUDA unless the chosen device is a CUDA device
 """
 
 import os
+import signal
+import threading
 
 import torch
 
-_state = dict(device=None, local_rank=0)
+_state = dict(device=None)
 
 #----------------------------------------------------------------------------
 
@@ -58,7 +60,7 @@ def init(device='auto', backend=None, timeout_s=1800):
         if backend == 'nccl':
             kwargs['device_id'] = dev
         dist.init_process_group(**kwargs)
-    _state.update(device=dev, local_rank=local_rank)
+    _state.update(device=dev)
     return dev
 
 
@@ -82,10 +84,6 @@ def get_rank():
 
 def get_world_size():
     return torch.distributed.get_world_size() if is_distributed() else 1
-
-
-def get_local_rank():
-    return _state['local_rank']
 
 
 def device():
@@ -142,6 +140,55 @@ def agree_on_seed(seed=None):
     if seed is None:
         seed = int.from_bytes(os.urandom(4), 'little') & 0x7fffffff
     return int(broadcast_object(int(seed)))
+
+#----------------------------------------------------------------------------
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT ask the program to stop at its next agreed point instead of killing it.
+
+    A cluster's preemption (SIGTERM, then SIGKILL after a grace period) or a Ctrl-C is recorded, with a line
+    on the console; `requested()`, called by every rank at the same point, says on every rank whether any rank
+    got one. A second Ctrl-C aborts at once (KeyboardInterrupt). Handlers are installed only in the main
+    thread, and the previous ones come back on exit.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, _frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+            print0(f'\nReceived {signal.Signals(signum).name}: finishing the current iteration and saving a training '
+                   'state (press Ctrl-C again to abort without saving)', flush=True)
+
+    def requested(self, dev=None):
+        """The first signal received by any rank (a number), or None. A collective when distributed."""
+        if not is_distributed():
+            return self.signum
+        flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=device() if dev is None else dev)
+        return int(all_reduce_(flag, op='max').item()) or None
+
+
+def ignore_stop_signals(*_args):
+    """For helper processes (DataLoader workers): leave SIGTERM and SIGINT to the main process, which stops them."""
+    for signum in StopSignals.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 #----------------------------------------------------------------------------
 

@@ -179,11 +179,6 @@ def assert_shape(tensor, ref_shape):
             raise AssertionError(f'Wrong size for dimension {idx}: got {size}, expected {ref}')
 
 
-def profiled_function(fn):
-    """Identity decorator kept so that embedded sources which use it still load."""
-    return fn
-
-
 def constant(value, shape=None, dtype=None, device=None):
     """A tensor holding `value` (optionally broadcast to `shape`)."""
     t = torch.as_tensor(np.asarray(value), dtype=dtype, device=device)

@@ -45,6 +45,10 @@ class DenoiserTask:
         self.num_figure_samples = num_figure_samples
         self.provenance = dict(provenance or {})
 
+    def networks(self):
+        """{name: network kwargs} of the networks this task trains (resume checks build them)."""
+        return dict(denoiser=self.network_kwargs)
+
     def setup(self, trainer, run_dir, seed):
         self.run_dir = run_dir
         dist.print0('Loading dataset...')
@@ -100,13 +104,13 @@ class DenoiserTask:
                     augment_pipe=None, data_shape=list(self.data_shape), dataset_kwargs=dict(self.data_kwargs),
                     provenance=dict(self.provenance), kimg=trainer.cur_nimg / 1000)
 
-    def on_snapshot(self, trainer, run_dir, kimg_str):
+    def on_snapshot(self, trainer, run_dir, tag):
         if dist.get_rank() != 0:
             return
         net = trainer.ema['denoiser']
         samples = self.sample(net, self.fixed_noise.to(trainer.device)).cpu()
         data = to_model_space(self.fixed_data, 'cpu')
-        path = os.path.join(run_dir, f'fakes-{kimg_str}.png')
+        path = os.path.join(run_dir, f'fakes-{tag}.png')
         if len(self.data_shape) == 3:
             images.save_png(images.image_grid([data, samples]), path)
         else:

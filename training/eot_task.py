@@ -78,6 +78,10 @@ class EOTTask:
         self.samples_dir = dict(G=samples_dir_G, SDE=samples_dir_SDE)
         self.provenance = {}
 
+    def networks(self):
+        """{name: network kwargs} of the networks this task trains (resume checks build them)."""
+        return dict(self.net_kwargs)
+
     # Set-up --------------------------------------------------------------
 
     def setup(self, trainer, run_dir, seed):
@@ -204,8 +208,9 @@ class EOTTask:
             training_stats.report(f'Output/{sampler}_L2', (outs[0] - x0).square().flatten(1).mean(1).sqrt())
 
     def snapshot_data(self, trainer):
+        # gamma and G_loss define the loss; the loss object itself is not stored (it held gamma a second time).
         return dict(kind='eot', G=cpu_copy(trainer.ema['G']), f=cpu_copy(trainer.ema['f']),
-                    D=cpu_copy(trainer.ema['D']), loss=self.loss, G_loss=self.G_loss, gamma=self.loss.gamma,
+                    D=cpu_copy(trainer.ema['D']), G_loss=self.G_loss, gamma=self.loss.gamma,
                     sde_steps=self.sde_steps,
                     data_shape=list(self.data_shape), dataset_kwargs=dict(self.kwargs),
                     provenance=dict(self.provenance), kimg=trainer.cur_nimg / 1000)

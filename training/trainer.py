@@ -43,6 +43,8 @@ class DataStream:
         # An own generator: creating the loader's iterator must not draw from the global RNG, whose
         # state is part of an exact resume.
         generator = torch.Generator().manual_seed(self.seed)
+        if kwargs.get('num_workers', 0) > 0: # A Ctrl-C or SIGTERM stops the run, not its data workers mid-iteration.
+            kwargs.setdefault('worker_init_fn', dist.ignore_stop_signals)
         loader = torch.utils.data.DataLoader(self.dataset, sampler=sampler, batch_size=self.batch_size,
                                              generator=generator, **kwargs)
         return iter(loader)
@@ -213,9 +215,20 @@ class Trainer:
             self.ema[k].load_state_dict(state['ema'][k])
             self.opt[k].load_state_dict(state['opt'][k])
 
-def split_batch(batch_size, batch_gpu=None):
-    """(batch_size, per-round batch per rank, accumulation rounds), with clear errors."""
-    world = dist.get_world_size()
+def split_batch(batch_size, batch_gpu=None, world_size=None):
+    """Split a total batch over ranks and accumulation rounds: the one check of batch divisibility.
+
+    Args:
+        batch_size: total batch of one optimisation step, over all ranks.
+        batch_gpu: largest per-rank batch of one accumulation round; None (or more than the per-rank
+            batch) means the whole per-rank batch in one round.
+        world_size: number of ranks (default: the current process group's).
+    Returns:
+        (batch_size, per-round batch per rank, accumulation rounds).
+    Raises:
+        ValueError naming --batch / --batch-gpu and a value that works.
+    """
+    world = dist.get_world_size() if world_size is None else int(world_size)
     if batch_size % world != 0:
         raise ValueError(f'--batch={batch_size} is not divisible by the number of processes ({world}); '
                          f'use a multiple of {world}')
@@ -223,8 +236,8 @@ def split_batch(batch_size, batch_gpu=None):
     if batch_gpu is None or batch_gpu > per_rank:
         batch_gpu = per_rank
     if per_rank % batch_gpu != 0:
-        raise ValueError(f'--batch={batch_size} over {world} process(es) gives {per_rank} per process, which is not '
-                         f'divisible by --batch-gpu={batch_gpu}; choose --batch-gpu dividing {per_rank}')
+        raise ValueError(f'--batch={batch_size} over {world} process(es) gives {per_rank} per process, which '
+                         f'--batch-gpu={batch_gpu} does not divide; choose a --batch-gpu dividing {per_rank}')
     return batch_size, batch_gpu, per_rank // batch_gpu
 
 def cpu_copy(module):

@@ -422,3 +422,21 @@ def test_two_dimensional_sources():
         toy.make_toy('moons', 10, 0, dim=3)
     with pytest.raises(ValueError, match='Unknown toy source'):
         toy.make_toy('spiral', 10, 0)
+
+
+def test_verify_decodes_every_image_and_names_a_truncated_one(tmp_path):
+    from tests.conftest import write_image_zip
+    path = write_image_zip(tmp_path / 'a.zip', 5)
+    ds = ImageFolderDataset(path, xflip=True)
+    calls = []
+    ds.verify(progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(k, 5) for k in range(1, 6)]     # each raw image once, x-flips or not
+    with zipfile.ZipFile(path) as zf:
+        entries = {n: zf.read(n) for n in zf.namelist()}
+    bad = sorted(entries)[3]
+    with zipfile.ZipFile(tmp_path / 'b.zip', 'w') as zf:
+        for n, data in entries.items():
+            zf.writestr(n, data[:-30] if n == bad else data)
+    ds = ImageFolderDataset(tmp_path / 'b.zip')      # the header scan passes it
+    with pytest.raises(DatasetError, match=f'{bad}: corrupt or truncated image'):
+        ds.verify()

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -139,3 +140,52 @@ def test_atomic_write_gives_default_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (os.stat(p).st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_atomic_write_without_overwrite_never_replaces_a_file(tmp_path):
+    p = tmp_path / 'snapshot.pkl'
+    with util.atomic_write(p, overwrite=False) as f:
+        f.write(b'first')
+    with pytest.raises(FileExistsError):
+        with util.atomic_write(p, overwrite=False) as f:
+            f.write(b'second')
+    assert p.read_bytes() == b'first' and sorted(os.listdir(tmp_path)) == ['snapshot.pkl']
+
+
+def test_remove_stale_temporaries_keeps_live_and_recent_writes(tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    old = time.time() - 3600
+    entries = {
+        f'.state.pt.{dead_pid}-abc_12.tmp': True,        # writer gone, untouched for an hour: stale
+        '.state.pt.k3j9x2ab.tmp': True,                  # an earlier version's name (no pid): stale when old
+        f'.state.pt.{os.getpid()}-zz.tmp': False,        # its writer is alive
+        f'.y.{dead_pid}-dir.tmp': True,                  # an interrupted folder write
+        '.y.q1w2e3.old': True,                           # a folder left mid-swap
+        'state.pt': False, '.lock': False, 'notes.tmp': False,
+    }
+    for name in entries:
+        if name.startswith('.y.'):
+            (tmp_path / name / 'sub').mkdir(parents=True)
+            (tmp_path / name / 'sub' / 'f.png').write_bytes(b'x')
+            for p in (tmp_path / name / 'sub' / 'f.png', tmp_path / name / 'sub', tmp_path / name):
+                os.utime(p, (old, old))
+        else:
+            (tmp_path / name).write_bytes(b'x')
+            os.utime(tmp_path / name, (old, old))
+    recent = tmp_path / '.state.pt.m4n5b6.tmp'   # no pid, but written a moment ago: maybe another machine's
+    recent.write_bytes(b'x')
+    assert util.remove_stale_temporaries(str(tmp_path), names=['y']) == sorted(n for n in entries if n.startswith('.y.'))
+    removed = util.remove_stale_temporaries(str(tmp_path))
+    assert removed == sorted(n for n, stale in entries.items() if stale and not n.startswith('.y.'))
+    assert sorted(os.listdir(tmp_path)) == sorted([recent.name] + [n for n, stale in entries.items() if not stale])
+    assert util.remove_stale_temporaries(str(tmp_path), min_age_s=0) == [recent.name]
+
+
+def test_atomic_write_temporaries_carry_the_writers_pid(tmp_path):
+    with util.atomic_write(tmp_path / 'x.bin') as f:
+        names = os.listdir(tmp_path)
+        f.write(b'1')
+    assert len(names) == 1 and names[0].startswith(f'.x.bin.{os.getpid()}-') and names[0].endswith('.tmp')

@@ -75,3 +75,17 @@ def test_torchrun_nccl_processes():
     res = torchrun(worker, n, 'cuda', nproc=n, env={'CUDA_VISIBLE_DEVICES': visible})
     assert 'ALL OK (nccl, cuda:0)' in res.stdout
     assert res.stdout.count('caught: DDP consistency check failed') == (n if n > 1 else 0)
+
+
+def test_stop_signals_record_the_first_signal_and_restore_the_handlers():
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+    with dist.StopSignals() as stop:
+        assert stop.requested() is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested() == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)            # a repeated SIGTERM changes nothing
+        assert stop.requested() == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):          # Ctrl-C while stopping aborts at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -6,28 +6,16 @@ would then score with the new ones); files (--npz, fid.py's --dest and --out) ar
 
 import os
 
+import dnnlib
 from sampling import GenerationError
 
 #----------------------------------------------------------------------------
 
-def _nearest_existing(path):
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return path
-
-
 def _check_creatable(path, option):
-    """The folders up to `path` can be made: the nearest existing one is a writable folder."""
-    existing = _nearest_existing(path)
-    if not os.path.isdir(existing):
-        raise GenerationError(f'{option}="{path}": "{existing}" is a file, so no folder can be made there; '
-                              'choose another path')
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise GenerationError(f'{option}="{path}": cannot write in "{existing}" (permission denied); choose another path')
+    """The folders up to `path` can be made and written (dnnlib.util.output_dir_problem, shared with train.py)."""
+    problem = dnnlib.util.output_dir_problem(path)
+    if problem is not None:
+        raise GenerationError(f'{option}="{path}": {problem}; choose another path')
 
 
 def check_output_dir(path, option='--outdir', empty=True):

@@ -31,7 +31,6 @@ import time
 import click
 import torch
 
-
 from torch_utils import distributed as dist_utils
 from transport import semidiscrete as sd
 
@@ -290,6 +289,12 @@ def _device(choice, skip_reference):
 
 #----------------------------------------------------------------------------
 
+
+def log(msg):
+    print(msg, flush=True)
+
+#----------------------------------------------------------------------------
+
 @click.command()
 @click.option('--num-targets', help='N targets', type=int, default=10000, show_default=True)
 @click.option('--res', help='Image resolution (d = 3 res^2)', type=int, default=32, show_default=True)
@@ -310,10 +315,8 @@ def _device(choice, skip_reference):
 @click.option('--seed', help='Seed of the targets and solvers', type=int, default=0, show_default=True)
 @click.option('--device', help='Where ours runs: cpu, cuda or cuda:N (the reference runs on the CPU only)', default='cpu', show_default=True)
 def main(num_targets, res, sigma, dataset, target_rms, eval_every, ref_eval_every, eval_per_target, max_seconds,
-         ref_max_seconds, dtype, chunk_size,
-         block_size, kernel_targets, eval_threads, skip_reference, seed, device):
+         ref_max_seconds, dtype, chunk_size, block_size, kernel_targets, eval_threads, skip_reference, seed, device):
     """Time ours and the reference to the same accuracy on the same problem; print the ratio."""
-    log = lambda msg: print(msg, flush=True)
     device = _device(device, skip_reference)
     N, d = num_targets, 3 * res * res
     y = dataset_images(dataset, N, res, sigma, seed) if dataset else smooth_random_images(N, res, sigma, seed)
@@ -321,30 +324,44 @@ def main(num_targets, res, sigma, dataset, target_rms, eval_every, ref_eval_ever
     tdtype = torch.bfloat16 if dtype == 'bf16' else torch.float32
     log(f'N = {N}, d = {d}, sigma = {sigma}, threads = {torch.get_num_threads()}, target: rms <= {target_rms} '
         f'and no empty cell on {eval_per_target} N independent samples')
+    peak32 = report_kernels(prob, tdtype, dtype, kernel_targets, res, sigma, seed, block_size, chunk_size, device)
+    race_kw = dict(target_rms=target_rms, eval_samples=eval_per_target * N,
+                   eval_threads=eval_threads or os.cpu_count() or 1)
+    solver = sd.SemidiscreteSolver(max_iters=0, tol=target_rms, dtype=tdtype, chunk_size=chunk_size,
+                                   block_size=block_size)
+    t_ours = race_ours(prob, solver, seed, eval_every, max_seconds, **race_kw)
+    if device.type == 'cuda':
+        log(f'peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated')
+    if skip_reference:
+        return
+    ref_max_seconds = max_seconds if ref_max_seconds is None else ref_max_seconds
+    race_reference(prob, y, seed, peak32, ref_eval_every, ref_max_seconds, t_ours, **race_kw)
 
-    # Kernel throughput against the machine's peak, measured now (also at --kernel-targets targets).
+
+def report_kernels(prob, tdtype, dtype, kernel_targets, res, sigma, seed, block_size, chunk_size, device):
+    """Log the matmul peaks and our kernel's rate at N (and --kernel-targets) targets; returns the fp32 peak."""
     peak32, peak16 = matmul_peak(torch.float32, device=device), matmul_peak(torch.bfloat16, device=device)
     peak = peak16 if tdtype == torch.bfloat16 else peak32
     log(f'matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s')
+    N = prob.num_targets
     for n_k in sorted({N, kernel_targets or N}):
         prob_k = prob if n_k == N else sd.SemidiscreteProblem(smooth_random_images(n_k, res, sigma, seed + 1).to(device))
         rate = kernel_rate(prob_k, tdtype, 2 * block_size, block_size, chunk_size)
         log(f'our kernel at N = {n_k} ({dtype}, top-2 with the winner exact): {rate:.0f} GFLOP/s = '
             f'{100 * rate / peak:.0f}% of the {dtype} peak')
+    return peak32
 
-    eval_samples = eval_per_target * N
-    eval_threads = eval_threads or os.cpu_count() or 1
-    ref_max_seconds = max_seconds if ref_max_seconds is None else ref_max_seconds
-    solver = sd.SemidiscreteSolver(max_iters=0, tol=target_rms, dtype=tdtype, chunk_size=chunk_size,
-                                   block_size=block_size)
+
+def race_ours(prob, solver, seed, eval_every, max_seconds, *, target_rms, eval_samples, eval_threads):
+    """Race our solver one iteration at a time (resuming its state); returns its time or None."""
+    N = prob.num_targets
     box = dict(out=None)
 
     def ours_step():
         prev = box['out']
         one_more = dataclasses.replace(solver, max_iters=(prev.num_iters if prev else 0) + 1)
-        box['out'] = one_more(prob, generator=torch.Generator().manual_seed(seed),
-                                                      resume=prev.state if prev else None)
-        _sync(device)
+        box['out'] = one_more(prob, generator=torch.Generator().manual_seed(seed), resume=prev.state if prev else None)
+        _sync(prob.device)
         return box['out'].converged
 
     def ours_should_eval(it):
@@ -354,16 +371,17 @@ def main(num_targets, res, sigma, dataset, target_rms, eval_every, ref_eval_ever
         avg = box['out'].state['avg_samples']
         return it % eval_every == 0 or (avg > 0 and math.sqrt(N / (0.75 * avg)) <= 1.1 * target_rms)
 
-    t_ours, it_ours, ev_ours, _ = race('ours', ours_step, lambda: box['out'].h, prob, target_rms, ours_should_eval,
-                                       eval_samples, eval_threads, max_seconds, log)
+    t_ours, it_ours, _, _ = race('ours', ours_step, lambda: box['out'].h, prob, target_rms, ours_should_eval,
+                                 eval_samples, eval_threads, max_seconds, log)
     out = box['out']
     log(f'ours: {"reached" if t_ours else "did not reach"} the target in {t_ours or math.nan:.1f} s, {it_ours} iterations, '
         f'{out.num_samples_used / N:.0f} N samples; own certificate: converged={out.converged}')
+    return t_ours
 
-    if device.type == 'cuda':
-        log(f'peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated')
-    if skip_reference:
-        return
+
+def race_reference(prob, y, seed, peak32, ref_eval_every, ref_max_seconds, t_ours, *, target_rms, eval_samples,
+                   eval_threads):
+    """Race the reference (with its lower bound) and log the result line against our time t_ours."""
     ref = ReferenceSolver(y, seed=seed)
     ref_rate = reference_rate(ref)
     log(f'reference kernel (fp32, stack-and-max): {ref_rate:.0f} GFLOP/s = {100 * ref_rate / peak32:.0f}% of the '

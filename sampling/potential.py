@@ -2,18 +2,28 @@
 
 A semi-discrete OT map from a simple source law (uniform on [0,1]^d or standard normal) to N target latents
 y_i = x_i + sigma_(S-K) n_i replaces the first S - K steps of a diffusion sampler (sampling/dpmot.py).
-potential.py computes one; `load_potential` reads and checks one.
+potential.py computes one (`setup_potential` checks its inputs and options, `compute_potential` does the work);
+`load_potential` reads and checks one.
 """
 
+import dataclasses
+import datetime
+import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
+import tqdm
 
 import dnnlib
-from sampling import diffusion
+from data.dataset import DatasetError, open_dataset
+from sampling import diffusion, snapshots
+from torch_utils import distributed as dist
+from torch_utils.images import to_model_space
 from torch_utils.misc import state_dict_sha256, tensor_sha256
+from transport.semidiscrete import SemidiscreteProblem, SemidiscreteSolver, evaluate
 
 FORMAT = 'dpmot-potential'
 VERSION = 1
@@ -235,3 +245,301 @@ def solve_potential(prob, solver, seed=0, resume=None, checkpoint=None, checkpoi
             checkpoint(state, history)
         if out.converged or out.num_iters >= solver.max_iters or stop[0] or not out.history:
             return out, history
+
+#----------------------------------------------------------------------------
+# potential.py's work, split as set-up (every check, before any output) and run.
+
+STATE_NAME = 'potential-state.pt'
+
+OPTION_DEFAULTS = dict(steps=None, back_steps=5, sigma=None, sigma_min=None, sigma_max=None, rho=7.0,
+                       num_targets=None, source='uniform', seed=0, max_iters=2000, tol=0.05, lr=0.5,
+                       solver_step=None, solver_init=None, samples_per_iter=None, max_samples_per_iter=None,
+                       eval_samples=None, precision='fp32', block_size=2048, chunk_size=4096, shard_targets=False,
+                       checkpoint_every=200, resume=True, separate_targets=False, progress=True, command=None)
+
+
+class SetupError(ValueError):
+    """A bad option or input of potential.py, found before anything is written; the message names the option."""
+
+
+def schedule_for(net, steps=None, back_steps=5, sigma=None, sigma_min=None, sigma_max=None, rho=7.0):
+    """(sigmas [S + 1], K) from steps / back_steps or sigma / back_steps, within the network's range."""
+    net_min, net_max = float(getattr(net, 'sigma_min', 0.002)), float(getattr(net, 'sigma_max', 80.0))
+    sigma_min = net_min if sigma_min is None else sigma_min
+    sigma_max = net_max if sigma_max is None else sigma_max
+    if not net_min <= sigma_min <= sigma_max <= net_max:
+        raise SetupError(f'--sigma-min={sigma_min:g} / --sigma-max={sigma_max:g} must satisfy '
+                         f'{net_min:g} <= sigma-min <= sigma-max <= {net_max:g} (the network\'s range)')
+    K = back_steps
+    if sigma is not None:
+        if steps is not None:
+            raise SetupError('--steps and --sigma exclude each other: give --steps S (the latents are then '
+                             'at sigma_(S-K)) or --sigma (then K steps run from it)')
+        if not sigma_min < sigma <= sigma_max:
+            raise SetupError(f'--sigma={sigma:g} must lie in ({sigma_min:g}, {sigma_max:g}] (the '
+                             'network\'s noise levels above --sigma-min)')
+        sigmas = diffusion.edm_sigma_schedule(K, sigma_min, sigma, rho)
+    else:
+        S = 18 if steps is None else steps
+        if K > S:
+            raise SetupError(f'--back-steps={K} exceeds --steps={S}: the OT map lands at sigma_(S-K), '
+                             f'so K must be at most S')
+        sigmas = diffusion.edm_sigma_schedule(S, sigma_min, sigma_max, rho)
+    round_sigma = getattr(net, 'round_sigma', None)
+    if round_sigma is not None:
+        sigmas[:-1] = torch.as_tensor(round_sigma(sigmas[:-1]), dtype=torch.float64)
+    return sigmas, K
+
+
+def open_inputs(network, data, num_targets=None):
+    """(net, snapshot, dataset) with every check that needs no computation (SetupError otherwise)."""
+    if not os.path.exists(network) and not dnnlib.util.is_url(network):
+        raise SetupError(f'--network: no such file or folder: "{network}"')
+    try:
+        net, snapshot = snapshots.load_denoiser(network)
+        shape = snapshots.data_shape_of(net)
+    except ValueError as err:
+        raise SetupError(f'--network: {err}') from None
+    if not os.path.exists(data):
+        raise SetupError(f'--data: no such file or directory: "{data}"')
+    try:
+        dataset = open_dataset(data)
+    except (DatasetError, OSError) as err:
+        raise SetupError(f'--data: {err}') from None
+    dshape = tuple(dataset.item_shape)
+    if dshape != shape:
+        raise SetupError(f'--data holds items of shape {list(dshape)} but the network works on {list(shape)}: '
+                         'use the data set the denoiser was trained on')
+    if num_targets is not None and num_targets > len(dataset):
+        raise SetupError(f'--num-targets={num_targets} exceeds the {len(dataset)} items of --data; use '
+                         f'--num-targets <= {len(dataset)}')
+    return net, snapshot, dataset
+
+
+def target_latents(dataset, indices, sigma, seed, device):
+    """Target latents y_i = x_i + sigma n_i (forward_diffuse) of the data items `indices`, on `device`."""
+    x = to_model_space(torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in indices]))
+    return forward_diffuse(x, sigma, seed).to(device)
+
+
+def _make_solver(o):
+    extra = {k: v for k, v in (('step', o.solver_step), ('init', o.solver_init)) if v is not None}
+    try:
+        return SemidiscreteSolver(max_iters=o.max_iters, tol=o.tol, lr=o.lr, samples_per_iter=o.samples_per_iter,
+                                  max_samples_per_iter=o.max_samples_per_iter, block_size=o.block_size,
+                                  chunk_size=o.chunk_size, shard_targets=o.shard_targets,
+                                  dtype=torch.bfloat16 if o.precision == 'bf16' else torch.float32, **extra)
+    except ValueError as err:
+        raise SetupError(f'Solver settings: {err}') from None
+
+
+def _read_checkpoint(state_path, run_key):
+    """(solver state, history) of the checkpoint of this run, or (None, []) when there is none."""
+    try:
+        ckpt = torch.load(state_path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        raise SetupError(f'Cannot read the checkpoint "{state_path}" ({type(err).__name__}: {err}); '
+                         'delete it or pass --no-resume') from None
+    old_key = ckpt.get('run_key', {}) if isinstance(ckpt, dict) else {}
+    diff = sorted(k for k in set(run_key) | set(old_key) if old_key.get(k) != run_key.get(k))
+    if diff:
+        raise SetupError(f'"{state_path}" is the checkpoint of another run (differs in {", ".join(diff)}); use '
+                         'another --outdir, or --no-resume to start over')
+    return ckpt['state'], list(ckpt.get('history', []))
+
+
+def setup_potential(network, data, outdir, **options):
+    """Check every input and option of potential.py and prepare the run; nothing is written.
+
+    Args:
+        network, data, outdir: as potential.py's options; **options: the others (OPTION_DEFAULTS).
+    Returns:
+        an EasyDict: opts, net, snapshot, dataset, sigmas, K, N, shape, indices, solver, data_hash, net_hash,
+        run_key, state_path, resume (a solver state or None) and history (the checkpoint's rows).
+    Raises:
+        SetupError with a one-line message naming the option.
+    """
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise TypeError(f'setup_potential: unknown options {", ".join(unknown)}')
+    o = dnnlib.EasyDict(OPTION_DEFAULTS, network=network, data=data, outdir=outdir, **options)
+    job = dnnlib.EasyDict(opts=o)
+    job.net, job.snapshot, job.dataset = open_inputs(o.network, o.data, o.num_targets)
+    job.sigmas, job.K = schedule_for(job.net, o.steps, o.back_steps, o.sigma, o.sigma_min, o.sigma_max, o.rho)
+    job.N = len(job.dataset) if o.num_targets is None else o.num_targets
+    job.shape = snapshots.data_shape_of(job.net)
+    job.solver = _make_solver(o)
+    job.data_hash = job.dataset.data_hash()
+    job.net_hash = state_dict_sha256(job.net)
+    job.indices = select_indices(len(job.dataset), job.N, o.seed)
+    sigma = float(job.sigmas[job.sigmas.numel() - 1 - job.K])
+    # What makes two runs the same run (a checkpoint of another run is never resumed).
+    job.run_key = dict(data_sha256=job.data_hash, denoiser_sha256=job.net_hash, num_targets=job.N,
+                       data_shape=list(job.shape), sigma=sigma, source=o.source, seed=o.seed, lr=o.lr,
+                       precision=o.precision, step=job.solver.step, init=job.solver.init,
+                       samples_per_iter=o.samples_per_iter, max_samples_per_iter=o.max_samples_per_iter,
+                       block_size=o.block_size, chunk_size=o.chunk_size, shard_targets=o.shard_targets)
+    job.state_path = os.path.join(o.outdir, STATE_NAME)
+    job.resume, job.history = None, []
+    if o.resume and os.path.isfile(job.state_path):
+        job.resume, job.history = _read_checkpoint(job.state_path, job.run_key)
+    return job
+
+#----------------------------------------------------------------------------
+
+class _RunLog:
+    """Rank 0's console and DIR/log.txt (appended); other ranks stay silent."""
+
+    def __init__(self, outdir):
+        self.rank0 = dist.get_rank() == 0
+        self.file = open(os.path.join(outdir, 'log.txt'), 'a', encoding='utf-8') if self.rank0 else None
+
+    def say(self, line):
+        """Print a line and append it to the log."""
+        if self.rank0:
+            print(line)
+            self.file.write(line + '\n')
+            self.file.flush()
+
+    def write(self, line):
+        """Append a line to the log only."""
+        if self.rank0:
+            self.file.write(line + '\n')
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def format_bytes(n):
+    return f'{n / 2**30:.2f} GiB' if n >= 2**28 else f'{n / 2**20:.1f} MiB'
+
+
+def log_row(row):
+    """One solver history row as a line of log.txt."""
+    check = '' if row.get('check_rms') is None else \
+        f'  check_rms {row["check_rms"]:.4f}  check_max {row["check_max_abs"]:.3f}  check_empty {row["check_empty"]}'
+    return (f'iter {row["iter"]:<6d} samples {row["num_samples"]:<9d} rms {row["rms"]:<8.4f} '
+            f'max_rel_err {row["max_rel_err"]:<8.3f} empty {row["empty"]:<5d} gap {row["gap"]:<10.4g} '
+            f'averaging {int(row["averaging"])}{check}')
+
+
+def _header_lines(job, device):
+    o, N, K = job.opts, job.N, job.K
+    S = job.sigmas.numel() - 1
+    d = math.prod(job.shape)
+    world = dist.get_world_size()
+    mem = estimate_peak_memory(N, d, o.block_size, o.chunk_size, o.precision == 'bf16', world, o.shard_targets)
+    return [f'Potential: N = {N} latents of shape {list(job.shape)} (d = {d}) at sigma_{S - K} = '
+            f'{float(job.sigmas[S - K]):.6g} (schedule of S = {S} steps, K = {K} back-steps), source {o.source}',
+            f'Data: "{o.data}" ({len(job.dataset)} items, sha256 {job.data_hash[:12]}...); network: "{o.network}" '
+            f'(weights sha256 {(job.net_hash or "-")[:12]}...)',
+            f'Peak memory estimate per process on {device.type}: {format_bytes(mem["total"])} '
+            f'(set-up {format_bytes(mem["setup"])}, solving {format_bytes(mem["solve"])}), {world} process(es)',
+            f'Resume: {"from iteration " + str(job.resume["iter"]) if job.resume else "no (fresh start)"}']
+
+
+def compute_potential(job, device):
+    """Run a job of setup_potential: latents, the solve with checkpoints, the final evaluation and the file.
+
+    Writes DIR/log.txt, DIR/potential-state.pt and DIR/potential.pt (rank 0); returns the potential's path.
+    """
+    o = job.opts
+    if dist.get_rank() == 0:
+        os.makedirs(o.outdir, exist_ok=True)
+    dist.barrier()
+    log = _RunLog(o.outdir)
+    try:
+        log.say(f'--- {datetime.datetime.now().isoformat(timespec="seconds")}: {o.command}')
+        for line in _header_lines(job, device):
+            log.say(line)
+        sigma = float(job.sigmas[job.sigmas.numel() - 1 - job.K])
+        targets = target_latents(job.dataset, job.indices, sigma, o.seed, device)
+        prob = SemidiscreteProblem(targets=targets.reshape(job.N, -1), source=o.source)
+        out, history = _solve(job, prob, log)
+        converged = out.converged or bool(job.resume is not None and job.resume.get('converged'))
+        path = _evaluate_and_save(job, prob, targets, out, history, converged, log)
+        dist.barrier()
+        return path
+    finally:
+        log.close()
+
+
+def _solve(job, prob, log):
+    """solve_potential with progress, per-iteration log rows and checkpoints; (output, all history rows)."""
+    o, solver, resume = job.opts, job.solver, job.resume
+    if resume is not None and resume.get('converged'):
+        # Already certified: take the stored heights without iterating (a resumed solver continues iterating).
+        solver = dataclasses.replace(solver, max_iters=int(resume['iter']))
+    bar = None
+    if log.rank0 and o.progress:
+        bar = tqdm.tqdm(total=o.max_iters, initial=int(resume['iter']) if resume else 0, desc='Solving',
+                        unit='it', file=sys.stderr, dynamic_ncols=True)
+
+    def on_iter(it, row):
+        log.write(log_row(row))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(rms=f'{row["rms"]:.3f}', empty=row['empty'],
+                            check=('-' if row['check_rms'] is None else f'{row["check_rms"]:.3f}'))
+        return False
+
+    def checkpoint(state, rows):
+        if log.rank0:
+            with dnnlib.util.atomic_write(job.state_path, 'wb') as f:
+                torch.save(dict(run_key=job.run_key, state=state, history=job.history + rows), f)
+            log.file.flush()
+        dist.barrier()
+
+    try:
+        out, rows = solve_potential(prob, solver, seed=o.seed, resume=resume, checkpoint=checkpoint,
+                                    checkpoint_every=o.checkpoint_every, callback=on_iter)
+    except (ValueError, RuntimeError) as err:
+        saved = (f'"{job.state_path}" holds the last checkpoint' if os.path.isfile(job.state_path)
+                 else 'no checkpoint was written')
+        raise SetupError(f'The solver failed ({type(err).__name__}: {err}); {saved}. Try another --solver-step '
+                         '(e.g. adam) or a smaller --lr, with --no-resume to start over') from None
+    finally:
+        if bar is not None:
+            bar.close()
+    return out, job.history + rows
+
+
+def _evaluate_and_save(job, prob, targets, out, history, converged, log):
+    """The final evaluation on fresh samples, the potential file and the closing lines; returns its path."""
+    o = job.opts
+    stats = evaluate(prob, out.h, num_samples=o.eval_samples, generator=torch.Generator().manual_seed(o.seed + 1))
+    gap = mean_score_gap(prob, out.h, generator=torch.Generator().manual_seed(o.seed + 2))
+    keep = ('iter', 'num_samples', 'rms', 'max_rel_err', 'empty', 'gap', 'check_rms')
+    settings = dict(lr=o.lr, precision=o.precision, step=job.solver.step, init=job.solver.init,
+                    block_size=o.block_size, chunk_size=o.chunk_size)
+    diagnostics = dict(converged=converged, num_iters=out.num_iters, num_samples_used=out.num_samples_used,
+                       tol=o.tol, max_iters=o.max_iters, check=out.check,
+                       eval={k: v for k, v in stats.items() if k != 'counts'}, eval_counts=stats['counts'].cpu(),
+                       settings=settings, history=[{k: r.get(k) for k in keep} for r in history])
+    provenance = dict(data=os.path.abspath(o.data), data_sha256=job.data_hash, data_size=len(job.dataset),
+                      network=o.network if dnnlib.util.is_url(o.network) else os.path.abspath(o.network),
+                      denoiser_sha256=job.net_hash, network_kimg=job.snapshot.get('kimg'), seed=o.seed,
+                      noise='sampling.potential.forward_diffuse(x, sigma, seed)', world_size=dist.get_world_size(),
+                      command=o.command, created=datetime.datetime.now().isoformat(timespec='seconds'),
+                      torch=str(torch.__version__))
+    path = os.path.join(o.outdir, 'potential.pt')
+    if not log.rank0:
+        return path
+    save_potential(path, h=out.h.cpu(), sigmas=job.sigmas, back_steps=job.K, source=o.source,
+                   data_shape=list(job.shape), score_gap=gap, targets=targets.cpu(),
+                   targets_path=os.path.join(o.outdir, 'targets.pt') if o.separate_targets else None,
+                   indices=job.indices, solver=diagnostics, provenance=provenance)
+    log.say(f'Evaluation on {stats["num_samples"]} fresh samples: rms relative cell-mass error {stats["rms"]:.4f} '
+            f'(noise floor of max {stats["noise_floor"]:.3f}), max {stats["max_abs"]:.3f}, empty cells '
+            f'{stats["empty"]}, mean score gap {gap:.4g}')
+    if converged:
+        log.say(f'Converged after {out.num_iters} iterations ({out.num_samples_used:,} samples).')
+    elif o.tol == 0:
+        log.say(f'Ran {out.num_iters} iterations (--tol=0: no convergence check).')
+    else:
+        log.say(f'Warning: not converged to --tol={o.tol:g} within --max-iters={o.max_iters} (last check: '
+                f'{json.dumps(out.check) if out.check else "none yet"}); re-run with a larger --max-iters to '
+                'continue from the checkpoint.')
+    log.say(f'Wrote {path}')
+    return path

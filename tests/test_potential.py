@@ -157,7 +157,7 @@ def test_bad_input_fails_before_any_output(tmp_path, vector_setup, case):
     elif case == 'no-data':
         args['data'], expect = str(tmp_path / 'nope.npz'), 'no such file'
     else:
-        extra, expect = ['--solver-step=nope'], "unknown step 'nope'"
+        extra, expect = ['--solver-step=nope'], "'nope' is not one of 'log', 'adam'"
     res = CliRunner().invoke(potential.main, [f'--{k}={v}' for k, v in args.items()] + extra + ['--device=cpu'])
     assert res.exit_code != 0 and expect in res.output, res.output
     assert not os.path.exists(tmp_path / 'out')

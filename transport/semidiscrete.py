@@ -64,7 +64,6 @@ import torch
 from torch_utils import distributed as dist_utils
 
 SOURCES = ('uniform', 'normal')
-_STATE_VERSION = 1
 _FIT, _CHECK, _EVAL, _PILOT = 0, 1, 2, 3      # sample streams: never share samples between fitting and checking
 
 #----------------------------------------------------------------------------
@@ -574,8 +573,8 @@ class SemidiscreteOutput:
     num_iters: iterations done in total (including resumed ones).
     num_samples_used: source samples drawn in total (fitting and checks, including resumed ones).
     check: the last check's statistics (mass_error_stats of h), or None.
-    state: everything needed to continue: pass it as resume= (tensors on the CPU; torch.save-able and
-        loadable with weights_only=True).
+    state: everything needed to continue, as SolverState.to_dict(): pass it as resume= (tensors on the CPU;
+        torch.save-able and loadable with weights_only=True).
     """
     h: torch.Tensor
     converged: bool
@@ -584,6 +583,81 @@ class SemidiscreteOutput:
     num_samples_used: int
     check: Optional[dict]
     state: dict
+
+
+_STATE_TENSORS = ('g', 'g_avg', 'adam_m', 'adam_v', 'mult', 'prev_r', 'loud')
+
+
+@dataclasses.dataclass(eq=False)
+class SolverState:
+    """The Monte Carlo solver's state between iterations (centred heights; see the module docstring).
+
+    Serialised by to_dict() as a plain dict with a format version (torch.save-able, loadable with
+    weights_only=True); from_dict() reads every version written so far and refuses others clearly.
+    """
+    num_targets: int
+    dim: int
+    source: str
+    seed: int                   # base seed of every sample stream
+    num_samples: int            # Monte Carlo samples of the next iteration
+    iter: int = 0
+    g: Optional[torch.Tensor] = None        # [N] float64 centred heights (None until the start is chosen)
+    g_avg: Optional[torch.Tensor] = None    # [N] averaged heights, once averaging has started
+    avg_samples: int = 0                    # samples drawn since averaging started
+    avg_samples_at_check: int = 0
+    samples_used: int = 0
+    qmc_offset: int = 0
+    best: float = math.inf                  # best fit-batch r2_debiased so far (stall detection)
+    bad: int = 0                            # iterations since it last improved by 10%
+    adam_m: Optional[torch.Tensor] = None
+    adam_v: Optional[torch.Tensor] = None
+    adam_t: int = 0
+    mult: Optional[torch.Tensor] = None     # per-cell step multipliers of the 'log' step
+    prev_r: Optional[torch.Tensor] = None
+    loud: Optional[torch.Tensor] = None
+    num_checks: int = 0
+    check: Optional[dict] = None
+    converged: bool = False
+
+    VERSION = 1
+
+    @classmethod
+    def fresh(cls, prob, seed, num_samples, g=None):
+        N = prob.num_targets
+        zeros = lambda: torch.zeros(N, dtype=torch.float64)
+        return cls(num_targets=N, dim=prob.dim, source=prob.source, seed=int(seed), num_samples=int(num_samples),
+                   g=g, adam_m=zeros(), adam_v=zeros(), mult=torch.ones(N, dtype=torch.float64), prev_r=zeros(),
+                   loud=torch.zeros(N, dtype=torch.bool))
+
+    def to_dict(self):
+        """A plain dict of the state (tensors on the CPU) with 'version'."""
+        out = dict(version=self.VERSION)
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.detach().cpu().clone() if torch.is_tensor(v) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d):
+        """Read a dict written by to_dict (any version so far); tensors are cloned."""
+        version = d.get('version') if isinstance(d, dict) else None
+        if version != cls.VERSION:
+            raise ValueError(f'resume must be a Monte Carlo solver state (SemidiscreteOutput.state, version '
+                             f'{cls.VERSION}); got {type(d).__name__} with version {version}')
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - set(d))
+        if missing:
+            raise ValueError(f'the solver state (version {version}) lacks {", ".join(missing)}; it is damaged: '
+                             f'start over')
+        return cls(**{k: (d[k].clone() if torch.is_tensor(d[k]) else d[k]) for k in names})
+
+    def to(self, device):
+        """Move the tensors to `device` (in place); returns self."""
+        for name in _STATE_TENSORS:
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, v.to(device))
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -658,8 +732,8 @@ class SemidiscreteSolver:
             prob: SemidiscreteProblem.
             generator: torch.Generator that seeds every sample stream (ignored with resume=; default seed 0).
             h0: optional [N] uncentred heights to start from (warm start; Adam and averaging start fresh).
-            resume: SemidiscreteOutput.state of an earlier run with the same problem: continues exactly as if
-                the run had not stopped.
+            resume: SemidiscreteOutput.state (or a SolverState) of an earlier run with the same problem:
+                continues exactly as if the run had not stopped.
             callback: optional callback(iter, info) called after every iteration with that iteration's
                 history dict; returning True stops the solver (the output is then resumable).
         Returns:
@@ -667,118 +741,44 @@ class SemidiscreteSolver:
         """
         if not isinstance(prob, SemidiscreteProblem):
             raise TypeError(f'prob must be a SemidiscreteProblem, got {type(prob).__name__}')
-        N, dev = prob.num_targets, prob.device
-        use_dist = self.distributed and dist_utils.is_distributed()
-        st = self._load_state(prob, resume) if resume is not None else self._fresh_state(prob, generator, h0,
-                                                                                          use_dist)
-        sampler = _Sampler(prob, st['seed'], qmc=self.qmc)
-        engine = _Engine(prob, sampler, self.dtype, self.chunk_size, self.block_size, self.rescore,
-                         self.shard_targets, use_dist)
-        check_engine = _Engine(prob, sampler, None, self.chunk_size, self.block_size, 1, self.shard_targets,
-                               use_dist)
-        if st['g'] is None:
-            st['g'] = self._initial_heights(prob, engine, st)
-        g = st['g'].to(dev)
-        g_avg = st['g_avg'].to(dev) if st['g_avg'] is not None else None
-        adam_m, adam_v = st['adam_m'].to(dev), st['adam_v'].to(dev)
-        for key in ('mult', 'prev_r', 'loud'):
-            st[key] = st[key].to(dev)
-        max_M = max(int(self.max_samples_per_iter or 32 * N), st['num_samples'])
-        check_M = int(self.check_samples or max(20 * N, math.ceil(4 * math.sqrt(2 * N) / max(self.tol, 1e-6)**2)))
-        history, t0 = [], time.perf_counter()
-
-        if N == 1:      # a single cell holds all the mass
-            st['converged'] = True
-        while st['iter'] < self.max_iters and not st['converged']:
-            st['iter'] += 1
-            M = st['num_samples']
-            counts, (top1, top2, gaps) = engine.batch(g.to(prob._exact), _FIT, st['iter'], M,
-                                                      qmc_start=st['qmc_offset'] if self.qmc else None,
-                                                      pairs=True)
-            st['qmc_offset'] += M
-            st['samples_used'] += M
-            stats = mass_error_stats(counts, M)
-            grad_norm = float((counts.to(torch.float64) / M - 1.0 / N).norm())
-            gap, beta = _gap_scales(top1, top2, gaps, N)
-            g += self._step(counts, beta, M, st, adam_m, adam_v)
-            g -= g.mean()
-
-            # Stalls start iterate averaging, then grow the samples per iteration.
-            if stats['r2_debiased'] < 0.9 * st['best']:
-                st['best'], st['bad'] = stats['r2_debiased'], 0
-            else:
-                st['bad'] += 1
-            # The iterate also counts as stalled once at its noise floor: in the logit model the 'log' step
-            # leaves var(r_i) = lr / (2 - lr) N / M; within 3x of that, only averaging still helps.
-            floor = self.lr / (2 - self.lr) * N / M if self.step == 'log' and self.lr < 2 else -math.inf
-            at_floor = stats['r2_debiased'] <= 3 * floor
-            if st['bad'] >= self.patience or (g_avg is None and at_floor):
-                st['bad'] = 0
-                if g_avg is None:
-                    g_avg, st['avg_samples'] = torch.zeros_like(g), 0
-                else:
-                    st['num_samples'] = min(max_M, math.ceil(M * self.grow_factor))
-            if g_avg is not None:
-                # Weights grow linearly with the samples drawn since averaging began, so what is left of the
-                # transient fades (uniform weights would keep it for good).
-                prev, st['avg_samples'] = st['avg_samples'], st['avg_samples'] + M
-                g_avg += (1.0 - (prev / st['avg_samples']) ** 2) * (g - g_avg)
-
-            # Certify the averaged heights on fresh samples once their noise floor sqrt(N / samples) is below
-            # 0.9 tol (linear weights keep 3/4 of the samples' worth), then after every 25% more samples.
-            check = None
-            if (g_avg is not None and self.tol > 0 and N / (0.75 * st['avg_samples']) <= (0.9 * self.tol)**2
-                    and st['avg_samples'] >= 1.25 * st['avg_samples_at_check']):
-                st['avg_samples_at_check'] = st['avg_samples']
-                c_counts, _ = check_engine.batch(g_avg.to(prob._exact), _CHECK, st['num_checks'], check_M)
-                st['num_checks'] += 1
-                st['samples_used'] += check_M
-                check = mass_error_stats(c_counts, check_M)
-                st['check'] = check
-                st['converged'] = check['rms'] <= self.tol and check['empty'] == 0
-
-            row = dict(iter=st['iter'], num_samples=M, grad_norm=grad_norm, rms=stats['rms'],
-                       max_rel_err=stats['max_abs'], empty=stats['empty'], gap=gap, averaging=g_avg is not None,
-                       samples_used=st['samples_used'], time_s=time.perf_counter() - t0,
-                       check_rms=None if check is None else check['rms'],
-                       check_max_abs=None if check is None else check['max_abs'],
-                       check_noise_floor=None if check is None else check['noise_floor'],
-                       check_empty=None if check is None else check['empty'])
+        run = _MonteCarloRun(self, prob, generator, h0, resume)
+        st, history, t0 = run.st, [], time.perf_counter()
+        if prob.num_targets == 1:      # a single cell holds all the mass
+            st.converged = True
+        while st.iter < self.max_iters and not st.converged:
+            row = run.iteration()
+            row['time_s'] = time.perf_counter() - t0
             history.append(row)
-            if callback is not None and callback(st['iter'], row):
+            if callback is not None and callback(st.iter, row):
                 break
+        h = prob.from_centred(st.g if st.g_avg is None else st.g_avg)
+        state = st.to_dict()
+        return SemidiscreteOutput(h=h, converged=bool(st.converged), history=history, num_iters=st.iter,
+                                  num_samples_used=st.samples_used, check=st.check, state=state)
 
-        st.update(g=g.cpu(), g_avg=None if g_avg is None else g_avg.cpu(), adam_m=adam_m.cpu(),
-                  adam_v=adam_v.cpu(), mult=st['mult'].cpu(),
-                  prev_r=st['prev_r'].cpu(), loud=st['loud'].cpu())
-        h = prob.from_centred((g if g_avg is None else g_avg).to(dev))
-        return SemidiscreteOutput(h=h, converged=bool(st['converged']), history=history, num_iters=st['iter'],
-                                  num_samples_used=st['samples_used'], check=st['check'], state=dict(st))
-
-    def _step(self, counts, beta, M, st, adam_m, adam_v):
+    def _step(self, counts, beta, M, st):
         """The change of the centred heights for one fit batch (see the module docstring, item 2)."""
         N = counts.numel()
         n = counts.to(torch.float64)
+        r = n * (N / M) - 1.0
         if self.step == 'log':
             # In low dimension the logit model can misjudge how strongly a cell's mass reacts, and the step
             # oscillates. A cell whose error changes sign while clearly above the noise (3 standard
             # deviations, twice in a row) halves its step; otherwise its step grows back towards lr. No cell
             # moves by more than 2 lr mean gaps per iteration.
-            r = n * (N / M) - 1.0
             loud = r.abs() > 3.0 * torch.sqrt(n + 1.0) * (N / M)      # std of r_i is sqrt(n_i) N / M
-            flip = loud & st['loud'] & (r * st['prev_r'] < 0)
-            st['mult'] = torch.where(flip, st['mult'] * 0.5, st['mult'] * 1.25).clamp(0.02, 1.0)
-            st['prev_r'], st['loud'] = r, loud
-            step = -self.lr * st['mult'] * beta * torch.log((n + 0.5) / (M / N + 0.5))
+            flip = loud & st.loud & (r * st.prev_r < 0)
+            st.mult = torch.where(flip, st.mult * 0.5, st.mult * 1.25).clamp(0.02, 1.0)
+            st.prev_r, st.loud = r, loud
+            step = -self.lr * st.mult * beta * torch.log((n + 0.5) / (M / N + 0.5))
             cap = 2.0 * self.lr * float(beta.mean())
             return step.clamp(-cap, cap)
         b1, b2 = self.adam_betas
-        r = n * (N / M) - 1.0
-        st['adam_t'] += 1
-        adam_m.mul_(b1).add_(r, alpha=1 - b1)
-        adam_v.mul_(b2).addcmul_(r, r, value=1 - b2)
-        m_hat = adam_m / (1 - b1 ** st['adam_t'])
-        v_hat = adam_v / (1 - b2 ** st['adam_t'])
+        st.adam_t += 1
+        st.adam_m.mul_(b1).add_(r, alpha=1 - b1)
+        st.adam_v.mul_(b2).addcmul_(r, r, value=1 - b2)
+        m_hat = st.adam_m / (1 - b1 ** st.adam_t)
+        v_hat = st.adam_v / (1 - b2 ** st.adam_t)
         return -self.lr * beta * m_hat / (v_hat.sqrt() + 1e-12)
 
     def _initial_heights(self, prob, engine, st):
@@ -792,35 +792,105 @@ class SemidiscreteSolver:
         best, best_r2 = None, math.inf
         for j, name in enumerate(('norm', 'voronoi', 'zero')):
             counts, _ = engine.batch(cands[name].to(prob.device, prob._exact), _PILOT, j, pilot)
-            st['samples_used'] += pilot
+            st.samples_used += pilot
             r2 = mass_error_stats(counts, pilot)['r2_debiased']
             if r2 < best_r2:
                 best, best_r2 = name, r2
         return cands[best]
 
-    def _fresh_state(self, prob, generator, h0, use_dist):
-        N = prob.num_targets
-        g = prob.to_centred(h0).cpu() if h0 is not None else None
-        M0 = int(self.samples_per_iter or 10 * N)
-        return dict(version=_STATE_VERSION, num_targets=N, dim=prob.dim, source=prob.source,
-                    seed=_seed_from(generator, use_dist), iter=0, g=g, g_avg=None, avg_samples=0,
-                    avg_samples_at_check=0, num_samples=M0, samples_used=0, qmc_offset=0, best=math.inf, bad=0,
-                    adam_m=torch.zeros(N, dtype=torch.float64), adam_v=torch.zeros(N, dtype=torch.float64),
-                    adam_t=0, mult=torch.ones(N, dtype=torch.float64), prev_r=torch.zeros(N, dtype=torch.float64),
-                    loud=torch.zeros(N, dtype=torch.bool), num_checks=0, check=None, converged=False)
-
     def _load_state(self, prob, resume):
-        version = resume.get('version') if isinstance(resume, dict) else None
-        if version != _STATE_VERSION:
-            raise ValueError(f'resume must be SemidiscreteOutput.state (version {_STATE_VERSION}), got '
-                             f'{type(resume).__name__} with version {version}')
+        st = SolverState.from_dict(resume.to_dict() if isinstance(resume, SolverState) else resume)
         want = dict(num_targets=prob.num_targets, dim=prob.dim, source=prob.source)
-        got = {k: resume.get(k) for k in want}
+        got = {k: getattr(st, k) for k in want}
         if got != want:
             raise ValueError(f'resume state is for a different problem: {got} vs this problem {want}')
-        st = dict(resume)
-        for k in ('g', 'g_avg', 'adam_m', 'adam_v', 'mult', 'prev_r', 'loud'):
-            if st[k] is not None:
-                st[k] = st[k].clone()
-        st['converged'] = False         # re-run continues (e.g. with a smaller tol) until the next check
+        st.converged = False         # re-run continues (e.g. with a smaller tol) until the next check
         return st
+
+
+class _MonteCarloRun:
+    """One call of SemidiscreteSolver: its state (on the problem's device), engines and settings."""
+
+    def __init__(self, solver, prob, generator, h0, resume):
+        self.solver, self.prob = solver, prob
+        N = prob.num_targets
+        use_dist = solver.distributed and dist_utils.is_distributed()
+        if resume is not None:
+            st = solver._load_state(prob, resume)
+        else:
+            g = prob.to_centred(h0).cpu() if h0 is not None else None
+            st = SolverState.fresh(prob, _seed_from(generator, use_dist), solver.samples_per_iter or 10 * N, g)
+        sampler = _Sampler(prob, st.seed, qmc=solver.qmc)
+        self.engine = _Engine(prob, sampler, solver.dtype, solver.chunk_size, solver.block_size, solver.rescore,
+                              solver.shard_targets, use_dist)
+        self.check_engine = _Engine(prob, sampler, None, solver.chunk_size, solver.block_size, 1,
+                                    solver.shard_targets, use_dist)
+        if st.g is None:
+            st.g = solver._initial_heights(prob, self.engine, st)
+        self.st = st.to(prob.device)
+        self.max_M = max(int(solver.max_samples_per_iter or 32 * N), st.num_samples)
+        tol = max(solver.tol, 1e-6)
+        self.check_M = int(solver.check_samples or max(20 * N, math.ceil(4 * math.sqrt(2 * N) / tol**2)))
+
+    def iteration(self):
+        """One fit batch, step, averaging and (when due) a check; returns the history row (without time_s)."""
+        st, s, prob = self.st, self.solver, self.prob
+        N = prob.num_targets
+        st.iter += 1
+        M = st.num_samples
+        counts, (top1, top2, gaps) = self.engine.batch(st.g.to(prob._exact), _FIT, st.iter, M,
+                                                       qmc_start=st.qmc_offset if s.qmc else None, pairs=True)
+        st.qmc_offset += M
+        st.samples_used += M
+        stats = mass_error_stats(counts, M)
+        grad_norm = float((counts.to(torch.float64) / M - 1.0 / N).norm())
+        gap, beta = _gap_scales(top1, top2, gaps, N)
+        st.g += s._step(counts, beta, M, st)
+        st.g -= st.g.mean()
+        self._average(stats['r2_debiased'], M)
+        check = self._check()
+        return dict(iter=st.iter, num_samples=M, grad_norm=grad_norm, rms=stats['rms'],
+                    max_rel_err=stats['max_abs'], empty=stats['empty'], gap=gap, averaging=st.g_avg is not None,
+                    samples_used=st.samples_used, time_s=None,
+                    check_rms=None if check is None else check['rms'],
+                    check_max_abs=None if check is None else check['max_abs'],
+                    check_noise_floor=None if check is None else check['noise_floor'],
+                    check_empty=None if check is None else check['empty'])
+
+    def _average(self, r2, M):
+        """Stalls start iterate averaging, then grow the samples per iteration; update the average."""
+        st, s = self.st, self.solver
+        if r2 < 0.9 * st.best:
+            st.best, st.bad = r2, 0
+        else:
+            st.bad += 1
+        # The iterate also counts as stalled once at its noise floor: in the logit model the 'log' step
+        # leaves var(r_i) = lr / (2 - lr) N / M; within 3x of that, only averaging still helps.
+        floor = s.lr / (2 - s.lr) * st.num_targets / M if s.step == 'log' and s.lr < 2 else -math.inf
+        at_floor = r2 <= 3 * floor
+        if st.bad >= s.patience or (st.g_avg is None and at_floor):
+            st.bad = 0
+            if st.g_avg is None:
+                st.g_avg, st.avg_samples = torch.zeros_like(st.g), 0
+            else:
+                st.num_samples = min(self.max_M, math.ceil(M * s.grow_factor))
+        if st.g_avg is not None:
+            # Weights grow linearly with the samples drawn since averaging began, so what is left of the
+            # transient fades (uniform weights would keep it for good).
+            prev, st.avg_samples = st.avg_samples, st.avg_samples + M
+            st.g_avg += (1.0 - (prev / st.avg_samples) ** 2) * (st.g - st.g_avg)
+
+    def _check(self):
+        """Certify the averaged heights on fresh samples once their noise floor sqrt(N / samples) is below
+        0.9 tol (linear weights keep 3/4 of the samples' worth), then after every 25% more samples."""
+        st, s, prob = self.st, self.solver, self.prob
+        if not (st.g_avg is not None and s.tol > 0 and st.num_targets / (0.75 * st.avg_samples) <= (0.9 * s.tol)**2
+                and st.avg_samples >= 1.25 * st.avg_samples_at_check):
+            return None
+        st.avg_samples_at_check = st.avg_samples
+        c_counts, _ = self.check_engine.batch(st.g_avg.to(prob._exact), _CHECK, st.num_checks, self.check_M)
+        st.num_checks += 1
+        st.samples_used += self.check_M
+        st.check = mass_error_stats(c_counts, self.check_M)
+        st.converged = st.check['rms'] <= s.tol and st.check['empty'] == 0
+        return st.check

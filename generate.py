@@ -18,6 +18,7 @@ import torch
 
 import dnnlib
 from sampling import GenerationError, dpmot, outputs, rng, snapshots, translation
+from sampling import potential as potential_lib
 from torch_utils import distributed as dist
 from torch_utils.images import save_png, scatter_plot, to_uint8
 
@@ -195,6 +196,9 @@ def _denoiser_kwargs(opts, model, sampler):
     if opts.potential is not None:
         if not os.path.isfile(opts.potential):
             raise click.ClickException(f'--potential: no such file: "{opts.potential}" (write one with potential.py)')
+        warning = potential_lib.unconverged_warning(opts.potential)
+        if warning is not None and dist.get_rank() == 0:
+            click.secho(f'WARNING: {warning}', fg='red', err=True)
         given = [_option_name(k) for k in _SCHEDULE if opts[k] is not None]
         if given:
             raise click.ClickException(f'{", ".join(given)}: the potential fixes the schedule (the one potential.py '

@@ -6,7 +6,8 @@
 
 Writes DIR/potential.pt (sampling.potential.load_potential), DIR/log.txt (options, memory estimate, the solver's
 errors per iteration) and DIR/potential-state.pt (the solver's checkpoint; re-running the same command
-resumes from it). The script only parses options: sampling.potential.setup_potential checks them and
+resumes from it). potential.py writes potential.pt only when the solver converged to --tol (or with
+--accept-unconverged); otherwise it says why and what to try, and exits with an error. The script only parses options: sampling.potential.setup_potential checks them and
 compute_potential does the work.
 """
 
@@ -52,20 +53,22 @@ def _command_line():
 @click.option('--num-targets',      help='Number N of data items forward-diffused into target latents (a seeded random subset)  [default: all]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--source',           help='Source law of the OT map: uniform on [0,1]^d (the paper) or standard normal', type=click.Choice(['uniform', 'normal']), default='uniform', show_default=True)
 @click.option('--seed',             help='Seed of the subset, the forward-diffusion noise and the solver\'s samples', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--solver',           help='exact: damped Newton on exact cell masses (d <= 3); monte-carlo: the stochastic solver (any d); auto: a checkpoint\'s solver, else exact for d <= 3', type=click.Choice(['auto', 'exact', 'monte-carlo']), default='auto', show_default=True)
 @click.option('--max-iters',        help='Solver iterations in total (a resumed run counts the earlier ones)', metavar='INT', type=click.IntRange(min=1), default=2000, show_default=True)
-@click.option('--tol',              help='Stop when the rms relative cell-mass error on fresh check samples is below this and no cell is empty (0: run --max-iters)', metavar='FLOAT', type=click.FloatRange(min=0), default=0.05, show_default=True)
-@click.option('--lr',               help='Solver step relative to the mean top-1/top-2 score gap', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True)
-@click.option('--solver-step',      help='Step rule of the Monte Carlo solver: log (gap-scaled Newton step on log cell masses) or adam  [default: log]', type=click.Choice(['log', 'adam']))
-@click.option('--solver-init',      help='Start of the Monte Carlo solver: auto (the best of the others on a pilot batch), norm, voronoi or zero  [default: auto]', type=click.Choice(['auto', 'norm', 'voronoi', 'zero']))
-@click.option('--samples-per-iter', help='Monte Carlo samples per iteration at the start  [default: 10 N]', metavar='INT', type=click.IntRange(min=2))
-@click.option('--max-samples-per-iter', help='Cap of the samples per iteration as they grow  [default: 32 N]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--tol',              help='Converged when the rms relative cell-mass error on fresh check samples is below this and no cell is empty (0: no check; run --max-iters)', metavar='FLOAT', type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option('--lr',               help='Monte Carlo solver: step relative to the mean top-1/top-2 score gap  [default: 0.5]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--solver-step',      help='Monte Carlo solver: step rule, log (gap-scaled Newton step on log cell masses) or adam  [default: log]', type=click.Choice(['log', 'adam']))
+@click.option('--solver-init',      help='Monte Carlo solver: start, auto (the best of the others on a pilot batch), norm, voronoi or zero  [default: auto]', type=click.Choice(['auto', 'norm', 'voronoi', 'zero']))
+@click.option('--samples-per-iter', help='Monte Carlo solver: samples per iteration at the start  [default: 10 N]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--max-samples-per-iter', help='Monte Carlo solver: cap of the samples per iteration as they grow  [default: 32 N]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--eval-samples',     help='Fresh samples of the final cell-mass evaluation  [default: 100 N]', metavar='INT', type=click.IntRange(min=2))
-@click.option('--precision',        help='Scoring precision of the solver (bf16: shortlist, then exact re-scoring)', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True)
+@click.option('--precision',        help='Monte Carlo solver: scoring precision (bf16: shortlist, then exact re-scoring)  [default: fp32]', type=click.Choice(['fp32', 'bf16']))
 @click.option('--block-size',       help='Source samples scored at a time (memory ~ block x chunk scores)', metavar='INT', type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option('--chunk-size',       help='Targets scored at a time', metavar='INT', type=click.IntRange(min=1), default=4096, show_default=True)
-@click.option('--shard-targets',    help='Under torchrun, split the targets (instead of the samples) across processes', is_flag=True)
+@click.option('--shard-targets',    help='Monte Carlo solver under torchrun: split the targets (instead of the samples) across processes', is_flag=True)
 @click.option('--checkpoint-every', help='Save the solver state every this many iterations', metavar='INT', type=click.IntRange(min=1), default=200, show_default=True)
 @click.option('--resume/--no-resume', help='Continue from DIR/potential-state.pt when it exists (same settings), or start over', default=True, show_default=True)
+@click.option('--accept-unconverged', help='Write potential.pt even when the solver did not converge to --tol (it is recorded as unconverged; generate.py warns)', is_flag=True)
 @click.option('--separate-targets', help='Write the latents to DIR/targets.pt (potential.pt keeps their path) instead of into potential.pt', is_flag=True)
 @click.option('--device',           help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True, show_default=True)
@@ -89,7 +92,7 @@ def main(**kwargs):
     try:
         job = potential_lib.setup_potential(**opts)
         potential_lib.compute_potential(job, device)
-    except potential_lib.SetupError as err:
+    except potential_lib.ComputeError as err:
         raise click.ClickException(str(err)) from None
     finally:
         dist.shutdown()

@@ -23,6 +23,8 @@ from sampling import diffusion, snapshots
 from torch_utils import distributed as dist
 from torch_utils.images import to_model_space
 from torch_utils.misc import state_dict_sha256, tensor_sha256
+from transport import power_cells
+from transport.newton import NewtonSolver
 from transport.semidiscrete import SemidiscreteProblem, SemidiscreteSolver, evaluate
 
 FORMAT = 'dpmot-potential'
@@ -219,7 +221,8 @@ def solve_potential(prob, solver, seed=0, resume=None, checkpoint=None, checkpoi
     """Run `solver` on `prob`, saving its state every `checkpoint_every` iterations and at the end.
 
     Args:
-        prob, solver: transport.semidiscrete SemidiscreteProblem and SemidiscreteSolver.
+        prob, solver: a transport.semidiscrete.SemidiscreteProblem, and a SemidiscreteSolver or a
+            transport.newton.NewtonSolver.
         seed: seed of the solver's sample streams (ignored when resuming).
         resume: a solver state to continue from (SemidiscreteOutput.state), or None.
         checkpoint: None, or save(state, history) called at every checkpoint (rank 0 writes, the caller decides).
@@ -243,7 +246,8 @@ def solve_potential(prob, solver, seed=0, resume=None, checkpoint=None, checkpoi
         state = out.state
         if checkpoint is not None:
             checkpoint(state, history)
-        if out.converged or out.num_iters >= solver.max_iters or stop[0] or not out.history:
+        if (out.converged or out.num_iters >= solver.max_iters or stop[0] or not out.history
+                or out.state.get('plateau') or out.state.get('failed')):
             return out, history
 
 #----------------------------------------------------------------------------
@@ -251,15 +255,21 @@ def solve_potential(prob, solver, seed=0, resume=None, checkpoint=None, checkpoi
 
 STATE_NAME = 'potential-state.pt'
 
+SOLVERS = ('auto', 'exact', 'monte-carlo')
+MONTE_CARLO_ONLY = dict(lr='--lr', precision='--precision', solver_step='--solver-step', solver_init='--solver-init',
+                        samples_per_iter='--samples-per-iter', max_samples_per_iter='--max-samples-per-iter',
+                        shard_targets='--shard-targets')
 OPTION_DEFAULTS = dict(steps=None, back_steps=5, sigma=None, sigma_min=None, sigma_max=None, rho=7.0,
-                       num_targets=None, source='uniform', seed=0, max_iters=2000, tol=0.05, lr=0.5,
-                       solver_step=None, solver_init=None, samples_per_iter=None, max_samples_per_iter=None,
-                       eval_samples=None, precision='fp32', block_size=2048, chunk_size=4096, shard_targets=False,
-                       checkpoint_every=200, resume=True, separate_targets=False, progress=True, command=None)
+                       num_targets=None, source='uniform', seed=0, solver='auto', max_iters=2000, tol=0.05,
+                       lr=None, solver_step=None, solver_init=None, samples_per_iter=None,
+                       max_samples_per_iter=None, eval_samples=None, precision=None, block_size=2048,
+                       chunk_size=4096, shard_targets=False, checkpoint_every=200, resume=True,
+                       accept_unconverged=False, separate_targets=False, progress=True, command=None)
 
 
-class SetupError(ValueError):
-    """A bad option or input of potential.py, found before anything is written; the message names the option."""
+class ComputeError(ValueError):
+    """potential.py cannot go on: a bad option or input (found by setup_potential, before anything is
+    written), a failed solve, or an unconverged result not accepted; the message says what to do."""
 
 
 def schedule_for(net, steps=None, back_steps=5, sigma=None, sigma_min=None, sigma_max=None, rho=7.0):
@@ -268,21 +278,21 @@ def schedule_for(net, steps=None, back_steps=5, sigma=None, sigma_min=None, sigm
     sigma_min = net_min if sigma_min is None else sigma_min
     sigma_max = net_max if sigma_max is None else sigma_max
     if not net_min <= sigma_min <= sigma_max <= net_max:
-        raise SetupError(f'--sigma-min={sigma_min:g} / --sigma-max={sigma_max:g} must satisfy '
+        raise ComputeError(f'--sigma-min={sigma_min:g} / --sigma-max={sigma_max:g} must satisfy '
                          f'{net_min:g} <= sigma-min <= sigma-max <= {net_max:g} (the network\'s range)')
     K = back_steps
     if sigma is not None:
         if steps is not None:
-            raise SetupError('--steps and --sigma exclude each other: give --steps S (the latents are then '
+            raise ComputeError('--steps and --sigma exclude each other: give --steps S (the latents are then '
                              'at sigma_(S-K)) or --sigma (then K steps run from it)')
         if not sigma_min < sigma <= sigma_max:
-            raise SetupError(f'--sigma={sigma:g} must lie in ({sigma_min:g}, {sigma_max:g}] (the '
+            raise ComputeError(f'--sigma={sigma:g} must lie in ({sigma_min:g}, {sigma_max:g}] (the '
                              'network\'s noise levels above --sigma-min)')
         sigmas = diffusion.edm_sigma_schedule(K, sigma_min, sigma, rho)
     else:
         S = 18 if steps is None else steps
         if K > S:
-            raise SetupError(f'--back-steps={K} exceeds --steps={S}: the OT map lands at sigma_(S-K), '
+            raise ComputeError(f'--back-steps={K} exceeds --steps={S}: the OT map lands at sigma_(S-K), '
                              f'so K must be at most S')
         sigmas = diffusion.edm_sigma_schedule(S, sigma_min, sigma_max, rho)
     round_sigma = getattr(net, 'round_sigma', None)
@@ -292,26 +302,26 @@ def schedule_for(net, steps=None, back_steps=5, sigma=None, sigma_min=None, sigm
 
 
 def open_inputs(network, data, num_targets=None):
-    """(net, snapshot, dataset) with every check that needs no computation (SetupError otherwise)."""
+    """(net, snapshot, dataset) with every check that needs no computation (ComputeError otherwise)."""
     if not os.path.exists(network) and not dnnlib.util.is_url(network):
-        raise SetupError(f'--network: no such file or folder: "{network}"')
+        raise ComputeError(f'--network: no such file or folder: "{network}"')
     try:
         net, snapshot = snapshots.load_denoiser(network)
         shape = snapshots.data_shape_of(net)
     except ValueError as err:
-        raise SetupError(f'--network: {err}') from None
+        raise ComputeError(f'--network: {err}') from None
     if not os.path.exists(data):
-        raise SetupError(f'--data: no such file or directory: "{data}"')
+        raise ComputeError(f'--data: no such file or directory: "{data}"')
     try:
         dataset = open_dataset(data)
     except (DatasetError, OSError) as err:
-        raise SetupError(f'--data: {err}') from None
+        raise ComputeError(f'--data: {err}') from None
     dshape = tuple(dataset.item_shape)
     if dshape != shape:
-        raise SetupError(f'--data holds items of shape {list(dshape)} but the network works on {list(shape)}: '
+        raise ComputeError(f'--data holds items of shape {list(dshape)} but the network works on {list(shape)}: '
                          'use the data set the denoiser was trained on')
     if num_targets is not None and num_targets > len(dataset):
-        raise SetupError(f'--num-targets={num_targets} exceeds the {len(dataset)} items of --data; use '
+        raise ComputeError(f'--num-targets={num_targets} exceeds the {len(dataset)} items of --data; use '
                          f'--num-targets <= {len(dataset)}')
     return net, snapshot, dataset
 
@@ -322,30 +332,66 @@ def target_latents(dataset, indices, sigma, seed, device):
     return forward_diffuse(x, sigma, seed).to(device)
 
 
-def _make_solver(o):
+def choose_solver(choice, dim, checkpoint_solver=None):
+    """The solver potential.py runs: 'exact' (damped Newton on exact cells, transport/newton.py) or
+    'monte-carlo' (transport.semidiscrete.SemidiscreteSolver). 'auto' continues a checkpoint's solver, else
+    takes 'exact' for d <= 3 (where the Monte Carlo step rule can plateau on clustered targets) and
+    'monte-carlo' above."""
+    if choice not in SOLVERS:
+        raise ComputeError(f'--solver={choice}: use one of {", ".join(SOLVERS)}')
+    if choice == 'exact' and dim > power_cells.MAX_DIM:
+        raise ComputeError(f'--solver=exact works for d <= {power_cells.MAX_DIM}, these latents have d = {dim}: use '
+                           '--solver=monte-carlo (or auto)')
+    if choice != 'auto':
+        return choice
+    if checkpoint_solver is not None:
+        return checkpoint_solver
+    return 'exact' if dim <= power_cells.MAX_DIM else 'monte-carlo'
+
+
+def _make_solver(o, method, dim):
+    if method == 'exact':
+        given = [flag for key, flag in MONTE_CARLO_ONLY.items() if o[key] not in (None, False)]
+        if given:
+            how = 'you chose --solver=exact' if o.solver == 'exact' else f'--solver=auto picks exact for d = {dim}'
+            raise ComputeError(f'{", ".join(given)} set(s) the Monte Carlo solver, but {how}: drop them, or add '
+                               '--solver=monte-carlo')
+        return NewtonSolver(max_iters=o.max_iters, tol=o.tol, block_size=o.block_size, chunk_size=o.chunk_size)
     extra = {k: v for k, v in (('step', o.solver_step), ('init', o.solver_init)) if v is not None}
     try:
-        return SemidiscreteSolver(max_iters=o.max_iters, tol=o.tol, lr=o.lr, samples_per_iter=o.samples_per_iter,
-                                  max_samples_per_iter=o.max_samples_per_iter, block_size=o.block_size,
-                                  chunk_size=o.chunk_size, shard_targets=o.shard_targets,
+        return SemidiscreteSolver(max_iters=o.max_iters, tol=o.tol, lr=o.lr or 0.5,
+                                  samples_per_iter=o.samples_per_iter, max_samples_per_iter=o.max_samples_per_iter,
+                                  block_size=o.block_size, chunk_size=o.chunk_size, shard_targets=o.shard_targets,
                                   dtype=torch.bfloat16 if o.precision == 'bf16' else torch.float32, **extra)
     except ValueError as err:
-        raise SetupError(f'Solver settings: {err}') from None
+        raise ComputeError(f'Solver settings: {err}') from None
 
 
-def _read_checkpoint(state_path, run_key):
-    """(solver state, history) of the checkpoint of this run, or (None, []) when there is none."""
+def _read_checkpoint(state_path):
+    """The checkpoint dict (run_key, state, history) at state_path."""
     try:
         ckpt = torch.load(state_path, map_location='cpu', weights_only=True)
     except Exception as err:
-        raise SetupError(f'Cannot read the checkpoint "{state_path}" ({type(err).__name__}: {err}); '
-                         'delete it or pass --no-resume') from None
-    old_key = ckpt.get('run_key', {}) if isinstance(ckpt, dict) else {}
-    diff = sorted(k for k in set(run_key) | set(old_key) if old_key.get(k) != run_key.get(k))
-    if diff:
-        raise SetupError(f'"{state_path}" is the checkpoint of another run (differs in {", ".join(diff)}); use '
-                         'another --outdir, or --no-resume to start over')
-    return ckpt['state'], list(ckpt.get('history', []))
+        raise ComputeError(f'Cannot read the checkpoint "{state_path}" ({type(err).__name__}: {err}); '
+                           'delete it or pass --no-resume') from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('run_key'), dict) or 'state' not in ckpt:
+        raise ComputeError(f'"{state_path}" is not a potential.py checkpoint; delete it or pass --no-resume')
+    # Checkpoints of the first version ran the Monte Carlo solver and did not record it.
+    ckpt['run_key'].setdefault('solver', 'monte-carlo')
+    return ckpt
+
+
+def _run_key(job):
+    """What makes two runs the same run (a checkpoint of another run is never resumed)."""
+    o = job.opts
+    key = dict(data_sha256=job.data_hash, denoiser_sha256=job.net_hash, num_targets=job.N,
+               data_shape=list(job.shape), sigma=float(job.sigmas[job.sigmas.numel() - 1 - job.K]),
+               source=o.source, seed=o.seed, solver=job.method)
+    if job.method == 'monte-carlo':
+        key.update(lr=job.solver.lr, precision=o.precision or 'fp32', step=job.solver.step, init=job.solver.init,
+                   samples_per_iter=o.samples_per_iter, max_samples_per_iter=o.max_samples_per_iter,
+                   block_size=o.block_size, chunk_size=o.chunk_size, shard_targets=o.shard_targets)
+    return key
 
 
 def setup_potential(network, data, outdir, **options):
@@ -354,10 +400,11 @@ def setup_potential(network, data, outdir, **options):
     Args:
         network, data, outdir: as potential.py's options; **options: the others (OPTION_DEFAULTS).
     Returns:
-        an EasyDict: opts, net, snapshot, dataset, sigmas, K, N, shape, indices, solver, data_hash, net_hash,
-        run_key, state_path, resume (a solver state or None) and history (the checkpoint's rows).
+        an EasyDict: opts, net, snapshot, dataset, sigmas, K, N, shape, indices, method ('exact' or
+        'monte-carlo'), solver, data_hash, net_hash, run_key, state_path, resume (a solver state or None)
+        and history (the checkpoint's rows).
     Raises:
-        SetupError with a one-line message naming the option.
+        ComputeError with a one-line message naming the option.
     """
     unknown = sorted(set(options) - set(OPTION_DEFAULTS))
     if unknown:
@@ -368,21 +415,23 @@ def setup_potential(network, data, outdir, **options):
     job.sigmas, job.K = schedule_for(job.net, o.steps, o.back_steps, o.sigma, o.sigma_min, o.sigma_max, o.rho)
     job.N = len(job.dataset) if o.num_targets is None else o.num_targets
     job.shape = snapshots.data_shape_of(job.net)
-    job.solver = _make_solver(o)
+    job.state_path = os.path.join(o.outdir, STATE_NAME)
+    ckpt = _read_checkpoint(job.state_path) if o.resume and os.path.isfile(job.state_path) else None
+    dim = math.prod(job.shape)
+    job.method = choose_solver(o.solver, dim, ckpt['run_key']['solver'] if ckpt else None)
+    job.solver = _make_solver(o, job.method, dim)
     job.data_hash = job.dataset.data_hash()
     job.net_hash = state_dict_sha256(job.net)
     job.indices = select_indices(len(job.dataset), job.N, o.seed)
-    sigma = float(job.sigmas[job.sigmas.numel() - 1 - job.K])
-    # What makes two runs the same run (a checkpoint of another run is never resumed).
-    job.run_key = dict(data_sha256=job.data_hash, denoiser_sha256=job.net_hash, num_targets=job.N,
-                       data_shape=list(job.shape), sigma=sigma, source=o.source, seed=o.seed, lr=o.lr,
-                       precision=o.precision, step=job.solver.step, init=job.solver.init,
-                       samples_per_iter=o.samples_per_iter, max_samples_per_iter=o.max_samples_per_iter,
-                       block_size=o.block_size, chunk_size=o.chunk_size, shard_targets=o.shard_targets)
-    job.state_path = os.path.join(o.outdir, STATE_NAME)
+    job.run_key = _run_key(job)
     job.resume, job.history = None, []
-    if o.resume and os.path.isfile(job.state_path):
-        job.resume, job.history = _read_checkpoint(job.state_path, job.run_key)
+    if ckpt is not None:
+        old = ckpt['run_key']
+        diff = sorted(k for k in set(job.run_key) | set(old) if old.get(k) != job.run_key.get(k))
+        if diff:
+            raise ComputeError(f'"{job.state_path}" is the checkpoint of another run (differs in {", ".join(diff)}); '
+                               'use another --outdir, or --no-resume to start over')
+        job.resume, job.history = ckpt['state'], list(ckpt.get('history', []))
     return job
 
 #----------------------------------------------------------------------------
@@ -395,9 +444,9 @@ class _RunLog:
         self.file = open(os.path.join(outdir, 'log.txt'), 'a', encoding='utf-8') if self.rank0 else None
 
     def say(self, line):
-        """Print a line and append it to the log."""
+        """Print a line (above a progress bar, if any) and append it to the log."""
         if self.rank0:
-            print(line)
+            tqdm.tqdm.write(line, file=sys.stdout)
             self.file.write(line + '\n')
             self.file.flush()
 
@@ -416,12 +465,37 @@ def format_bytes(n):
 
 
 def log_row(row):
-    """One solver history row as a line of log.txt."""
+    """One solver history row (either solver's) as a line of log.txt."""
     check = '' if row.get('check_rms') is None else \
         f'  check_rms {row["check_rms"]:.4f}  check_max {row["check_max_abs"]:.3f}  check_empty {row["check_empty"]}'
+    if 'num_samples' not in row:                                  # the exact (Newton) solver
+        step = '-' if row.get('step') is None else f'{row["step"]:.4g}'
+        return (f'iter {row["iter"]:<6d} rms {row["rms"]:<10.4g} max_rel_err {row["max_rel_err"]:<10.4g} '
+                f'empty {row["empty"]:<5d} step {step:<8s} evaluations {row["evaluations"]}{check}')
     return (f'iter {row["iter"]:<6d} samples {row["num_samples"]:<9d} rms {row["rms"]:<8.4f} '
             f'max_rel_err {row["max_rel_err"]:<8.3f} empty {row["empty"]:<5d} gap {row["gap"]:<10.4g} '
-            f'averaging {int(row["averaging"])}{check}')
+            f'averaging {int(row["averaging"])}{check}{"  plateau" if row.get("plateau") else ""}')
+
+
+def _progress_line(job, row):
+    """A console line for a notable iteration (every exact step, every check, a plateau), else None."""
+    tol = job.opts.tol
+    if row.get('check_rms') is not None:
+        verdict = 'within' if row['check_rms'] <= tol and row['check_empty'] == 0 else 'above'
+        line = (f'iter {row["iter"]}: check on fresh samples: rms relative cell-mass error {row["check_rms"]:.4f} '
+                f'({verdict} --tol={tol:g}), {row["check_empty"]} empty cells')
+        if row.get('plateau'):
+            return line + '; the error has stopped improving (plateau): stopping'
+        more = row.get('projected_iters')
+        if more is not None and more > 0:
+            left = job.opts.max_iters - row['iter']
+            line += (f'; at this rate ~{more} more iterations to --tol' if math.isfinite(more) else '; not improving')
+            line += f' (--max-iters leaves {left})' if not more <= left else ''
+        return line
+    if job.method == 'exact':
+        return (f'iter {row["iter"]}: exact cell masses: max relative error {row["max_rel_err"]:.3g}, rms '
+                f'{row["rms"]:.3g}, Newton step {row["step"]:.3g}')
+    return None
 
 
 def _header_lines(job, device):
@@ -429,20 +503,30 @@ def _header_lines(job, device):
     S = job.sigmas.numel() - 1
     d = math.prod(job.shape)
     world = dist.get_world_size()
-    mem = estimate_peak_memory(N, d, o.block_size, o.chunk_size, o.precision == 'bf16', world, o.shard_targets)
-    return [f'Potential: N = {N} latents of shape {list(job.shape)} (d = {d}) at sigma_{S - K} = '
-            f'{float(job.sigmas[S - K]):.6g} (schedule of S = {S} steps, K = {K} back-steps), source {o.source}',
-            f'Data: "{o.data}" ({len(job.dataset)} items, sha256 {job.data_hash[:12]}...); network: "{o.network}" '
-            f'(weights sha256 {(job.net_hash or "-")[:12]}...)',
-            f'Peak memory estimate per process on {device.type}: {format_bytes(mem["total"])} '
-            f'(set-up {format_bytes(mem["setup"])}, solving {format_bytes(mem["solve"])}), {world} process(es)',
-            f'Resume: {"from iteration " + str(job.resume["iter"]) if job.resume else "no (fresh start)"}']
+    lines = [f'Potential: N = {N} latents of shape {list(job.shape)} (d = {d}) at sigma_{S - K} = '
+             f'{float(job.sigmas[S - K]):.6g} (schedule of S = {S} steps, K = {K} back-steps), source {o.source}',
+             f'Data: "{o.data}" ({len(job.dataset)} items, sha256 {job.data_hash[:12]}...); network: "{o.network}" '
+             f'(weights sha256 {(job.net_hash or "-")[:12]}...)']
+    if job.method == 'exact':
+        lines.append(f'Solver: exact (damped Newton on exact cell masses, d = {d} <= 3), up to --max-iters='
+                     f'{o.max_iters} iterations, then a check on fresh samples against --tol={o.tol:g}')
+    else:
+        mem = estimate_peak_memory(N, d, o.block_size, o.chunk_size, o.precision == 'bf16', world, o.shard_targets)
+        lines += [f'Solver: monte-carlo (step {job.solver.step}, init {job.solver.init}), up to --max-iters='
+                  f'{o.max_iters} iterations, --tol={o.tol:g}',
+                  f'Peak memory estimate per process on {device.type}: {format_bytes(mem["total"])} '
+                  f'(set-up {format_bytes(mem["setup"])}, solving {format_bytes(mem["solve"])}), {world} process(es)']
+    lines.append(f'Resume: {"from iteration " + str(job.resume["iter"]) if job.resume else "no (fresh start)"}')
+    return lines
 
 
 def compute_potential(job, device):
     """Run a job of setup_potential: latents, the solve with checkpoints, the final evaluation and the file.
 
-    Writes DIR/log.txt, DIR/potential-state.pt and DIR/potential.pt (rank 0); returns the potential's path.
+    Writes DIR/log.txt and DIR/potential-state.pt, and DIR/potential.pt (rank 0) when the solver converged,
+    or with --tol=0 or accept_unconverged; returns the potential's path.
+    Raises:
+        ComputeError when the solver fails, or does not converge and accept_unconverged is off.
     """
     o = job.opts
     if dist.get_rank() == 0:
@@ -478,9 +562,12 @@ def _solve(job, prob, log):
 
     def on_iter(it, row):
         log.write(log_row(row))
+        line = _progress_line(job, row)
+        if line is not None:
+            log.say(line)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(rms=f'{row["rms"]:.3f}', empty=row['empty'],
+            bar.set_postfix(rms=f'{row["rms"]:.3g}', empty=row['empty'],
                             check=('-' if row['check_rms'] is None else f'{row["check_rms"]:.3f}'))
         return False
 
@@ -497,49 +584,109 @@ def _solve(job, prob, log):
     except (ValueError, RuntimeError) as err:
         saved = (f'"{job.state_path}" holds the last checkpoint' if os.path.isfile(job.state_path)
                  else 'no checkpoint was written')
-        raise SetupError(f'The solver failed ({type(err).__name__}: {err}); {saved}. Try another --solver-step '
-                         '(e.g. adam) or a smaller --lr, with --no-resume to start over') from None
+        hint = ('--solver=monte-carlo' if job.method == 'exact' else
+                'another --solver-step (e.g. adam) or a smaller --lr')
+        raise ComputeError(f'The solver failed ({type(err).__name__}: {err}); {saved}. Try {hint}, with '
+                           '--no-resume to start over') from None
     finally:
         if bar is not None:
             bar.close()
     return out, job.history + rows
 
 
+def _advice(job, out):
+    """Why the solver stopped unconverged, and what to try."""
+    o, state = job.opts, out.state
+    if job.method == 'exact':
+        why = state.get('failed') or f'--max-iters={o.max_iters} reached'
+        return why, 'try a larger --max-iters (re-running continues from the checkpoint), or --solver=monte-carlo'
+    d = math.prod(job.shape)
+    tries = []
+    if d <= power_cells.MAX_DIM:
+        tries.append(f'--solver=exact (exact cells for d = {d} <= 3)')
+    if state.get('plateau'):
+        why = 'the error stopped improving (plateau: three checks in a row none 10% better)'
+        tries += [f'a larger --max-samples-per-iter (now {o.max_samples_per_iter or 32 * job.N})',
+                  '--solver-step=adam', 'a larger --tol']
+    else:
+        why = f'--max-iters={o.max_iters} reached'
+        more = next((r['projected_iters'] for r in reversed(out.history) if r.get('projected_iters') is not None),
+                    None)
+        if more is not None and math.isfinite(more):
+            why += f' (at the rate of the last checks, ~{more} more iterations would be needed)'
+        tries.append('a larger --max-iters (re-running continues from the checkpoint)')
+    return why, 'try ' + ', or '.join(tries)
+
+
+def _diagnostics(job, out, history, converged, stats):
+    o = job.opts
+    keep = ('iter', 'num_samples', 'rms', 'max_rel_err', 'empty', 'gap', 'check_rms', 'step', 'plateau')
+    settings = dict(solver=job.method, block_size=o.block_size, chunk_size=o.chunk_size)
+    if job.method == 'monte-carlo':
+        settings.update(lr=job.solver.lr, precision=o.precision or 'fp32', step=job.solver.step,
+                        init=job.solver.init)
+    return dict(converged=converged, num_iters=out.num_iters, num_samples_used=out.num_samples_used, tol=o.tol,
+                max_iters=o.max_iters, check=out.check, plateau=bool(out.state.get('plateau', False)),
+                failed=out.state.get('failed'), eval={k: v for k, v in stats.items() if k != 'counts'},
+                eval_counts=stats['counts'].cpu(), settings=settings,
+                history=[{k: r.get(k) for k in keep} for r in history])
+
+
 def _evaluate_and_save(job, prob, targets, out, history, converged, log):
-    """The final evaluation on fresh samples, the potential file and the closing lines; returns its path."""
+    """The final evaluation on fresh samples, the potential file (when converged or accepted) and the
+    closing lines; returns its path."""
     o = job.opts
     stats = evaluate(prob, out.h, num_samples=o.eval_samples, generator=torch.Generator().manual_seed(o.seed + 1))
     gap = mean_score_gap(prob, out.h, generator=torch.Generator().manual_seed(o.seed + 2))
-    keep = ('iter', 'num_samples', 'rms', 'max_rel_err', 'empty', 'gap', 'check_rms')
-    settings = dict(lr=o.lr, precision=o.precision, step=job.solver.step, init=job.solver.init,
-                    block_size=o.block_size, chunk_size=o.chunk_size)
-    diagnostics = dict(converged=converged, num_iters=out.num_iters, num_samples_used=out.num_samples_used,
-                       tol=o.tol, max_iters=o.max_iters, check=out.check,
-                       eval={k: v for k, v in stats.items() if k != 'counts'}, eval_counts=stats['counts'].cpu(),
-                       settings=settings, history=[{k: r.get(k) for k in keep} for r in history])
+    log.say(f'Evaluation on {stats["num_samples"]} fresh samples: rms relative cell-mass error {stats["rms"]:.4f} '
+            f'(noise floor of max {stats["noise_floor"]:.3f}), max {stats["max_abs"]:.3f}, empty cells '
+            f'{stats["empty"]}, mean score gap {gap:.4g}')
+    path = os.path.join(o.outdir, 'potential.pt')
+    if converged:
+        used = f'{out.num_samples_used:,} samples' if job.method == 'monte-carlo' else \
+            f'exact cell masses; {out.num_samples_used:,} samples in the check'
+        log.say(f'Converged after {out.num_iters} iterations ({used}).')
+    elif o.tol == 0:
+        log.say(f'Ran {out.num_iters} iterations (--tol=0: no convergence check; the potential is recorded as '
+                'unconverged).')
+    else:
+        why, advice = _advice(job, out)
+        reached = f'rms {out.check["rms"]:.4f}, {out.check["empty"]} empty cells' if out.check else 'no check yet'
+        log.say(f'NOT CONVERGED after {out.num_iters} iterations: {why}; last check {reached}, --tol={o.tol:g}; '
+                f'{advice}.')
+        if not o.accept_unconverged:
+            raise ComputeError(f'the solver did not converge to --tol={o.tol:g} ({why}), so "{path}" was not '
+                               f'written; {advice}; or pass --accept-unconverged to write it anyway (generate.py '
+                               'then warns)')
+        log.say('Writing it anyway (--accept-unconverged); it is recorded as unconverged.')
     provenance = dict(data=os.path.abspath(o.data), data_sha256=job.data_hash, data_size=len(job.dataset),
                       network=o.network if dnnlib.util.is_url(o.network) else os.path.abspath(o.network),
                       denoiser_sha256=job.net_hash, network_kimg=job.snapshot.get('kimg'), seed=o.seed,
                       noise='sampling.potential.forward_diffuse(x, sigma, seed)', world_size=dist.get_world_size(),
                       command=o.command, created=datetime.datetime.now().isoformat(timespec='seconds'),
                       torch=str(torch.__version__))
-    path = os.path.join(o.outdir, 'potential.pt')
-    if not log.rank0:
-        return path
-    save_potential(path, h=out.h.cpu(), sigmas=job.sigmas, back_steps=job.K, source=o.source,
-                   data_shape=list(job.shape), score_gap=gap, targets=targets.cpu(),
-                   targets_path=os.path.join(o.outdir, 'targets.pt') if o.separate_targets else None,
-                   indices=job.indices, solver=diagnostics, provenance=provenance)
-    log.say(f'Evaluation on {stats["num_samples"]} fresh samples: rms relative cell-mass error {stats["rms"]:.4f} '
-            f'(noise floor of max {stats["noise_floor"]:.3f}), max {stats["max_abs"]:.3f}, empty cells '
-            f'{stats["empty"]}, mean score gap {gap:.4g}')
-    if converged:
-        log.say(f'Converged after {out.num_iters} iterations ({out.num_samples_used:,} samples).')
-    elif o.tol == 0:
-        log.say(f'Ran {out.num_iters} iterations (--tol=0: no convergence check).')
-    else:
-        log.say(f'Warning: not converged to --tol={o.tol:g} within --max-iters={o.max_iters} (last check: '
-                f'{json.dumps(out.check) if out.check else "none yet"}); re-run with a larger --max-iters to '
-                'continue from the checkpoint.')
+    if log.rank0:
+        save_potential(path, h=out.h.cpu(), sigmas=job.sigmas, back_steps=job.K, source=o.source,
+                       data_shape=list(job.shape), score_gap=gap, targets=targets.cpu(),
+                       targets_path=os.path.join(o.outdir, 'targets.pt') if o.separate_targets else None,
+                       indices=job.indices, solver=_diagnostics(job, out, history, converged, stats),
+                       provenance=provenance)
     log.say(f'Wrote {path}')
     return path
+
+
+def unconverged_warning(path):
+    """A one-line warning when the potential file at `path` is recorded as unconverged, else None (also
+    when it cannot be read: load_potential reports that). Reads the file memory-mapped (cheap)."""
+    try:
+        pot = torch.load(os.fspath(path), map_location='cpu', weights_only=True, mmap=True)
+        solver = pot.get('solver', {}) if isinstance(pot, dict) else {}
+    except Exception:
+        return None
+    if not isinstance(solver, dict) or solver.get('converged', True):
+        return None
+    check = solver.get('check') or {}
+    reached = f'rms relative cell-mass error {check["rms"]:.3g}' if 'rms' in check else 'never checked'
+    return (f'the potential "{path}" is recorded as NOT CONVERGED ({reached}, --tol={solver.get("tol")}): its cells '
+            'hold unequal source mass, so its targets are drawn with unequal frequencies; recompute it with '
+            'potential.py (for d <= 3, --solver=exact)')

@@ -18,7 +18,7 @@ from sampling import potential as potential_lib
 from sampling import snapshots
 from models.networks import Denoiser
 
-SOLVER = []  # the solver's defaults; one test passes --solver-step=adam
+SOLVER = []  # the solver's defaults (exact for these 2-D latents); one test passes --solver-step=adam
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_vector_potential_end_to_end(tmp_path, vector_setup):
     res = _run(f'--network={pkl}', f'--data={data}', '--steps=10', '--back-steps=3', '--num-targets=16',
                f'--outdir={out}', '--seed=4')
     assert res.exit_code == 0, res.output
-    assert 'Peak memory estimate' in res.output and 'Converged after' in res.output
+    assert 'Solver: exact' in res.output and 'Converged after' in res.output     # d = 2: the exact solver
     raw = torch.load(out / 'potential.pt', weights_only=True)
     pot = potential_lib.load_potential(out / 'potential.pt')
     # Independent recomputation of the latents: a seeded subset, then y = x + sigma_(S-K) n with seeded noise.
@@ -66,7 +66,7 @@ def test_vector_potential_end_to_end(tmp_path, vector_setup):
     assert prov['data_sha256'] == VectorDataset(data).data_hash()
     assert prov['denoiser_sha256'] == misc.state_dict_sha256(net) and prov['network_kimg'] == 1.0
     log = open(out / 'log.txt').read()
-    assert 'iter 1 ' in log and 'Peak memory estimate' in log and 'rms' in log and 'Wrote' in log
+    assert 'iter 1 ' in log and 'Solver: exact' in log and 'rms' in log and 'Wrote' in log
     # The recorded command is this call's options (in-process, sys.argv is pytest's).
     words = prov['command'].split()
     assert words[0] == 'potential.py' and prov['command'] in log
@@ -100,18 +100,21 @@ def test_images_with_sigma_and_separate_latents(tmp_path):
     assert x.shape == (3, 3, 8, 8) and info['nfe'] == 2 and torch.isfinite(x).all()
 
 
-def test_resume_continues_exactly(tmp_path, vector_setup):
+@pytest.mark.parametrize('solver,stop', [('monte-carlo', 7), ('exact', 2)])
+def test_resume_continues_exactly(tmp_path, vector_setup, solver, stop):
     pkl, data, _ = vector_setup
-    common = [f'--network={pkl}', f'--data={data}', '--num-targets=16', '--tol=0', '--checkpoint-every=5']
+    common = [f'--network={pkl}', f'--data={data}', '--num-targets=16', '--tol=0', '--checkpoint-every=5',
+              f'--solver={solver}']
     assert _run(*common, '--max-iters=12', f'--outdir={tmp_path / "full"}').exit_code == 0
-    assert _run(*common, '--max-iters=7', f'--outdir={tmp_path / "part"}').exit_code == 0
+    assert _run(*common, f'--max-iters={stop}', f'--outdir={tmp_path / "part"}').exit_code == 0
     res = _run(*common, '--max-iters=12', f'--outdir={tmp_path / "part"}')
-    assert res.exit_code == 0 and 'Resume: from iteration 7' in res.output, res.output
+    assert res.exit_code == 0 and f'Resume: from iteration {stop}' in res.output, res.output
     full = potential_lib.load_potential(tmp_path / 'full' / 'potential.pt')
     part = potential_lib.load_potential(tmp_path / 'part' / 'potential.pt')
-    assert full['solver']['num_iters'] == part['solver']['num_iters'] == 12
+    n = full['solver']['num_iters']
+    assert part['solver']['num_iters'] == n and n == (12 if solver == 'monte-carlo' else n) and n > stop
     torch.testing.assert_close(part['h'], full['h'], rtol=1e-12, atol=1e-12)
-    assert [r['iter'] for r in part['solver']['history']] == list(range(1, 13))
+    assert [r['iter'] for r in part['solver']['history']] == list(range(1, n + 1))
 
 
 def test_rerun_after_convergence_and_checkpoints_of_other_runs(tmp_path, vector_setup):
@@ -130,7 +133,7 @@ def test_rerun_after_convergence_and_checkpoints_of_other_runs(tmp_path, vector_
 
 
 @pytest.mark.parametrize('case', ['no-network', 'not-a-pickle', 'eot-snapshot', 'shape', 'back-steps', 'num-targets',
-                                  'steps-and-sigma', 'sigma-range', 'no-data', 'bad-step'])
+                                  'steps-and-sigma', 'sigma-range', 'no-data', 'bad-step', 'mc-option-exact'])
 def test_bad_input_fails_before_any_output(tmp_path, vector_setup, case):
     pkl, data, _ = vector_setup
     args = dict(network=pkl, data=data, outdir=str(tmp_path / 'out'))
@@ -156,8 +159,11 @@ def test_bad_input_fails_before_any_output(tmp_path, vector_setup, case):
         extra, expect = ['--sigma=100'], '--sigma=100'
     elif case == 'no-data':
         args['data'], expect = str(tmp_path / 'nope.npz'), 'no such file'
-    else:
+    elif case == 'bad-step':
         extra, expect = ['--solver-step=nope'], "'nope' is not one of 'log', 'adam'"
+    else:
+        extra, expect = ['--solver-step=adam', '--lr=0.3'], ('--lr, --solver-step set(s) the Monte Carlo solver, but '
+                                                            '--solver=auto picks exact for d = 2')
     res = CliRunner().invoke(potential.main, [f'--{k}={v}' for k, v in args.items()] + extra + ['--device=cpu'])
     assert res.exit_code != 0 and expect in res.output, res.output
     assert not os.path.exists(tmp_path / 'out')
@@ -170,10 +176,11 @@ def test_help_explains_every_option():
         assert param.help, param.name
 
 
-def test_two_gloo_processes_give_the_single_process_answer(tmp_path, vector_setup):
+@pytest.mark.parametrize('solver', ['monte-carlo', 'exact'])
+def test_two_gloo_processes_give_the_single_process_answer(tmp_path, vector_setup, solver):
     pkl, data, _ = vector_setup
-    common = [f'--network={pkl}', f'--data={data}', '--num-targets=16', '--tol=0', '--max-iters=8',
-              '--block-size=64', '--no-progress', '--device=cpu', *SOLVER]
+    common = [f'--network={pkl}', f'--data={data}', '--num-targets=16', '--max-iters=8', '--block-size=64',
+              '--no-progress', '--device=cpu', f'--solver={solver}', '--tol=0' if solver == 'monte-carlo' else '--tol=0.2']
     assert CliRunner().invoke(potential.main, common + [f'--outdir={tmp_path / "one"}']).exit_code == 0
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'potential.py')
     torchrun(script, *common, f'--outdir={tmp_path / "two"}', nproc=2)
@@ -223,3 +230,45 @@ def test_generate_passes_the_angle_threshold_to_top_k(tmp_path, vector_setup):
     res = CliRunner().invoke(generate.main, [f'--network={pkl}', f'--potential={out / "potential.pt"}',
                                              f'--outdir={tmp_path / "bad"}', '--seeds=0', '--angle-threshold=0.3'])
     assert res.exit_code != 0 and '--topk >= 2' in res.output and not os.path.exists(tmp_path / 'bad')
+
+
+def test_unconverged_potential_is_refused_unless_accepted_and_generate_warns(tmp_path, vector_setup):
+    """The Monte Carlo solver stopped after 2 iterations: no potential.pt, a message with the error reached, the
+    tolerance and what to try; --accept-unconverged writes it, recorded as unconverged; generate.py warns."""
+    import generate
+    pkl, data, _ = vector_setup
+    out = tmp_path / 'pot'
+    common = [f'--network={pkl}', f'--data={data}', '--num-targets=16', '--solver=monte-carlo', f'--outdir={out}']
+    res = _run(*common, '--max-iters=2')
+    assert res.exit_code != 0, res.output
+    assert 'NOT CONVERGED after 2 iterations: --max-iters=2 reached' in res.output
+    assert '--tol=0.05' in res.output and '--solver=exact' in res.output and '--accept-unconverged' in res.output
+    assert not os.path.exists(out / 'potential.pt') and os.path.isfile(out / potential.STATE_NAME)
+    assert 'NOT CONVERGED' in open(out / 'log.txt').read()
+    res = _run(*common, '--max-iters=3', '--accept-unconverged')
+    assert res.exit_code == 0 and 'Resume: from iteration 2' in res.output and 'Writing it anyway' in res.output
+    pot = potential_lib.load_potential(out / 'potential.pt')
+    assert pot['solver']['converged'] is False and pot['solver']['num_iters'] == 3
+    res = CliRunner().invoke(generate.main, [f'--network={pkl}', f'--potential={out / "potential.pt"}',
+                                                             f'--outdir={tmp_path / "gen"}', '--seeds=0-3', '--device=cpu'])
+    assert res.exit_code == 0, res.output
+    assert 'WARNING' in res.stderr and 'NOT CONVERGED' in res.stderr and 'potential.py' in res.stderr
+    # A converged potential gives no warning.
+    assert _run(*common[:-1], f'--outdir={tmp_path / "good"}', '--solver=exact').exit_code == 0
+    assert potential_lib.unconverged_warning(tmp_path / 'good' / 'potential.pt') is None
+
+
+def test_exact_solver_refuses_high_dimensional_latents(tmp_path):
+    net = Denoiser([3], model_channels=8, depth=1).eval()
+    with open(tmp_path / 'net.pkl', 'wb') as f:
+        pickle.dump(dict(ema=net), f)
+    data = write_vector_npz(tmp_path / 'd.npz', 8, dim=3, seed=1)
+    res = _run(f'--network={tmp_path / "net.pkl"}', f'--data={data}', '--solver=exact', f'--outdir={tmp_path / "ok"}')
+    assert res.exit_code == 0, res.output                                        # d = 3 is fine
+    net4 = Denoiser([4], model_channels=8, depth=1).eval()
+    with open(tmp_path / 'net4.pkl', 'wb') as f:
+        pickle.dump(dict(ema=net4), f)
+    data4 = write_vector_npz(tmp_path / 'd4.npz', 8, dim=4, seed=1)
+    res = _run(f'--network={tmp_path / "net4.pkl"}', f'--data={data4}', '--solver=exact', f'--outdir={tmp_path / "no"}')
+    assert res.exit_code != 0 and '--solver=exact works for d <= 3' in res.output and 'd = 4' in res.output
+    assert not os.path.exists(tmp_path / 'no')

@@ -45,7 +45,13 @@ The solver (see SemidiscreteSolver for the settings):
    sqrt(lr / (2 - lr) N / M).
 4. Certification: once the averaged samples could support `tol`, the averaged heights are scored on fresh
    check samples that are never used for fitting; `converged` means their debiased rms relative cell-mass
-   error is <= tol and no cell is empty.
+   error is <= tol and no cell is empty. Once the samples per iteration are at their cap, the checks'
+   trend (check_trend: rms ~ averaged samples^-a over the last five checks; a = 1/2 for pure noise)
+   projects the iterations still needed; a flat error (a < 0.1, rms > 1.5 tol) is a plateau, and the
+   solver stops, not converged, with state['plateau'] set (stop_on_plateau=False runs on).
+
+In dimension d <= 3 the cells can be computed exactly, and transport/newton.py's damped Newton method solves
+the clustered low-dimensional problems on which this stochastic method plateaus (docs/dpmot.md).
 
 Work is split across ranks when a torch.distributed process group is active (torchrun): Monte Carlo sample
 blocks, or with shard_targets=True blocks of targets (each rank scores every sample against its targets; the
@@ -514,6 +520,30 @@ def evaluate(prob, h, num_samples=None, generator=None, *, x=None, block_size=20
         counts, _ = engine.batch(g, _EVAL, 0, M)
     return dict(mass_error_stats(counts, M), num_samples=M, counts=counts)
 
+def check_trend(checks, tol, samples_per_iter, window=5):
+    """The trend of the last `window` checks of the averaged heights, [avg_samples, rms] each.
+
+    Fits rms ~ c avg_samples^-a by least squares on the logs (a = 1/2 when only noise is left; the averaged
+    samples grow 25% between checks, so five checks span ~2.4x). Returns None with fewer checks, else
+    dict(slope=a, projected_iters: the iterations of samples_per_iter samples until rms reaches tol at this
+    rate (0 when already there, inf when a <= 0), plateau: a < 0.1 while rms > 1.5 tol).
+    """
+    pts = [(n, r) for n, r in checks[-window:] if n > 0 and r > 0]
+    if len(pts) < window:
+        return None
+    x = [math.log(n) for n, _ in pts]
+    y = [math.log(r) for _, r in pts]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    var = sum((v - mx) ** 2 for v in x)
+    slope = -sum((u - mx) * (v - my) for u, v in zip(x, y)) / var if var > 0 else 0.0
+    n_last, r_last = pts[-1]
+    if r_last <= tol:
+        projected = 0
+    else:
+        growth = math.log(r_last / tol) / slope if slope > 0 else math.inf     # log of the samples' growth
+        projected = math.ceil(n_last * math.expm1(growth) / samples_per_iter) if growth < 500 else math.inf
+    return dict(slope=slope, projected_iters=projected, plateau=slope < 0.1 and r_last > 1.5 * tol)
+
 #----------------------------------------------------------------------------
 # Starting heights (centred, float64 on the CPU, mean 0).
 
@@ -569,7 +599,8 @@ class SemidiscreteOutput:
     history: one dict per iteration of this call: iter, num_samples, grad_norm (|n/M - 1/N|_2), rms (debiased,
         current iterate, on its fit batch, which it has not seen), max_rel_err, empty, gap (mean top-1/top-2
         score gap), averaging, samples_used, time_s and, on iterations with a check of the averaged h,
-        check_rms, check_max_abs, check_noise_floor, check_empty (else None).
+        check_rms, check_max_abs, check_noise_floor, check_empty and projected_iters (check_trend's, once
+        the samples per iteration are at their cap; else None); plateau (see SemidiscreteSolver.stop_on_plateau).
     num_iters: iterations done in total (including resumed ones).
     num_samples_used: source samples drawn in total (fitting and checks, including resumed ones).
     check: the last check's statistics (mass_error_stats of h), or None.
@@ -618,8 +649,11 @@ class SolverState:
     num_checks: int = 0
     check: Optional[dict] = None
     converged: bool = False
+    checks: list = dataclasses.field(default_factory=list)   # [avg_samples, rms] of every check (version 2)
+    plateau: bool = False                   # the checks stopped improving (version 2)
 
-    VERSION = 1
+    KIND = 'monte-carlo'
+    VERSION = 2
 
     @classmethod
     def fresh(cls, prob, seed, num_samples, g=None):
@@ -631,19 +665,25 @@ class SolverState:
 
     def to_dict(self):
         """A plain dict of the state (tensors on the CPU) with 'version'."""
-        out = dict(version=self.VERSION)
+        out = dict(kind=self.KIND, version=self.VERSION)
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v.detach().cpu().clone() if torch.is_tensor(v) else v
+            out[f.name] = v.detach().cpu().clone() if torch.is_tensor(v) else (list(v) if isinstance(v, list) else v)
         return out
 
     @classmethod
     def from_dict(cls, d):
-        """Read a dict written by to_dict (any version so far); tensors are cloned."""
+        """Read a dict written by to_dict (versions 1 and 2); tensors are cloned.
+
+        Version 1 (no 'kind', no check history) reads with an empty check history."""
         version = d.get('version') if isinstance(d, dict) else None
-        if version != cls.VERSION:
-            raise ValueError(f'resume must be a Monte Carlo solver state (SemidiscreteOutput.state, version '
-                             f'{cls.VERSION}); got {type(d).__name__} with version {version}')
+        kind = d.get('kind', cls.KIND) if isinstance(d, dict) else None
+        if version not in (1, cls.VERSION) or kind != cls.KIND:
+            raise ValueError(f'resume must be a Monte Carlo solver state (SemidiscreteOutput.state of '
+                             f'SemidiscreteSolver, versions 1-{cls.VERSION}); got {type(d).__name__} of kind '
+                             f'{kind!r}, version {version}')
+        if version == 1:
+            d = dict(d, checks=[], plateau=False)
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(names - set(d))
         if missing:
@@ -687,6 +727,8 @@ class SemidiscreteSolver:
             Gaussian tail levels, g_i = -sqrt(2 ln N) s |y_i - ybar|), 'voronoi' (Voronoi cells of sites
             inside the source's support) or 'zero' (g = 0). h0= in the call overrides it.
         distributed: use the active torch.distributed process group, if any.
+        stop_on_plateau: stop (not converged, output.state['plateau'] set) when the checks stop improving
+            (check_trend: the samples per iteration at their cap and the last five checks' error flat).
     """
     max_iters: int = 1000
     tol: float = 0.05
@@ -706,6 +748,7 @@ class SemidiscreteSolver:
     shard_targets: bool = False
     init: str = 'auto'
     distributed: bool = True
+    stop_on_plateau: bool = True
 
     def __post_init__(self):
         if self.step not in ('log', 'adam'):
@@ -745,7 +788,7 @@ class SemidiscreteSolver:
         st, history, t0 = run.st, [], time.perf_counter()
         if prob.num_targets == 1:      # a single cell holds all the mass
             st.converged = True
-        while st.iter < self.max_iters and not st.converged:
+        while st.iter < self.max_iters and not st.converged and not (st.plateau and self.stop_on_plateau):
             row = run.iteration()
             row['time_s'] = time.perf_counter() - t0
             history.append(row)
@@ -804,7 +847,7 @@ class SemidiscreteSolver:
         got = {k: getattr(st, k) for k in want}
         if got != want:
             raise ValueError(f'resume state is for a different problem: {got} vs this problem {want}')
-        st.converged = False         # re-run continues (e.g. with a smaller tol) until the next check
+        st.converged = st.plateau = False    # a re-run continues (e.g. with a smaller tol) until the next check
         return st
 
 
@@ -831,6 +874,7 @@ class _MonteCarloRun:
         self.max_M = max(int(solver.max_samples_per_iter or 32 * N), st.num_samples)
         tol = max(solver.tol, 1e-6)
         self.check_M = int(solver.check_samples or max(20 * N, math.ceil(4 * math.sqrt(2 * N) / tol**2)))
+        self.trend = None
 
     def iteration(self):
         """One fit batch, step, averaging and (when due) a check; returns the history row (without time_s)."""
@@ -855,7 +899,8 @@ class _MonteCarloRun:
                     check_rms=None if check is None else check['rms'],
                     check_max_abs=None if check is None else check['max_abs'],
                     check_noise_floor=None if check is None else check['noise_floor'],
-                    check_empty=None if check is None else check['empty'])
+                    check_empty=None if check is None else check['empty'], plateau=st.plateau,
+                    projected_iters=None if check is None or self.trend is None else self.trend['projected_iters'])
 
     def _average(self, r2, M):
         """Stalls start iterate averaging, then grow the samples per iteration; update the average."""
@@ -893,4 +938,7 @@ class _MonteCarloRun:
         st.samples_used += self.check_M
         st.check = mass_error_stats(c_counts, self.check_M)
         st.converged = st.check['rms'] <= s.tol and st.check['empty'] == 0
+        st.checks.append([st.avg_samples, st.check['rms']])
+        self.trend = check_trend(st.checks, s.tol, st.num_samples) if st.num_samples >= self.max_M else None
+        st.plateau = bool(not st.converged and self.trend is not None and self.trend['plateau'])
         return st.check

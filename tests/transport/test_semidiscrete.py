@@ -366,3 +366,42 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match='different problem'):
         out = sd.SemidiscreteSolver(max_iters=1, tol=0)(prob)
         sd.SemidiscreteSolver(max_iters=2)(sd.SemidiscreteProblem(torch.randn(11, 3)), resume=out.state)
+
+#----------------------------------------------------------------------------
+# State versions and the checks' trend.
+
+def test_state_versions_round_trip_and_old_states_load():
+    fixture = os.path.join(ROOT, 'tests', 'fixtures', 'v1', 'potential-unfinished', 'potential-state.pt')
+    old = torch.load(fixture, weights_only=True)['state']
+    assert old['version'] == 1 and 'kind' not in old
+    st = sd.SolverState.from_dict(old)
+    assert st.iter == 3 and st.checks == [] and not st.plateau and torch.equal(st.g, old['g'])
+    d = st.to_dict()
+    assert d['version'] == sd.SolverState.VERSION and d['kind'] == 'monte-carlo'
+    again = sd.SolverState.from_dict(d)
+    assert all(torch.equal(getattr(again, k), getattr(st, k)) if torch.is_tensor(getattr(st, k))
+               else getattr(again, k) == getattr(st, k) for k in d if k not in ('version', 'kind'))
+    with pytest.raises(ValueError, match='version 99'):
+        sd.SolverState.from_dict(dict(old, version=99))
+    with pytest.raises(ValueError, match="kind 'newton'"):
+        sd.SolverState.from_dict(dict(d, kind='newton'))
+    damaged = dict(d)
+    del damaged['g_avg']
+    with pytest.raises(ValueError, match='lacks g_avg'):
+        sd.SolverState.from_dict(damaged)
+
+
+def test_check_trend_fits_the_rate_and_projects_the_iterations():
+    n = [1000 * 1.25 ** k for k in range(6)]
+    # rms = 3 n^-0.5: slope 1/2; reaching tol needs n* = (3 / tol)^2 averaged samples.
+    checks = [[v, 3 * v ** -0.5] for v in n]
+    t = sd.check_trend(checks, tol=0.05, samples_per_iter=100)
+    assert t['slope'] == pytest.approx(0.5, rel=1e-9) and not t['plateau']
+    assert t['projected_iters'] == math.ceil(((3 / 0.05) ** 2 - n[-1]) / 100)
+    flat = [[v, 0.2 * (1 + 0.01 * (-1) ** k)] for k, v in enumerate(n)]
+    t = sd.check_trend(flat, tol=0.05, samples_per_iter=100)
+    assert t['plateau'] and abs(t['slope']) < 0.05 and t['projected_iters'] == math.inf
+    assert not sd.check_trend(flat, tol=0.15, samples_per_iter=100)['plateau']     # within 1.5 tol: not a plateau
+    assert sd.check_trend(checks[:4], tol=0.05, samples_per_iter=100) is None
+    done = sd.check_trend(checks, tol=1.0, samples_per_iter=100)
+    assert done['projected_iters'] == 0

@@ -74,7 +74,7 @@ def _check_plain(obj, where):
                         'str, int, float, bool, list, dict or tensor')
 
 def save_potential(path, *, h, sigmas, back_steps, source, data_shape, score_gap, targets=None, targets_path=None,
-                   indices=None, solver=None, provenance=None):
+                   indices=None, labels=None, class_label=None, solver=None, provenance=None):
     """Write a potential file atomically (loadable with torch.load(weights_only=True)).
 
     Args:
@@ -87,6 +87,8 @@ def save_potential(path, *, h, sigmas, back_steps, source, data_shape, score_gap
         targets: the latents [N, *data_shape] (float32); stored in the file, or in `targets_path` when given.
         targets_path: write the latents to this separate file instead (stored relative to the potential).
         indices: [N] data set indices behind the latents.
+        labels: [N] class index of each latent's item (int64), or None when the data set has no labels.
+        class_label: the class the potential was made for (potential.py --class), or None for all items.
         solver: diagnostics (converged, iterations, errors, settings, history).
         provenance: data_sha256, denoiser_sha256, paths, seed, ...
     """
@@ -103,10 +105,17 @@ def save_potential(path, *, h, sigmas, back_steps, source, data_shape, score_gap
     if targets.shape[0] != h.numel() or list(targets.shape[1:]) != list(data_shape):
         raise ValueError(f'targets of shape {list(targets.shape)} do not match h [{h.numel()}] and data_shape '
                          f'{list(data_shape)}')
+    if labels is not None:
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        if labels.shape != (h.numel(),) or (labels < 0).any():
+            raise ValueError(f'labels must be {h.numel()} non-negative class indices; got shape {list(labels.shape)}')
+    if class_label is not None and (labels is None or not bool((labels == int(class_label)).all())):
+        raise ValueError(f'class_label={class_label} needs labels that are all {class_label}')
     pot = dict(format=FORMAT, version=VERSION, h=h, sigmas=sigmas, num_steps=S, back_steps=K,
                sigma=float(sigmas[S - K]), source=source, data_shape=[int(s) for s in data_shape],
                score_gap=float(score_gap), targets=None, targets_path=None, targets_sha256=tensor_sha256(targets),
                indices=None if indices is None else torch.as_tensor(np.asarray(indices), dtype=torch.int64),
+               labels=labels, class_label=None if class_label is None else int(class_label),
                solver=dict(solver or {}), provenance=dict(provenance or {}))
     _check_plain(pot['solver'], 'solver')
     _check_plain(pot['provenance'], 'provenance')
@@ -159,6 +168,14 @@ def load_potential(path, map_location='cpu'):
     if tensor_sha256(targets) != pot['targets_sha256']:
         raise PotentialError(f'"{path}": the target latents do not match the hash recorded with the heights (the '
                              'latents file was changed or replaced); recompute the potential with potential.py')
+    pot.setdefault('labels', None)                  # files of the first version have neither
+    pot.setdefault('class_label', None)
+    labels = pot['labels']
+    if labels is not None and (not torch.is_tensor(labels) or labels.dtype != torch.int64 or labels.shape != (N,)):
+        raise PotentialError(f'"{path}": labels should be an int64 tensor [{N}], got {type(labels).__name__} '
+                             f'{list(getattr(labels, "shape", []))}; recompute it with potential.py')
+    if pot['class_label'] is not None and (labels is None or not bool((labels == pot['class_label']).all())):
+        raise PotentialError(f'"{path}": class_label={pot["class_label"]} does not match its labels; recompute it')
     diffusion.check_sigmas(pot['sigmas'])
     if not 1 <= pot['back_steps'] <= pot['num_steps'] == pot['sigmas'].numel() - 1:
         raise PotentialError(f'"{path}": back_steps={pot["back_steps"]} and num_steps={pot["num_steps"]} do not fit '
@@ -260,7 +277,8 @@ MONTE_CARLO_ONLY = dict(lr='--lr', precision='--precision', solver_step='--solve
                         samples_per_iter='--samples-per-iter', max_samples_per_iter='--max-samples-per-iter',
                         shard_targets='--shard-targets')
 OPTION_DEFAULTS = dict(steps=None, back_steps=5, sigma=None, sigma_min=None, sigma_max=None, rho=7.0,
-                       num_targets=None, source='uniform', seed=0, solver='auto', max_iters=2000, tol=0.05,
+                       num_targets=None, class_label=None, source='uniform', seed=0, solver='auto', max_iters=2000,
+                       tol=0.05,
                        lr=None, solver_step=None, solver_init=None, samples_per_iter=None,
                        max_samples_per_iter=None, eval_samples=None, precision=None, block_size=2048,
                        chunk_size=4096, shard_targets=False, checkpoint_every=200, resume=True,
@@ -273,27 +291,32 @@ class ComputeError(ValueError):
 
 
 def schedule_for(net, steps=None, back_steps=5, sigma=None, sigma_min=None, sigma_max=None, rho=7.0):
-    """(sigmas [S + 1], K) from steps / back_steps or sigma / back_steps, within the network's range."""
-    net_min, net_max = float(getattr(net, 'sigma_min', 0.002)), float(getattr(net, 'sigma_max', 80.0))
-    sigma_min = net_min if sigma_min is None else sigma_min
-    sigma_max = net_max if sigma_max is None else sigma_max
-    if not net_min <= sigma_min <= sigma_max <= net_max:
-        raise ComputeError(f'--sigma-min={sigma_min:g} / --sigma-max={sigma_max:g} must satisfy '
-                         f'{net_min:g} <= sigma-min <= sigma-max <= {net_max:g} (the network\'s range)')
+    """(sigmas [S + 1], K) from steps / back_steps or sigma / back_steps.
+
+    As NVlabs/edm's sampler: the schedule runs from min(sigma_max, net.sigma_max) to max(sigma_min,
+    net.sigma_min), with sigma_min / sigma_max defaulting to 0.002 / 80 (so a network with EDM's defaults
+    sigma_min = 0, sigma_max = inf works), and the network's round_sigma applied.
+    """
+    sigma_min = max(0.002 if sigma_min is None else float(sigma_min), float(getattr(net, 'sigma_min', 0.0)))
+    sigma_max = min(80.0 if sigma_max is None else float(sigma_max), float(getattr(net, 'sigma_max', math.inf)))
+    if not 0 < sigma_min <= sigma_max < math.inf:
+        raise ComputeError(f'the noise range is empty: --sigma_min={sigma_min:g} and --sigma_max={sigma_max:g} after '
+                           f'clamping to the network\'s range ({getattr(net, "sigma_min", 0.0):g}, '
+                           f'{getattr(net, "sigma_max", math.inf):g}); choose --sigma_min <= --sigma_max inside it')
     K = back_steps
     if sigma is not None:
         if steps is not None:
             raise ComputeError('--steps and --sigma exclude each other: give --steps S (the latents are then '
-                             'at sigma_(S-K)) or --sigma (then K steps run from it)')
+                               'at sigma_(S-K)) or --sigma (then K steps run from it)')
         if not sigma_min < sigma <= sigma_max:
-            raise ComputeError(f'--sigma={sigma:g} must lie in ({sigma_min:g}, {sigma_max:g}] (the '
-                             'network\'s noise levels above --sigma-min)')
+            raise ComputeError(f'--sigma={sigma:g} must lie in ({sigma_min:g}, {sigma_max:g}] (the noise levels '
+                               'of the schedule above --sigma_min)')
         sigmas = diffusion.edm_sigma_schedule(K, sigma_min, sigma, rho)
     else:
         S = 18 if steps is None else steps
         if K > S:
             raise ComputeError(f'--back-steps={K} exceeds --steps={S}: the OT map lands at sigma_(S-K), '
-                             f'so K must be at most S')
+                               f'so K must be at most S')
         sigmas = diffusion.edm_sigma_schedule(S, sigma_min, sigma_max, rho)
     round_sigma = getattr(net, 'round_sigma', None)
     if round_sigma is not None:
@@ -301,8 +324,9 @@ def schedule_for(net, steps=None, back_steps=5, sigma=None, sigma_min=None, sigm
     return sigmas, K
 
 
-def open_inputs(network, data, num_targets=None):
-    """(net, snapshot, dataset) with every check that needs no computation (ComputeError otherwise)."""
+def open_inputs(network, data):
+    """(net, snapshot, dataset) with every check that needs no computation (ComputeError otherwise); the data
+    set gives its items' labels (dataset.json, or an .npz's "labels") when it has any."""
     if not os.path.exists(network) and not dnnlib.util.is_url(network):
         raise ComputeError(f'--network: no such file or folder: "{network}"')
     try:
@@ -313,17 +337,60 @@ def open_inputs(network, data, num_targets=None):
     if not os.path.exists(data):
         raise ComputeError(f'--data: no such file or directory: "{data}"')
     try:
-        dataset = open_dataset(data)
+        dataset = open_dataset(data, use_labels=True)
     except (DatasetError, OSError) as err:
         raise ComputeError(f'--data: {err}') from None
     dshape = tuple(dataset.item_shape)
     if dshape != shape:
         raise ComputeError(f'--data holds items of shape {list(dshape)} but the network works on {list(shape)}: '
-                         'use the data set the denoiser was trained on')
-    if num_targets is not None and num_targets > len(dataset):
-        raise ComputeError(f'--num-targets={num_targets} exceeds the {len(dataset)} items of --data; use '
-                         f'--num-targets <= {len(dataset)}')
+                           'use the data set the denoiser was trained on')
     return net, snapshot, dataset
+
+
+def item_labels(dataset):
+    """int64 [len(dataset)] class index of every item, or None when the data set has no labels."""
+    if not dataset.has_labels:
+        return None
+    return np.array([int(np.argmax(dataset.get_label(i))) for i in range(len(dataset))], dtype=np.int64)
+
+
+def candidate_items(net, dataset, class_label=None):
+    """(indices of the items a potential may use, their labels or None, a line saying which labels are used).
+
+    With class_label c: the items of class c only. Refused (ComputeError): a class out of range, a class
+    without labelled data or with an unconditional network, a conditional network without labelled data, and
+    data whose classes the network does not take."""
+    labels, net_classes = item_labels(dataset), int(getattr(net, 'label_dim', 0) or 0)
+    data_classes = 0 if labels is None else int(labels.max()) + 1
+    if class_label is not None:
+        if labels is None:
+            raise ComputeError(f'--class={class_label}: --data has no labels (dataset.json for images, an array '
+                               '"labels" in an .npz); drop --class')
+        if net_classes == 0:
+            raise ComputeError(f'--class={class_label}: the network is unconditional (label_dim 0); a class potential '
+                               'needs a class-conditional network: drop --class')
+        if not 0 <= class_label < min(data_classes, net_classes):
+            raise ComputeError(f'--class={class_label} is out of range: use 0 <= --class <= '
+                               f'{min(data_classes, net_classes) - 1} (--data has classes 0..{data_classes - 1}, the '
+                               f'network takes {net_classes} labels)')
+    if net_classes > 0 and labels is None:
+        raise ComputeError(f'the network is class-conditional ({net_classes} labels) but --data has no labels '
+                           '(dataset.json for images, "labels" in an .npz): DPM-OT denoises each sample with its '
+                           "cell's label; use the labelled data set the network was trained on")
+    if net_classes > 0 and data_classes > net_classes:
+        raise ComputeError(f'--data has classes 0..{data_classes - 1} but the network takes {net_classes} labels: use '
+                           'the data set the network was trained on')
+    pool = np.arange(len(dataset), dtype=np.int64)
+    if class_label is not None:
+        pool = pool[labels == class_label]
+        note = f'Labels: class {class_label} only ({len(pool)} of {len(dataset)} items); samples are denoised with it'
+    elif net_classes > 0:
+        note = (f'Labels: the network is class-conditional ({net_classes} labels); every latent keeps its item\'s '
+                f'label (classes 0..{data_classes - 1}), and samples are denoised with their cell\'s label')
+    else:
+        note = None if labels is None else ('Labels: the latents keep their items\' labels (the network is '
+                                            'unconditional and ignores them)')
+    return pool, None if labels is None else labels[pool], note
 
 
 def target_latents(dataset, indices, sigma, seed, device):
@@ -376,8 +443,9 @@ def _read_checkpoint(state_path):
                            'delete it or pass --no-resume') from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('run_key'), dict) or 'state' not in ckpt:
         raise ComputeError(f'"{state_path}" is not a potential.py checkpoint; delete it or pass --no-resume')
-    # Checkpoints of the first version ran the Monte Carlo solver and did not record it.
+    # Checkpoints of the first version ran the Monte Carlo solver on unlabelled items and did not record it.
     ckpt['run_key'].setdefault('solver', 'monte-carlo')
+    ckpt['run_key'].setdefault('class_label', None)
     return ckpt
 
 
@@ -386,7 +454,7 @@ def _run_key(job):
     o = job.opts
     key = dict(data_sha256=job.data_hash, denoiser_sha256=job.net_hash, num_targets=job.N,
                data_shape=list(job.shape), sigma=float(job.sigmas[job.sigmas.numel() - 1 - job.K]),
-               source=o.source, seed=o.seed, solver=job.method)
+               source=o.source, seed=o.seed, solver=job.method, class_label=o.class_label)
     if job.method == 'monte-carlo':
         key.update(lr=job.solver.lr, precision=o.precision or 'fp32', step=job.solver.step, init=job.solver.init,
                    samples_per_iter=o.samples_per_iter, max_samples_per_iter=o.max_samples_per_iter,
@@ -400,9 +468,9 @@ def setup_potential(network, data, outdir, **options):
     Args:
         network, data, outdir: as potential.py's options; **options: the others (OPTION_DEFAULTS).
     Returns:
-        an EasyDict: opts, net, snapshot, dataset, sigmas, K, N, shape, indices, method ('exact' or
-        'monte-carlo'), solver, data_hash, net_hash, run_key, state_path, resume (a solver state or None)
-        and history (the checkpoint's rows).
+        an EasyDict: opts, net, snapshot, dataset, sigmas, K, N, shape, indices, labels (of those items, or
+        None), label_note, method ('exact' or 'monte-carlo'), solver, data_hash, net_hash, run_key,
+        state_path, resume (a solver state or None) and history (the checkpoint's rows).
     Raises:
         ComputeError with a one-line message naming the option.
     """
@@ -411,9 +479,14 @@ def setup_potential(network, data, outdir, **options):
         raise TypeError(f'setup_potential: unknown options {", ".join(unknown)}')
     o = dnnlib.EasyDict(OPTION_DEFAULTS, network=network, data=data, outdir=outdir, **options)
     job = dnnlib.EasyDict(opts=o)
-    job.net, job.snapshot, job.dataset = open_inputs(o.network, o.data, o.num_targets)
+    job.net, job.snapshot, job.dataset = open_inputs(o.network, o.data)
     job.sigmas, job.K = schedule_for(job.net, o.steps, o.back_steps, o.sigma, o.sigma_min, o.sigma_max, o.rho)
-    job.N = len(job.dataset) if o.num_targets is None else o.num_targets
+    pool, pool_labels, job.label_note = candidate_items(job.net, job.dataset, o.class_label)
+    if o.num_targets is not None and o.num_targets > len(pool):
+        which = f'items of class {o.class_label} in --data' if o.class_label is not None else 'items of --data'
+        raise ComputeError(f'--num-targets={o.num_targets} exceeds the {len(pool)} {which}; use --num-targets <= '
+                           f'{len(pool)}')
+    job.N = len(pool) if o.num_targets is None else o.num_targets
     job.shape = snapshots.data_shape_of(job.net)
     job.state_path = os.path.join(o.outdir, STATE_NAME)
     ckpt = _read_checkpoint(job.state_path) if o.resume and os.path.isfile(job.state_path) else None
@@ -422,7 +495,8 @@ def setup_potential(network, data, outdir, **options):
     job.solver = _make_solver(o, job.method, dim)
     job.data_hash = job.dataset.data_hash()
     job.net_hash = state_dict_sha256(job.net)
-    job.indices = select_indices(len(job.dataset), job.N, o.seed)
+    chosen = select_indices(len(pool), job.N, o.seed)
+    job.indices, job.labels = pool[chosen], None if pool_labels is None else pool_labels[chosen]
     job.run_key = _run_key(job)
     job.resume, job.history = None, []
     if ckpt is not None:
@@ -454,6 +528,11 @@ class _RunLog:
         """Append a line to the log only."""
         if self.rank0:
             self.file.write(line + '\n')
+
+    def show(self, line):
+        """Print a line (above a progress bar, if any), not in the log (which holds the solver's rows)."""
+        if self.rank0:
+            tqdm.tqdm.write(line, file=sys.stdout)
 
     def close(self):
         if self.file is not None:
@@ -505,8 +584,10 @@ def _header_lines(job, device):
     world = dist.get_world_size()
     lines = [f'Potential: N = {N} latents of shape {list(job.shape)} (d = {d}) at sigma_{S - K} = '
              f'{float(job.sigmas[S - K]):.6g} (schedule of S = {S} steps, K = {K} back-steps), source {o.source}',
+             f'Schedule: EDM, sigma from {float(job.sigmas[0]):.6g} to {float(job.sigmas[S - 1]):.6g}, rho {o.rho:g} '
+             '(the options clamped to the network\'s range, as NVlabs/edm\'s sampler does)',
              f'Data: "{o.data}" ({len(job.dataset)} items, sha256 {job.data_hash[:12]}...); network: "{o.network}" '
-             f'(weights sha256 {(job.net_hash or "-")[:12]}...)']
+             f'(weights sha256 {(job.net_hash or "-")[:12]}...)'] + ([job.label_note] if job.label_note else [])
     if job.method == 'exact':
         lines.append(f'Solver: exact (damped Newton on exact cell masses, d = {d} <= 3), up to --max-iters='
                      f'{o.max_iters} iterations, then a check on fresh samples against --tol={o.tol:g}')
@@ -564,7 +645,7 @@ def _solve(job, prob, log):
         log.write(log_row(row))
         line = _progress_line(job, row)
         if line is not None:
-            log.say(line)
+            log.show(line)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(rms=f'{row["rms"]:.3g}', empty=row['empty'],
@@ -669,8 +750,8 @@ def _evaluate_and_save(job, prob, targets, out, history, converged, log):
         save_potential(path, h=out.h.cpu(), sigmas=job.sigmas, back_steps=job.K, source=o.source,
                        data_shape=list(job.shape), score_gap=gap, targets=targets.cpu(),
                        targets_path=os.path.join(o.outdir, 'targets.pt') if o.separate_targets else None,
-                       indices=job.indices, solver=_diagnostics(job, out, history, converged, stats),
-                       provenance=provenance)
+                       indices=job.indices, labels=job.labels, class_label=o.class_label,
+                       solver=_diagnostics(job, out, history, converged, stats), provenance=provenance)
     log.say(f'Wrote {path}')
     return path
 

@@ -272,3 +272,98 @@ def test_exact_solver_refuses_high_dimensional_latents(tmp_path):
     res = _run(f'--network={tmp_path / "net4.pkl"}', f'--data={data4}', '--solver=exact', f'--outdir={tmp_path / "no"}')
     assert res.exit_code != 0 and '--solver=exact works for d <= 3' in res.output and 'd = 4' in res.output
     assert not os.path.exists(tmp_path / 'no')
+
+#----------------------------------------------------------------------------
+# NVlabs/edm conventions: the noise range clamped as edm's sampler clamps it, edm's option spellings, labels.
+
+class EDMStandIn(torch.nn.Module):
+    """A denoiser with NVlabs/edm's interface and defaults (sigma_min = 0, sigma_max = inf, label_dim,
+    round_sigma), written here: only what potential.py reads."""
+
+    def __init__(self, label_dim=0):
+        super().__init__()
+        self.data_shape, self.label_dim = [2], label_dim
+        self.sigma_min, self.sigma_max, self.sigma_data = 0.0, float('inf'), 0.5
+        self.lin = torch.nn.Linear(2 + label_dim, 2)
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def forward(self, x, sigma, class_labels=None):
+        c = class_labels if self.label_dim else x[:, :0]
+        return x + 0 * self.lin(torch.cat([x, c], dim=1))
+
+
+def _edm_setup(tmp_path, label_dim=0, labels=True):
+    with open(tmp_path / f'edm{label_dim}.pkl', 'wb') as f:
+        pickle.dump(dict(ema=EDMStandIn(label_dim)), f)
+    rng = np.random.default_rng(3)
+    arrays = dict(x=rng.normal(size=(60, 2)).astype(np.float32))
+    if labels:
+        arrays['labels'] = rng.integers(0, 3, size=60).astype(np.int64)
+    np.savez(tmp_path / 'labelled.npz', **arrays)
+    return str(tmp_path / f'edm{label_dim}.pkl'), str(tmp_path / 'labelled.npz')
+
+
+def test_edm_network_with_infinite_range_uses_edms_clamped_schedule(tmp_path):
+    from sampling.diffusion import edm_sigma_schedule
+    pkl, data = _edm_setup(tmp_path)
+    common = [f'--network={pkl}', f'--data={data}', '--steps=10', '--back-steps=3', '--num-targets=12']
+    res = _run(*common, f'--outdir={tmp_path / "a"}')
+    assert res.exit_code == 0, res.output
+    pot = potential_lib.load_potential(tmp_path / 'a' / 'potential.pt')
+    torch.testing.assert_close(pot['sigmas'], edm_sigma_schedule(10, 0.002, 80.0), rtol=0, atol=0)
+    # edm's spellings and the dash aliases give the same potential; the recorded command uses edm's.
+    res = _run(*common, '--sigma_min=0.01', '--sigma_max=40', '--rho=5', f'--outdir={tmp_path / "b"}')
+    assert res.exit_code == 0, res.output
+    res = _run(*common, '--sigma-min=0.01', '--sigma-max=40', '--rho=5', f'--outdir={tmp_path / "c"}')
+    b = potential_lib.load_potential(tmp_path / 'b' / 'potential.pt')
+    c = potential_lib.load_potential(tmp_path / 'c' / 'potential.pt')
+    torch.testing.assert_close(b['sigmas'], edm_sigma_schedule(10, 0.01, 40.0, 5.0), rtol=0, atol=0)
+    assert torch.equal(b['sigmas'], c['sigmas']) and torch.equal(b['h'], c['h'])
+    assert '--sigma_min=0.01' in b['provenance']['command'] and '--sigma_max=40.0' in b['provenance']['command']
+
+
+def test_our_denoiser_clamps_a_smaller_sigma_min_to_its_own(tmp_path, vector_setup):
+    from sampling.diffusion import edm_sigma_schedule
+    pkl, data, _ = vector_setup
+    res = _run(f'--network={pkl}', f'--data={data}', '--steps=6', '--back-steps=2', '--num-targets=8',
+               '--sigma_min=0.0001', '--sigma_max=1000', f'--outdir={tmp_path / "pot"}')
+    assert res.exit_code == 0, res.output
+    pot = potential_lib.load_potential(tmp_path / 'pot' / 'potential.pt')
+    torch.testing.assert_close(pot['sigmas'], edm_sigma_schedule(6, 0.002, 80.0), rtol=0, atol=0)
+
+
+def test_latents_keep_their_labels_and_class_potentials(tmp_path):
+    pkl, data = _edm_setup(tmp_path, label_dim=3)
+    want = np.load(data)['labels']
+    res = _run(f'--network={pkl}', f'--data={data}', '--num-targets=20', '--seed=2', f'--outdir={tmp_path / "all"}')
+    assert res.exit_code == 0 and 'Labels: the network is class-conditional (3 labels)' in res.output, res.output
+    raw = torch.load(tmp_path / 'all' / 'potential.pt', weights_only=True)
+    assert raw['class_label'] is None and raw['labels'].dtype == torch.int64
+    assert raw['labels'].tolist() == want[raw['indices'].numpy()].tolist()
+    res = _run(f'--network={pkl}', f'--data={data}', '--class=1', f'--outdir={tmp_path / "one"}')
+    assert res.exit_code == 0, res.output
+    pot = potential_lib.load_potential(tmp_path / 'one' / 'potential.pt')
+    assert pot['class_label'] == 1 and pot['labels'].tolist() == [1] * int((want == 1).sum())
+    assert sorted(pot['indices'].tolist()) == np.flatnonzero(want == 1).tolist()
+    # The potential of the first version has neither key; it loads with both None.
+    old = potential_lib.load_potential(os.path.join(os.path.dirname(__file__), 'fixtures', 'v1', 'potential',
+                                                    'potential.pt'))
+    assert old['labels'] is None and old['class_label'] is None
+
+
+@pytest.mark.parametrize('case', ['out-of-range', 'no-labels', 'unconditional', 'conditional-unlabelled',
+                                  'too-many-targets'])
+def test_class_bad_input_fails_before_any_output(tmp_path, case):
+    label_dim = 0 if case == 'unconditional' else 3
+    pkl, data = _edm_setup(tmp_path, label_dim=label_dim, labels=case not in ('no-labels', 'conditional-unlabelled'))
+    extra = {'out-of-range': ['--class=3'], 'no-labels': ['--class=0'], 'unconditional': ['--class=0'],
+             'conditional-unlabelled': [], 'too-many-targets': ['--class=2', '--num-targets=59']}[case]
+    expect = {'out-of-range': '--class=3 is out of range: use 0 <= --class <= 2',
+              'no-labels': '--class=0: --data has no labels', 'unconditional': 'the network is unconditional',
+              'conditional-unlabelled': 'class-conditional (3 labels) but --data has no labels',
+              'too-many-targets': 'items of class 2 in --data'}[case]
+    res = _run(f'--network={pkl}', f'--data={data}', *extra, f'--outdir={tmp_path / "out"}')
+    assert res.exit_code != 0 and expect in res.output, res.output
+    assert not os.path.exists(tmp_path / 'out')

@@ -85,7 +85,8 @@ def save_potential(path, *, h, sigmas, back_steps, source, data_shape, score_gap
         data_shape: shape of one latent.
         score_gap: mean top-1/top-2 score gap (the unit of the top-k temperature).
         targets: the latents [N, *data_shape] (float32); stored in the file, or in `targets_path` when given.
-        targets_path: write the latents to this separate file instead (stored relative to the potential).
+        targets_path: write the latents to this separate file instead, in the potential's folder (its file name
+            is stored; load_potential reads nothing else).
         indices: [N] data set indices behind the latents.
         labels: [N] class index of each latent's item (int64), or None when the data set has no labels.
         class_label: the class the potential was made for (potential.py --class), or None for all items.
@@ -122,14 +123,31 @@ def save_potential(path, *, h, sigmas, back_steps, source, data_shape, score_gap
     path = os.fspath(path)
     if targets_path is not None:
         targets_path = os.fspath(targets_path)
+        if os.path.dirname(os.path.abspath(targets_path)) != os.path.dirname(os.path.abspath(path)):
+            raise ValueError(f'targets_path "{targets_path}" must lie beside the potential "{path}" (in its folder): '
+                             'load_potential follows nothing else')
         with dnnlib.util.atomic_write(targets_path, 'wb') as f:
             torch.save(targets, f)
-        pot['targets_path'] = os.path.relpath(os.path.abspath(targets_path), os.path.dirname(os.path.abspath(path)))
+        pot['targets_path'] = os.path.basename(targets_path)
     else:
         pot['targets'] = targets
     with dnnlib.util.atomic_write(path, 'wb') as f:
         torch.save(pot, f)
     return path
+
+def _targets_file(path, name):
+    """The latents file `name` of the potential at `path`: only a file beside it (a plain file name in its
+    folder, not a link out of it) is followed, whatever the potential file says."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    plain = isinstance(name, str) and name not in ('', '.', '..') and os.path.basename(name) == name \
+        and '/' not in name and '\\' not in name
+    tpath = os.path.join(folder, name) if plain else None
+    if not plain or os.path.dirname(os.path.realpath(tpath)) != folder:
+        raise PotentialError(f'"{path}" keeps its target latents at {name!r}, which is not a file beside the potential; '
+                             'only a file in the potential\'s own folder is read: put targets.pt there (or recompute '
+                             'with potential.py)')
+    return tpath
+
 
 def load_potential(path, map_location='cpu'):
     """Read and check a potential file (torch.load with weights_only=True); the latents are loaded into
@@ -155,7 +173,7 @@ def load_potential(path, map_location='cpu'):
     if pot['targets'] is None:
         if not pot.get('targets_path'):
             raise PotentialError(f'"{path}" holds neither the target latents nor their path')
-        tpath = os.path.join(os.path.dirname(os.path.abspath(path)), pot['targets_path'])
+        tpath = _targets_file(path, pot['targets_path'])
         if not os.path.isfile(tpath):
             raise PotentialError(f'"{path}" keeps its target latents in "{tpath}", which does not exist; keep the '
                                  'two files together')
@@ -416,6 +434,21 @@ def choose_solver(choice, dim, checkpoint_solver=None):
     return 'exact' if dim <= power_cells.MAX_DIM else 'monte-carlo'
 
 
+def check_outdir(outdir):
+    """ComputeError unless `outdir` is, or can be made as, a writable folder (a one-line reason)."""
+    path = os.path.abspath(outdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ComputeError(f'--outdir={outdir} is a file, not a folder; choose a folder')
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ComputeError(f'--outdir={outdir}: "{parent}" is a file, so no folder can be made there; choose another '
+                           '--outdir')
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ComputeError(f'--outdir={outdir}: no permission to write in "{parent}"; choose another --outdir')
+
+
 def _make_solver(o, method, dim):
     if method == 'exact':
         given = [flag for key, flag in MONTE_CARLO_ONLY.items() if o[key] not in (None, False)]
@@ -478,6 +511,7 @@ def setup_potential(network, data, outdir, **options):
     if unknown:
         raise TypeError(f'setup_potential: unknown options {", ".join(unknown)}')
     o = dnnlib.EasyDict(OPTION_DEFAULTS, network=network, data=data, outdir=outdir, **options)
+    check_outdir(o.outdir)
     job = dnnlib.EasyDict(opts=o)
     job.net, job.snapshot, job.dataset = open_inputs(o.network, o.data)
     job.sigmas, job.K = schedule_for(job.net, o.steps, o.back_steps, o.sigma, o.sigma_min, o.sigma_max, o.rho)
@@ -610,10 +644,14 @@ def compute_potential(job, device):
         ComputeError when the solver fails, or does not converge and accept_unconverged is off.
     """
     o = job.opts
-    if dist.get_rank() == 0:
-        os.makedirs(o.outdir, exist_ok=True)
-    dist.barrier()
-    log = _RunLog(o.outdir)
+    try:
+        if dist.get_rank() == 0:
+            os.makedirs(o.outdir, exist_ok=True)
+        dist.barrier()
+        log = _RunLog(o.outdir)
+    except OSError as err:
+        raise ComputeError(f'--outdir={o.outdir}: cannot write there ({type(err).__name__}: {err.strerror or err})') \
+            from None
     try:
         log.say(f'--- {datetime.datetime.now().isoformat(timespec="seconds")}: {o.command}')
         for line in _header_lines(job, device):

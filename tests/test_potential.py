@@ -367,3 +367,49 @@ def test_class_bad_input_fails_before_any_output(tmp_path, case):
     res = _run(f'--network={pkl}', f'--data={data}', *extra, f'--outdir={tmp_path / "out"}')
     assert res.exit_code != 0 and expect in res.output, res.output
     assert not os.path.exists(tmp_path / 'out')
+
+#----------------------------------------------------------------------------
+# Hostile or mistaken paths (issue 20 items 8 and 13).
+
+@pytest.mark.parametrize('case', ['a-file', 'under-a-file', 'unwritable'])
+def test_bad_outdir_is_a_one_line_error(tmp_path, vector_setup, case):
+    pkl, data, _ = vector_setup
+    (tmp_path / 'file').write_text('x')
+    outdir = {'a-file': tmp_path / 'file', 'under-a-file': tmp_path / 'file' / 'pot',
+              'unwritable': tmp_path / 'ro' / 'pot'}[case]
+    if case == 'unwritable':
+        if os.geteuid() == 0:
+            pytest.skip('root may write anywhere')
+        (tmp_path / 'ro').mkdir(mode=0o500)
+    res = _run(f'--network={pkl}', f'--data={data}', '--num-targets=8', f'--outdir={outdir}')
+    assert res.exit_code != 0 and not isinstance(res.exception, OSError), repr(res.exception)
+    assert res.output.startswith('Error: --outdir') and len(res.output.strip().splitlines()) == 1, res.output
+    assert open(tmp_path / 'file').read() == 'x'
+
+
+@pytest.mark.parametrize('where', ['absolute', 'parent', 'subfolder', 'symlink'])
+def test_targets_path_outside_the_potentials_folder_is_not_followed(tmp_path, vector_setup, where):
+    pkl, data, _ = vector_setup
+    out = tmp_path / 'pot'
+    assert _run(f'--network={pkl}', f'--data={data}', '--num-targets=8', '--separate-targets',
+                f'--outdir={out}').exit_code == 0
+    pot = torch.load(out / 'potential.pt', weights_only=True)
+    elsewhere = tmp_path / 'elsewhere' / 'targets.pt'
+    elsewhere.parent.mkdir()
+    os.replace(out / 'targets.pt', elsewhere)
+    if where == 'symlink':
+        os.symlink(elsewhere, out / 'targets.pt')
+        pot['targets_path'] = 'targets.pt'
+    else:
+        pot['targets_path'] = {'absolute': str(elsewhere), 'parent': '../elsewhere/targets.pt',
+                               'subfolder': 'sub/targets.pt'}[where]
+        if where == 'subfolder':
+            (out / 'sub').mkdir()
+            os.symlink(elsewhere, out / 'sub' / 'targets.pt')
+    torch.save(pot, out / 'potential.pt')
+    with pytest.raises(potential_lib.PotentialError, match='beside the potential'):
+        potential_lib.load_potential(out / 'potential.pt')
+    with pytest.raises(ValueError, match='beside the potential'):
+        potential_lib.save_potential(tmp_path / 'p.pt', h=pot['h'], sigmas=pot['sigmas'], back_steps=pot['back_steps'],
+                                     source='uniform', data_shape=[2], score_gap=1.0, targets=torch.zeros(8, 2),
+                                     targets_path=tmp_path / 'elsewhere' / 't.pt')

@@ -19,7 +19,7 @@ import tqdm
 
 import dnnlib
 from data.dataset import DatasetError, open_dataset
-from sampling import diffusion, snapshots
+from sampling import GenerationError, diffusion, outputs, snapshots
 from torch_utils import distributed as dist
 from torch_utils.images import to_model_space
 from torch_utils.misc import state_dict_sha256, tensor_sha256
@@ -309,37 +309,26 @@ class ComputeError(ValueError):
 
 
 def schedule_for(net, steps=None, back_steps=5, sigma=None, sigma_min=None, sigma_max=None, rho=7.0):
-    """(sigmas [S + 1], K) from steps / back_steps or sigma / back_steps.
-
-    As NVlabs/edm's sampler: the schedule runs from min(sigma_max, net.sigma_max) to max(sigma_min,
-    net.sigma_min), with sigma_min / sigma_max defaulting to 0.002 / 80 (so a network with EDM's defaults
-    sigma_min = 0, sigma_max = inf works), and the network's round_sigma applied.
-    """
-    sigma_min = max(0.002 if sigma_min is None else float(sigma_min), float(getattr(net, 'sigma_min', 0.0)))
-    sigma_max = min(80.0 if sigma_max is None else float(sigma_max), float(getattr(net, 'sigma_max', math.inf)))
-    if not 0 < sigma_min <= sigma_max < math.inf:
-        raise ComputeError(f'the noise range is empty: --sigma_min={sigma_min:g} and --sigma_max={sigma_max:g} after '
-                           f'clamping to the network\'s range ({getattr(net, "sigma_min", 0.0):g}, '
-                           f'{getattr(net, "sigma_max", math.inf):g}); choose --sigma_min <= --sigma_max inside it')
+    """(sigmas [S + 1], K) from steps / back_steps or sigma / back_steps, on diffusion.sigma_range (the options
+    clamped to the network's range as NVlabs/edm's sampler clamps them) and rounded by the network's round_sigma."""
+    try:
+        sigma_min, sigma_max = diffusion.sigma_range(net, sigma_min, sigma_max)
+    except ValueError as err:
+        raise ComputeError(f'--sigma_min / --sigma_max: {err}') from None
     K = back_steps
-    if sigma is not None:
-        if steps is not None:
-            raise ComputeError('--steps and --sigma exclude each other: give --steps S (the latents are then '
-                               'at sigma_(S-K)) or --sigma (then K steps run from it)')
-        if not sigma_min < sigma <= sigma_max:
-            raise ComputeError(f'--sigma={sigma:g} must lie in ({sigma_min:g}, {sigma_max:g}] (the noise levels '
-                               'of the schedule above --sigma_min)')
-        sigmas = diffusion.edm_sigma_schedule(K, sigma_min, sigma, rho)
-    else:
+    if sigma is None:
         S = 18 if steps is None else steps
         if K > S:
             raise ComputeError(f'--back-steps={K} exceeds --steps={S}: the OT map lands at sigma_(S-K), '
                                f'so K must be at most S')
-        sigmas = diffusion.edm_sigma_schedule(S, sigma_min, sigma_max, rho)
-    round_sigma = getattr(net, 'round_sigma', None)
-    if round_sigma is not None:
-        sigmas[:-1] = torch.as_tensor(round_sigma(sigmas[:-1]), dtype=torch.float64)
-    return sigmas, K
+        return diffusion.net_sigma_schedule(net, S, sigma_min, sigma_max, rho), K
+    if steps is not None:
+        raise ComputeError('--steps and --sigma exclude each other: give --steps S (the latents are then '
+                           'at sigma_(S-K)) or --sigma (then K steps run from it)')
+    if not sigma_min < sigma <= sigma_max:
+        raise ComputeError(f'--sigma={sigma:g} must lie in ({sigma_min:g}, {sigma_max:g}] (the noise levels '
+                           'of the schedule above --sigma_min)')
+    return diffusion.net_sigma_schedule(net, K, sigma_min, sigma, rho), K
 
 
 def open_inputs(network, data):
@@ -434,21 +423,6 @@ def choose_solver(choice, dim, checkpoint_solver=None):
     return 'exact' if dim <= power_cells.MAX_DIM else 'monte-carlo'
 
 
-def check_outdir(outdir):
-    """ComputeError unless `outdir` is, or can be made as, a writable folder (a one-line reason)."""
-    path = os.path.abspath(outdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ComputeError(f'--outdir={outdir} is a file, not a folder; choose a folder')
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ComputeError(f'--outdir={outdir}: "{parent}" is a file, so no folder can be made there; choose another '
-                           '--outdir')
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ComputeError(f'--outdir={outdir}: no permission to write in "{parent}"; choose another --outdir')
-
-
 def _make_solver(o, method, dim):
     if method == 'exact':
         given = [flag for key, flag in MONTE_CARLO_ONLY.items() if o[key] not in (None, False)]
@@ -511,7 +485,10 @@ def setup_potential(network, data, outdir, **options):
     if unknown:
         raise TypeError(f'setup_potential: unknown options {", ".join(unknown)}')
     o = dnnlib.EasyDict(OPTION_DEFAULTS, network=network, data=data, outdir=outdir, **options)
-    check_outdir(o.outdir)
+    try:
+        outputs.check_output_dir(o.outdir, '--outdir', empty=False)     # resuming writes into it again
+    except GenerationError as err:
+        raise ComputeError(str(err)) from None
     job = dnnlib.EasyDict(opts=o)
     job.net, job.snapshot, job.dataset = open_inputs(o.network, o.data)
     job.sigmas, job.K = schedule_for(job.net, o.steps, o.back_steps, o.sigma, o.sigma_min, o.sigma_max, o.rho)
@@ -646,12 +623,12 @@ def compute_potential(job, device):
     o = job.opts
     try:
         if dist.get_rank() == 0:
-            os.makedirs(o.outdir, exist_ok=True)
+            outputs.make_output_dir(o.outdir)
         dist.barrier()
         log = _RunLog(o.outdir)
-    except OSError as err:
-        raise ComputeError(f'--outdir={o.outdir}: cannot write there ({type(err).__name__}: {err.strerror or err})') \
-            from None
+    except (GenerationError, OSError) as err:
+        raise ComputeError(str(err) if isinstance(err, GenerationError) else
+                           f'--outdir="{o.outdir}": cannot write there ({err.strerror or err})') from None
     try:
         log.say(f'--- {datetime.datetime.now().isoformat(timespec="seconds")}: {o.command}')
         for line in _header_lines(job, device):

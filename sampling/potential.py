@@ -110,8 +110,8 @@ def save_potential(path, *, h, sigmas, back_steps, source, data_shape, score_gap
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
         if labels.shape != (h.numel(),) or (labels < 0).any():
             raise ValueError(f'labels must be {h.numel()} non-negative class indices; got shape {list(labels.shape)}')
-    if class_label is not None and (labels is None or not bool((labels == int(class_label)).all())):
-        raise ValueError(f'class_label={class_label} needs labels that are all {class_label}')
+    if class_label is not None and labels is not None and not bool((labels == int(class_label)).all()):
+        raise ValueError(f'class_label={class_label} needs labels that are all {class_label} (or none)')
     pot = dict(format=FORMAT, version=VERSION, h=h, sigmas=sigmas, num_steps=S, back_steps=K,
                sigma=float(sigmas[S - K]), source=source, data_shape=[int(s) for s in data_shape],
                score_gap=float(score_gap), targets=None, targets_path=None, targets_sha256=tensor_sha256(targets),
@@ -192,7 +192,7 @@ def load_potential(path, map_location='cpu'):
     if labels is not None and (not torch.is_tensor(labels) or labels.dtype != torch.int64 or labels.shape != (N,)):
         raise PotentialError(f'"{path}": labels should be an int64 tensor [{N}], got {type(labels).__name__} '
                              f'{list(getattr(labels, "shape", []))}; recompute it with potential.py')
-    if pot['class_label'] is not None and (labels is None or not bool((labels == pot['class_label']).all())):
+    if pot['class_label'] is not None and labels is not None and not bool((labels == pot['class_label']).all()):
         raise PotentialError(f'"{path}": class_label={pot["class_label"]} does not match its labels; recompute it')
     diffusion.check_sigmas(pot['sigmas'])
     if not 1 <= pot['back_steps'] <= pot['num_steps'] == pot['sigmas'].numel() - 1:

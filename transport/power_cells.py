@@ -38,7 +38,9 @@ and d mu_i / d g_i = sum_{j != i} rho(F_ij) / |y_i - y_j|, where rho(F) is the s
 formula as C above, for 'normal' in d = 3; phi(p) (Phi(u1) - Phi(u0)) in d = 2; phi(x) in d = 1).
 """
 
+import dataclasses
 import math
+from typing import Optional
 
 import numpy as np
 import scipy.sparse
@@ -72,11 +74,12 @@ def duplicate_rows(y):
     return i, j
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class Cells:
     """Result of cell_masses: masses [N], hessian (csr [N, N] or None) and the mirrors used ([2 d, N] bool)."""
-
-    def __init__(self, masses, hessian, mirrors):
-        self.masses, self.hessian, self.mirrors = masses, hessian, mirrors
+    masses: np.ndarray
+    hessian: Optional[scipy.sparse.csr_matrix]
+    mirrors: np.ndarray
 
 
 def cell_masses(yc, g, source, hessian=True, mirrors=None):
@@ -108,7 +111,9 @@ def cell_masses(yc, g, source, hessian=True, mirrors=None):
         raise ValueError(f'exact cells are implemented for d = 1, 2, 3; got d = {d}')
     half = box_half_width(source)
     mask = np.zeros((2 * d, N), dtype=bool) if mirrors is None else np.array(mirrors, dtype=bool)
-    for _ in range(4 * d + 4):
+    for attempt in range(4 * d + 5):
+        if attempt == 4 * d + 4:
+            mask[:] = True           # a long cascade of additions: take every mirror (always enough)
         s, z, t = _lift(yc, g, half, mask)
         try:
             facets, verts = _lower_facets(s, z)
@@ -121,8 +126,6 @@ def cell_masses(yc, g, source, hessian=True, mirrors=None):
         if not need.any():
             break
         mask |= need
-    else:
-        raise CellGeometryError('the cells still leave the box after every site was mirrored')
     faces = (_faces_1d, _faces_2d, _faces_3d)[d - 1](facets, verts, s, z, N, source)
     a, b, p = faces['a'], faces['b'], faces['p']
     contrib = p * faces['measure'] / d if source == 'uniform' else np.sign(p) * faces['cone']

@@ -70,6 +70,7 @@ import torch
 from torch_utils import distributed as dist_utils
 
 SOURCES = ('uniform', 'normal')
+LOW_DIM = 3                     # d <= LOW_DIM: float64 scores (see SemidiscreteProblem)
 _FIT, _CHECK, _EVAL, _PILOT = 0, 1, 2, 3      # sample streams: never share samples between fitting and checking
 
 #----------------------------------------------------------------------------
@@ -85,8 +86,9 @@ class SemidiscreteProblem:
     """Semi-discrete OT from a continuous source on R^d to N equally weighted targets.
 
     Args:
-        targets: [N, d] floating tensor (float64 targets are scored in float64, others in float32). The
-            problem lives on the targets' device.
+        targets: [N, d] floating tensor. Scores are float64 for float64 targets and for d <= 3 (where the
+            exact solver makes every cell exact, tight clusters make cells thin in score space, and scoring is
+            cheap), float32 otherwise. The problem lives on the targets' device.
         source: 'uniform' (on [0,1]^d) or 'normal' (standard Gaussian).
     """
     targets: torch.Tensor
@@ -113,7 +115,7 @@ class SemidiscreteProblem:
         if self.source not in SOURCES:
             raise ValueError(f'unknown source {self.source!r}: use "uniform" (on [0,1]^d) or "normal" '
                              f'(standard Gaussian)')
-        exact = torch.float64 if y.dtype == torch.float64 else torch.float32
+        exact = torch.float64 if y.dtype == torch.float64 or y.shape[1] <= LOW_DIM else torch.float32
         ybar = y.to(torch.float64).mean(dim=0)
         yc64 = y.to(torch.float64) - ybar
         mean, _ = _source_moments(self.source)

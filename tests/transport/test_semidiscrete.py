@@ -405,3 +405,15 @@ def test_check_trend_fits_the_rate_and_projects_the_iterations():
     assert sd.check_trend(checks[:4], tol=0.05, samples_per_iter=100) is None
     done = sd.check_trend(checks, tol=1.0, samples_per_iter=100)
     assert done['projected_iters'] == 0
+
+
+def test_low_dimensional_float32_targets_are_scored_in_float64():
+    """Cells of tight clusters are thin in score space: for d <= 3 scores are float64 whatever the targets' dtype
+    (assignments then agree with float64 brute force even a hair away from a boundary)."""
+    y = torch.tensor([[0.0, 0.0], [1e-3, 0.0], [0.0, 1e-3]], dtype=torch.float32)
+    prob = sd.SemidiscreteProblem(y, 'uniform')
+    assert prob._exact == torch.float64 and sd.SemidiscreteProblem(torch.randn(5, 4), 'uniform')._exact == torch.float32
+    h = torch.tensor([0.0, -1e-3 * 0.3, -1.0], dtype=torch.float64)         # cells 0 | 1 split at x_0 = 0.3
+    x = torch.tensor([[0.3 - 1e-7, 0.1], [0.3 + 1e-7, 0.1]], dtype=torch.float32).double()
+    want = brute_scores(x, y, h).argmax(dim=1)
+    assert want.tolist() == [0, 1] and torch.equal(prob.assign(x, h), want)

@@ -11,13 +11,16 @@ algorithm for semi-discrete optimal transport" (JEMS 2019):
 
     eps0 = min(min_i mu_i(g0), 1 / N) / 2                      (g0: every cell non-empty, the Voronoi start)
     repeat: solve L(g) d = 1/N - mu(g) (d with mean 0);
-            alpha = the largest of 1, 1/2, 1/4, ... with min_i mu_i(g + alpha d) >= eps0 and
+            alpha = the largest of a0, a0/2, a0/4, ... with min_i mu_i(g + alpha d) >= eps0 and
                     |mu(g + alpha d) - 1/N| <= (1 - alpha / 2) |mu(g) - 1/N|;
             g <- g + alpha d
     until max_i |N mu_i - 1| <= mass_tol.
 
 It converges from any start with no empty cell, and quadratically near the solution; the damping keeps
-every cell at least eps0 large, so no cell ever empties. Once the exact error is below mass_tol, the heights
+every cell at least eps0 large, so no cell ever empties. KMT take a0 = 1; here a0 = min(1, 4 alpha_prev), the
+backtracking starting from four times the last accepted step: on tight clusters the first steps are damped to
+alpha ~ 1e-4 and each halving costs a cell computation, and the steps grow back by at most 4x per iteration
+(full steps are taken again once they are accepted). Once the exact error is below mass_tol, the heights
 are checked as SemidiscreteSolver checks its own: on fresh i.i.d. source samples (the same streams and rule,
 never used to fit), `converged` meaning a debiased rms relative cell-mass error <= tol and no empty cell. The
 check guards against a bug or a rounding problem in the geometry; it costs one pass over
@@ -67,6 +70,7 @@ class NewtonState:
     g: Optional[torch.Tensor] = None        # [N] float64 centred heights (None until the start is set)
     eps0: Optional[float] = None            # the damping's lower bound on every cell's mass
     mirrors: Optional[torch.Tensor] = None  # [2 d, N] bool: the sites mirrored in the last cell computation
+    last_step: float = 1.0                  # the last accepted alpha (the next line search starts at 4x it)
     samples_used: int = 0
     num_checks: int = 0
     check: Optional[dict] = None
@@ -230,7 +234,7 @@ class _NewtonRun:
         direction -= direction.mean()
         g = st.g.numpy()
         err = np.linalg.norm(b)
-        alpha, evals = 1.0, 0
+        alpha, evals = min(1.0, 4.0 * st.last_step), 0
         while alpha >= MIN_STEP:
             evals += 1
             try:
@@ -242,7 +246,7 @@ class _NewtonRun:
             if cells.masses.min() >= st.eps0 and np.linalg.norm(1.0 / N - cells.masses) <= (1 - alpha / 2) * err:
                 st.g = torch.from_numpy(g + alpha * direction)
                 st.iter += 1
-                self.cells, st.mirrors = cells, torch.from_numpy(cells.mirrors)
+                self.cells, st.mirrors, st.last_step = cells, torch.from_numpy(cells.mirrors), alpha
                 self.evaluations += evals
                 return alpha, evals
             alpha *= 0.5

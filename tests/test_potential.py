@@ -378,9 +378,12 @@ def test_bad_outdir_is_a_one_line_error(tmp_path, vector_setup, case):
     outdir = {'a-file': tmp_path / 'file', 'under-a-file': tmp_path / 'file' / 'pot',
               'unwritable': tmp_path / 'ro' / 'pot'}[case]
     if case == 'unwritable':
-        if os.geteuid() == 0:
-            pytest.skip('root may write anywhere')
-        (tmp_path / 'ro').mkdir(mode=0o500)
+        if os.geteuid() != 0:
+            (tmp_path / 'ro').mkdir(mode=0o500)
+        elif os.path.isdir('/sys/kernel'):
+            outdir = '/sys/kernel/dpmot-pot'       # root passes every permission check; sysfs refuses the mkdir
+        else:
+            pytest.skip('running as root and no /sys to stand for a folder that cannot be written')
     res = _run(f'--network={pkl}', f'--data={data}', '--num-targets=8', f'--outdir={outdir}')
     assert res.exit_code != 0 and not isinstance(res.exception, OSError), repr(res.exception)
     assert res.output.startswith('Error: --outdir') and len(res.output.strip().splitlines()) == 1, res.output

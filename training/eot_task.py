@@ -173,7 +173,7 @@ class EOTTask:
             xN = self._generate(trainer, G, x0)
         alpha = trainer.rand([x0.shape[0]]) if self.D_gp else None
         with trainer.autocast():
-            return self.loss.D_loss(D_ddp, xN, x1, gp_weight=self.D_gp, alpha=alpha)
+            return self.loss.D_loss(D_ddp, xN, x1, gp_weight=self.D_gp, alpha=alpha, D_penalty=trainer.nets['D'])
 
     # Ticks and snapshots ---------------------------------------------------
 

@@ -95,6 +95,30 @@ def test_gradient_penalty_matches_closed_form_and_finite_differences():
         eot_task.EOTTask({}, {}, D_gp=-1)
 
 
+def test_penalty_pass_of_its_own_gives_the_joint_pass_gradients():
+    """D_loss scores xN, x1 in one pass and the interpolates in another (through D_penalty); the critic's
+    gradients equal those of one joint pass over all three, written out here with autograd."""
+    torch.manual_seed(0)
+    n, d = 6, 4
+    net = torch.nn.Sequential(torch.nn.Linear(d, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    D = lambda x: net(x).squeeze(1)
+    xN, x1, alpha = torch.randn(n, d).double(), torch.randn(n, d).double(), torch.rand(n).double()
+    calls = []
+    D_penalty = lambda x: calls.append(len(x)) or D(x)
+    loss = eot_loss.EOTLoss(gamma=0.5)
+    net.zero_grad()
+    loss.D_loss(D, xN, x1, gp_weight=3.0, alpha=alpha, D_penalty=D_penalty).mean().backward()
+    ours = [p.grad.clone() for p in net.parameters()]
+    assert calls == [n] # The interpolates alone went through D_penalty.
+    net.zero_grad()
+    x_hat = (alpha[:, None] * xN + (1 - alpha[:, None]) * x1).requires_grad_(True)
+    scores = D(torch.cat([xN, x1, x_hat]))
+    grad, = torch.autograd.grad(scores[2 * n:].sum(), x_hat, create_graph=True)
+    (scores[:n] - scores[n:2 * n] + 3.0 * (grad.norm(dim=1) - 1) ** 2).mean().backward()
+    for a, b in zip(ours, net.parameters()):
+        assert torch.allclose(a, b.grad, rtol=1e-5, atol=1e-7) # (D_loss returns float32)
+
+
 def test_kinetic_loss_weights_the_transport_term_by_brute_force():
     torch.manual_seed(0)
     n, d, gamma = 6, 3, 0.5

@@ -6,7 +6,9 @@ with `Trainer.run_phase`; the loop (training/loop.py) owns everything else.
 """
 
 import copy
+import inspect
 
+import numpy as np
 import torch
 
 import dnnlib
@@ -23,9 +25,15 @@ class DataStream:
 
     Counts the samples handed to the loop (not those prefetched by workers), so `state_dict()` and a
     new stream built with that state continue with exactly the next batch.
+
+    `in_memory`: decode every item once into one array and draw batches from it by index (no DataLoader,
+    no per-item decoding); True, False, or 'auto' (when the decoded items take at most MEMORY_LIMIT bytes).
+    Either way a batch holds the same items in the same order (the same sampler draws the indices).
     """
 
-    def __init__(self, dataset, batch_size, device, seed=0, loader_kwargs=None, start=0):
+    MEMORY_LIMIT = 1 << 28 # 256 MiB of decoded items per stream.
+
+    def __init__(self, dataset, batch_size, device, seed=0, loader_kwargs=None, start=0, in_memory='auto'):
         self.dataset = dataset
         self.batch_size = batch_size
         self.device = device
@@ -33,9 +41,16 @@ class DataStream:
         self.loader_kwargs = dict(loader_kwargs or {})
         self.consumed = int(start)
         self._iterator = None
+        if in_memory == 'auto':
+            item = np.asarray(dataset[0][0])
+            in_memory = len(dataset) * item.nbytes <= self.MEMORY_LIMIT
+        self.in_memory = bool(in_memory)
+        self._items = None
 
     def _make_iterator(self):
         sampler = misc.InfiniteSampler(self.dataset, seed=self.seed, start=self.consumed)
+        if self.in_memory:
+            return self._memory_batches(sampler)
         kwargs = dict(self.loader_kwargs)
         if kwargs.get('num_workers', 0) == 0:
             kwargs.pop('prefetch_factor', None)
@@ -45,13 +60,20 @@ class DataStream:
         generator = torch.Generator().manual_seed(self.seed)
         loader = torch.utils.data.DataLoader(self.dataset, sampler=sampler, batch_size=self.batch_size,
                                              generator=generator, **kwargs)
-        return iter(loader)
+        return (items for items, _labels in loader)
+
+    def _memory_batches(self, sampler):
+        if self._items is None:
+            self._items = torch.as_tensor(np.stack([self.dataset[i][0] for i in range(len(self.dataset))]))
+        indices = iter(sampler)
+        while True:
+            yield self._items[torch.as_tensor([next(indices) for _ in range(self.batch_size)])]
 
     def next(self):
         """The next batch, in model space, on the device."""
         if self._iterator is None:
             self._iterator = self._make_iterator()
-        items, _labels = next(self._iterator)
+        items = next(self._iterator)
         self.consumed += items.shape[0]
         return to_model_space(items, self.device)
 
@@ -101,7 +123,8 @@ class Trainer:
             ddp = net
         self.nets[name] = net
         self.ddp[name] = ddp
-        self.opt[name] = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+        self.opt[name] = dnnlib.util.construct_class_by_name(params=net.parameters(),
+                                                             **multi_tensor_kwargs(optimizer_kwargs, self.device))
         self.base_lr[name] = optimizer_kwargs['lr']
         self.ema[name] = copy.deepcopy(net).eval().requires_grad_(False)
 
@@ -226,6 +249,20 @@ def split_batch(batch_size, batch_gpu=None):
         raise ValueError(f'--batch={batch_size} over {world} process(es) gives {per_rank} per process, which is not '
                          f'divisible by --batch-gpu={batch_gpu}; choose --batch-gpu dividing {per_rank}')
     return batch_size, batch_gpu, per_rank // batch_gpu
+
+def multi_tensor_kwargs(optimizer_kwargs, device):
+    """`optimizer_kwargs` with the optimiser's multi-tensor implementation chosen where none is: fused kernels on
+    CUDA, `foreach` on the CPU (torch's CPU default is a loop over the parameters; foreach gives the same bits,
+    CPU fused kernels round differently). Optimisers without these options are left alone."""
+    kwargs = dict(optimizer_kwargs)
+    if 'fused' in kwargs or 'foreach' in kwargs:
+        return kwargs
+    params = inspect.signature(dnnlib.util.get_obj_by_name(kwargs['class_name'])).parameters
+    if device.type == 'cuda' and 'fused' in params:
+        kwargs['fused'] = True
+    elif 'foreach' in params:
+        kwargs['foreach'] = True
+    return kwargs
 
 def cpu_copy(module):
     """A detached CPU copy of `module` in eval mode, for snapshots."""

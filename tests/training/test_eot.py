@@ -274,6 +274,30 @@ def test_eot_task_keeps_g_out_of_the_graph_in_f_and_d_steps(vector_domains):
     assert task.data2.consumed == 8 and task.data1.consumed == 7 * 8
 
 
+def test_lazy_penalty_every_nth_critic_step_weighted_n_times(vector_domains):
+    """D_gp_every=N: the penalty on critic steps 0, N, 2N, ... (counted from cur_nimg, so across a resume) with
+    weight N * D_gp; the other steps have none and draw no interpolation weights."""
+    from models.networks import eot_network_kwargs
+    G_kw, f_kw, D_kw = eot_network_kwargs((2,), model_channels=4)
+    adam = dict(class_name='torch.optim.Adam', lr=1e-3)
+    data = [dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=vector_domains[k])
+            for k in ('data1train', 'data2train')]
+    task = eot_task.EOTTask(*data, G_kwargs=G_kw, f_kwargs=f_kw, D_kwargs=D_kw, G_opt_kwargs=adam, f_opt_kwargs=adam,
+                            D_opt_kwargs=adam, G_iters=1, f_iters=1, D_iters=2, D_gp=2.5, D_gp_every=3)
+    trainer = _trainer(4, 4, lr_rampup_kimg=0)
+    task.setup(trainer, run_dir=None, seed=0)
+    weights = []
+    orig = task.loss.D_loss
+    task.loss.D_loss = lambda *args, gp_weight, alpha, **kw: (weights.append((gp_weight, alpha is not None)),
+                                                               orig(*args, gp_weight=gp_weight, alpha=alpha, **kw))[1]
+    for _ in range(4): # Critic steps 0..7.
+        task.iteration(trainer)
+        trainer.cur_nimg += trainer.batch_size
+    assert weights == [(7.5, True) if k % 3 == 0 else (0.0, False) for k in range(8)]
+    with pytest.raises(ValueError, match='D_gp_every'):
+        eot_task.EOTTask(*data, D_gp_every=0)
+
+
 def test_eot_task_kinetic_needs_a_velocity_drift(vector_domains):
     from models.networks import eot_network_kwargs
     data = [dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=vector_domains[k])

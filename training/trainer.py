@@ -96,9 +96,13 @@ class Trainer:
     """
 
     def __init__(self, device, batch_size, batch_gpu=None, precision='fp32', grad_clip=1.0,
-                 lr_rampup_kimg=0, ema_halflife_kimg=500, ema_rampup_ratio=0.05, seed=0, nan_policy='skip'):
+                 lr_rampup_kimg=0, ema_halflife_kimg=500, ema_rampup_ratio=0.05, seed=0, nan_policy='skip',
+                 compile_mode=None):
         if nan_policy not in ('skip', 'stop'):
             raise ValueError(f'nan_policy must be "skip" or "stop", not {nan_policy!r}')
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f'compile_mode must be one of {COMPILE_MODES}, not {compile_mode!r}')
+        self.compile_mode = compile_mode
         self.device = device
         self.nan_policy = nan_policy
         self.last_good = None  # Set by the loop: the newest snapshot / state written, for error messages.
@@ -109,7 +113,7 @@ class Trainer:
         self.ema_halflife_kimg = ema_halflife_kimg
         self.ema_rampup_ratio = ema_rampup_ratio
         self.cur_nimg = 0
-        self.nets, self.ddp, self.opt, self.ema, self.base_lr = {}, {}, {}, {}, {}
+        self.nets, self.ddp, self.train_call, self.opt, self.ema, self.base_lr = {}, {}, {}, {}, {}, {}
         # The loop's own noise (bridge times, noise inputs): one explicit stream per rank.
         self.generator = torch.Generator(device).manual_seed(seed * dist.get_world_size() + dist.get_rank())
 
@@ -123,6 +127,9 @@ class Trainer:
             ddp = net
         self.nets[name] = net
         self.ddp[name] = ddp
+        # What run_phase hands to the loss: with compile_mode only the trained passes are compiled (frozen calls
+        # and the penalty's double backward use the plain module).
+        self.train_call[name] = ddp if self.compile_mode is None else CompiledOrEager(ddp, name, self.compile_mode)
         self.opt[name] = dnnlib.util.construct_class_by_name(params=net.parameters(),
                                                              **multi_tensor_kwargs(optimizer_kwargs, self.device))
         self.base_lr[name] = optimizer_kwargs['lr']
@@ -148,7 +155,7 @@ class Trainer:
         """One optimisation step of network `name`.
 
         `loss_fn(net)` draws its own batch of `batch_gpu` samples and returns per-sample losses; `net`
-        is the DDP wrapper, so gradients are averaged across ranks. The step accumulates over
+        is the DDP wrapper (compiled with `compile_mode`), so gradients are averaged across ranks. The step accumulates over
         `rounds` (syncing only on the last), reports the loss, counts and zeroes non-finite gradient
         entries, clips element-wise to [-grad_clip, grad_clip], sets the ramped lr and steps.
         A non-finite loss on any rank skips the step on every rank (counted as Divergence/skipped_<name>)
@@ -159,7 +166,7 @@ class Trainer:
         loss_ok = torch.ones([], device=self.device)
         for r in range(self.rounds):
             with misc.ddp_sync(ddp, sync=(r == self.rounds - 1)):
-                loss = loss_fn(ddp)
+                loss = loss_fn(self.train_call[name])
                 training_stats.report(f'Loss/{name}', loss)
                 loss_ok = loss_ok * torch.isfinite(loss).all()
                 loss.float().mean().mul(1 / self.rounds).backward()
@@ -235,6 +242,30 @@ class Trainer:
             self.nets[k].load_state_dict(state['nets'][k])
             self.ema[k].load_state_dict(state['ema'][k])
             self.opt[k].load_state_dict(state['opt'][k])
+
+COMPILE_MODES = (None, 'default', 'reduce-overhead', 'max-autotune')
+
+class CompiledOrEager(torch.nn.Module):
+    """`torch.compile(module, mode=mode)`, falling back to `module` itself for good (with one line saying why) if
+    compiling fails: no C compiler, an unsupported op, a backend error. Compilation happens at the first call
+    (tens of seconds to minutes on a CPU; it pays off in long runs or with a warm cache, see docs/recipes.md).
+    """
+
+    def __init__(self, module, name, mode='default'):
+        super().__init__()
+        self.eager = module
+        self.compiled = torch.compile(module, mode=mode)
+        self.name = name
+
+    def forward(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as err: # pylint: disable=broad-except # Any compiler failure: run eagerly.
+                dist.print0(f'torch.compile of {self.name} failed, running it eagerly: '
+                            f'{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ""}')
+                self.compiled = None
+        return self.eager(*args, **kwargs)
 
 def split_batch(batch_size, batch_gpu=None):
     """(batch_size, per-round batch per rank, accumulation rounds), with clear errors."""

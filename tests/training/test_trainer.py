@@ -61,3 +61,19 @@ def test_multi_tensor_adam_steps_as_the_per_parameter_loop_bit_for_bit():
             opt.step()
         results.append(params)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_compiled_call_falls_back_to_eager_once_with_one_line(capsys):
+    from training.trainer import CompiledOrEager, Trainer
+    net = torch.nn.Linear(3, 2)
+    wrapper = CompiledOrEager(net, 'G')
+    class Broken(torch.nn.Module):
+        def forward(self, *args):
+            raise RuntimeError('no C compiler here\nlong trace')
+    wrapper.compiled = Broken()
+    x = torch.randn(4, 3)
+    assert torch.equal(wrapper(x), net(x)) and wrapper.compiled is None
+    assert torch.equal(wrapper(x), net(x))
+    assert capsys.readouterr().out == 'torch.compile of G failed, running it eagerly: RuntimeError: no C compiler here\n'
+    with pytest.raises(ValueError, match='compile_mode'):
+        Trainer(torch.device('cpu'), batch_size=2, compile_mode='fast')

@@ -47,15 +47,19 @@ def _dataset_kwargs(path, cache, option):
 
 
 def _inspect_dataset(kwargs, option):
-    """Open a dataset once to check it and read its shape and size."""
+    """Open a dataset once to check it (every image header, with progress) and read its shape and size. The
+    training loop then opens it without the header scan (check_all=False): it ran here."""
+    image = kwargs.class_name.endswith('ImageFolderDataset')
     try:
-        ds = dnnlib.util.construct_class_by_name(**kwargs)
+        ds = dnnlib.util.construct_class_by_name(**kwargs, **(dict(progress=True) if image else {}))
     except (DatasetError, OSError) as err:
         raise click.ClickException(f'{option}: {err}') from None
     shape, size = tuple(ds.item_shape), len(ds)
     close = getattr(ds, 'close', None)
     if close is not None:
         close()
+    if image:
+        kwargs.check_all = False # Images are still checked for their shape when they are loaded.
     return shape, size
 
 

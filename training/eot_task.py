@@ -98,7 +98,7 @@ class EOTTask:
         self.data2 = DataStream(ds2, trainer.batch_gpu, trainer.device, seed=seed + 1, loader_kwargs=loader)
         dist.print0(f'Domain 1: {len(ds1)} items, domain 2: {len(ds2)} items, shape {list(self.data_shape)}')
         if dist.get_rank() == 0: # Provenance: what the snapshots were trained on.
-            self.provenance.update(data1_sha256=ds1.data_hash(), data2_sha256=ds2.data_hash())
+            self.provenance.update(data1_sha256=ds1.data_hash(progress=True), data2_sha256=ds2.data_hash(progress=True))
 
         dist.print0('Constructing networks...')
         for name in ('G', 'f', 'D'):

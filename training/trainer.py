@@ -64,7 +64,13 @@ class DataStream:
 
     def _memory_batches(self, sampler):
         if self._items is None:
-            self._items = torch.as_tensor(np.stack([self.dataset[i][0] for i in range(len(self.dataset))]))
+            line = dnnlib.util.ProgressLine()
+            items = []
+            for i in range(len(self.dataset)):
+                line.update(f'Loading {getattr(self.dataset, "name", "the data")} into memory: {i}/{len(self.dataset)}')
+                items.append(self.dataset[i][0])
+            line.clear()
+            self._items = torch.as_tensor(np.stack(items))
         indices = iter(sampler)
         while True:
             yield self._items[torch.as_tensor([next(indices) for _ in range(self.batch_size)])]

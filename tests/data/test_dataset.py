@@ -422,3 +422,13 @@ def test_two_dimensional_sources():
         toy.make_toy('moons', 10, 0, dim=3)
     with pytest.raises(ValueError, match='Unknown toy source'):
         toy.make_toy('spiral', 10, 0)
+
+
+def test_progress_options_change_nothing_but_the_output(tmp_path):
+    """The header check and the hash with progress=True give the same dataset and digest as without."""
+    from tests.conftest import write_image_zip
+    from data.dataset import ImageFolderDataset
+    path = write_image_zip(tmp_path / 'a.zip', 5, resolution=4)
+    plain, shown = ImageFolderDataset(path), ImageFolderDataset(path, progress=True)
+    assert plain.data_hash() == shown.data_hash(progress=True) == ImageFolderDataset(path).data_hash(progress=True)
+    assert all((plain[i][0] == shown[i][0]).all() for i in range(len(plain)))

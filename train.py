@@ -272,7 +272,7 @@ def _pick_run_dir(opts, desc):
 @click.option('--precision',       help='Forward-pass precision (bf16 = autocast)', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True)
 @click.option('--bench',           help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--cache',           help='Cache decoded images in memory', metavar='BOOL', type=bool, default=True, show_default=True)
-@click.option('--threads',         help='CPU threads per process for torch  [default: torch\'s choice]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--threads',         help='CPU threads per process for torch; results differ with it in the last bits  [default: on the CPU the idle cores by the load average, shared by the local processes, at least 1; else torch\'s choice]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--workers',         help='DataLoader worker processes per process (0 = load in the main process)', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
 
 # I/O-related.
@@ -345,7 +345,9 @@ def main(**kwargs):
             write_options(run_dir, c)
             logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a')
         dist.barrier()
-        dist.setup_precision(cudnn_benchmark=c.cudnn_benchmark, threads=opts.threads)
+        threads, why = (opts.threads, '--threads') if opts.threads else dist.default_threads(device)
+        dist.print0(f'CPU threads: {threads or torch.get_num_threads()} ({why})')
+        dist.setup_precision(cudnn_benchmark=c.cudnn_benchmark, threads=threads)
         try:
             training_loop(device=device, **c)
         except DivergenceError as err:

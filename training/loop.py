@@ -21,6 +21,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import training_stats
+from training.progress import TickProgress
 from training.trainer import Trainer, _rng_state, _set_rng_state
 
 #----------------------------------------------------------------------------
@@ -109,13 +110,17 @@ def training_loop(
     dist.print0()
 
     done = trainer.cur_nimg >= total_kimg * 1000
+    progress = TickProgress(total_kimg, kimg_per_tick)
+    progress.start_tick(trainer.cur_nimg)
     while not done:
         task.iteration(trainer)
         trainer.update_ema()
         trainer.cur_nimg += batch_size
         done = trainer.cur_nimg >= total_kimg * 1000
         if not done and cur_tick != 0 and trainer.cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+            progress.update(trainer.cur_nimg)
             continue
+        progress.clear()
 
         # A tick: statistics, progress line, snapshot and state. Non-finite weights stop here, before
         # anything is written, so a NaN snapshot never replaces a good one.
@@ -171,6 +176,7 @@ def training_loop(
         cur_tick += 1
         tick_start_nimg = trainer.cur_nimg
         tick_start_time = time.time()
+        progress.start_tick(trainer.cur_nimg)
         dist.reset_peak_memory(device)
 
     if writer is not None:

@@ -151,6 +151,7 @@ def _schedule_config(c, opts):
     c.lr_rampup_kimg = opts.lr_rampup if opts.lr_rampup is not None else LR_RAMPUP_DEFAULT[opts.kind]
     c.grad_clip = opts.grad_clip
     c.precision = opts.precision
+    c.compile_mode = None if opts.compile_mode == 'none' else opts.compile_mode
     c.nan_policy = opts.nan_policy
     c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
     c.cudnn_benchmark = opts.bench
@@ -270,6 +271,7 @@ def _pick_run_dir(opts, desc):
 # Performance-related.
 @click.option('--device',          help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
 @click.option('--precision',       help='Forward-pass precision (bf16 = autocast)', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True)
+@click.option('--compile',         'compile_mode', help='torch.compile the trained passes (falls back to eager if compiling fails); it pays off in long runs or with a warm cache: minutes to compile on a CPU. reduce-overhead adds CUDA graphs', type=click.Choice(['none', 'default', 'reduce-overhead', 'max-autotune']), default='none', show_default=True)
 @click.option('--bench',           help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--cache',           help='Cache decoded images in memory', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--threads',         help='CPU threads per process for torch; results differ with it in the last bits  [default: on the CPU the idle cores by the load average, shared by the local processes, at least 1; else torch\'s choice]', metavar='INT', type=click.IntRange(min=1))

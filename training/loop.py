@@ -65,6 +65,7 @@ def training_loop(
     state_dump_ticks    = 500,      # Training-state interval in ticks; None = only at the end.
     resume_state        = None,     # training-state-*.pt to resume from.
     nan_policy          = 'skip',   # Non-finite loss: 'skip' the step (counted) or 'stop'.
+    compile_mode        = None,     # torch.compile of the trained passes: None, 'default', 'reduce-overhead', ...
     device              = torch.device('cpu'),
     tensorboard         = True,     # Mirror stats to TensorBoard when installed.
     wandb_project       = None,     # Mirror stats to this Weights & Biases project (optional package).
@@ -77,7 +78,7 @@ def training_loop(
 
     trainer = Trainer(device=device, batch_size=batch_size, batch_gpu=batch_gpu, precision=precision,
                       grad_clip=grad_clip, lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
-                      ema_rampup_ratio=ema_rampup_ratio, seed=seed, nan_policy=nan_policy)
+                      ema_rampup_ratio=ema_rampup_ratio, seed=seed, nan_policy=nan_policy, compile_mode=compile_mode)
     dist.print0(f'Batch: {batch_size} = {dist.get_world_size()} process(es) x {trainer.batch_gpu} x '
                 f'{trainer.rounds} accumulation round(s)')
     task = dnnlib.util.construct_class_by_name(**task_kwargs)

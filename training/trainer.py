@@ -208,8 +208,8 @@ class Trainer:
         beta = 0.5 ** (self.batch_size / max(halflife_nimg, 1e-8))
         for name, net in self.nets.items():
             ema = self.ema[name]
-            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p_net.detach(), 1 - beta)
+            # One multi-tensor lerp over all parameters (the same bits as a per-parameter lerp_).
+            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - beta)
             for b_ema, b_net in zip(ema.buffers(), net.buffers()):
                 b_ema.copy_(b_net)
 

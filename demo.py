@@ -22,6 +22,7 @@ It uses the toolkit's own command-line tools, so it also shows how to use them:
 
 import json
 import os
+import pickle
 import queue
 import re
 import shutil
@@ -304,6 +305,12 @@ def snapshots(run_dir):
     return [os.path.join(run_dir, n) for n in sorted(names)]
 
 
+def snapshot_kimg(path):
+    """The training progress (kimg) recorded in a snapshot."""
+    with open(path, 'rb') as f:
+        return round(float(pickle.load(f)['kimg']), 3)
+
+
 def generate(snapshot, data, outdir):
     """generate.py with the one-step G on every input of `data` (input i with seed i), plus grid.png."""
     _run_tool(['generate.py', f'--network={snapshot}', f'--data={data}', f'--outdir={outdir}', '--device=cpu',
@@ -423,7 +430,7 @@ def main(outdir, minutes, quick, threads, progress_interval):
     if len(snaps) < 2:
         raise click.ClickException(f'--minutes={minutes:g} stopped training before its first snapshot after tick 0; '
                                    'nothing to evaluate. Give it more time.')
-    kimg = int(re.findall(r'\d+', os.path.basename(snaps[-1]))[0]) if not finished else cfg['kimg']
+    kimg = cfg['kimg'] if finished else snapshot_kimg(snaps[-1])
 
     _stage(4, 'Translating the test 2s with generate.py (tick-0 snapshot and last snapshot)')
     classifier, accuracy = judge.result()

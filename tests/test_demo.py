@@ -61,8 +61,9 @@ def test_quick_demo_writes_everything_and_reports_true_figures(quick_runs):
         assert report[key]['transport_cost'] == pytest.approx(((x - y) ** 2).mean(), rel=1e-5, abs=1e-9)
         # The printed row shows the same numbers.
         assert f'{report[key]["transport_cost"]:.4f}' in out and f'{100 * report[key]["read_as_3"]:.1f}%' in out
-    assert report['untrained']['snapshot'] == 'train/network-snapshot-000000.pkl'
-    assert report['trained']['snapshot'] == 'train/network-snapshot-000001.pkl'
+    # The first snapshot is the tick-0 one (one iteration in), the last the end of training.
+    assert demo.snapshot_kimg(outdir / report['untrained']['snapshot']) == demo.QUICK['batch'] / 1000
+    assert demo.snapshot_kimg(outdir / report['trained']['snapshot']) >= demo.QUICK['kimg']
     figure = PIL.Image.open(outdir / 'demo.png')
     assert figure.size[1] == 3 * 4 * demo.QUICK['resolution'] # Three rows of 4x upscaled images.
     assert (outdir / 'classifier.pt').is_file() and (outdir / 'train' / 'log.txt').is_file()

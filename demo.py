@@ -274,7 +274,7 @@ def train(cfg, paths, run_dir, threads, deadline, progress_interval=30):
     progress = TrainingProgress(cfg['kimg'], progress_interval)
     finished, tail = False, []
     with open(log, 'w', encoding='utf-8') as f:
-        while True:
+        while not finished:
             if time.time() >= deadline:
                 proc.terminate() # The time limit: the snapshots written so far are kept.
                 break
@@ -283,14 +283,15 @@ def train(cfg, paths, run_dir, threads, deadline, progress_interval=30):
             except queue.Empty:
                 progress.show()
                 continue
-            if line is None:
-                finished = True
-                break
-            f.write(line)
-            tail = (tail + [line])[-25:]
-            progress.feed(line)
-    proc.wait()
-    reader.join()
+            finished = line is None
+            if not finished:
+                f.write(line)
+                tail = (tail + [line])[-25:]
+                progress.feed(line)
+        proc.wait()
+        reader.join()
+        while not lines.empty(): # What train.py printed after the time limit.
+            f.write(lines.get() or '')
     progress.show(force=True)
     progress.line.close()
     if finished and proc.returncode != 0:

@@ -32,6 +32,22 @@ from training.trainer import DivergenceError
 LR_RAMPUP_DEFAULT = dict(eot=0, denoiser=10000)
 
 
+class AdamBetas(click.ParamType):
+    """'B1,B2' with 0 <= B1, B2 < 1 -> (B1, B2)."""
+    name = 'betas'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            betas = tuple(float(v) for v in str(value).split(','))
+        except ValueError:
+            betas = ()
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            self.fail(f'{value!r} is not two numbers in [0, 1) separated by a comma, e.g. 0.5,0.9', param, ctx)
+        return betas
+
+
 class Config(dnnlib.EasyDict):
     """The resolved training options: exactly what goes to training_options.json and the loop."""
 
@@ -125,7 +141,7 @@ def setup_training_config(opts):
                                                           **net_opts)
     except ValueError as err:
         raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
-    adam = lambda lr: dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr, betas=[0.9, 0.999], eps=1e-8)
+    adam = lambda lr: dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr, betas=list(opts.adam_betas), eps=1e-8)
     c.task_kwargs = dnnlib.EasyDict(
         class_name='training.eot_task.EOTTask',
         data1_kwargs=data['data1'][0], data2_kwargs=data['data2'][0],
@@ -261,6 +277,7 @@ def _pick_run_dir(opts, desc):
 @click.option('--D-gp-every',    'd_gp_every', help='Lazy penalty: apply --D-gp on every Nth critic step only, weighted N x (StyleGAN2\'s lazy regularisation)', metavar='N', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--lr_D',            'lr_d', help='Learning rate of D', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option('--lr_f',            'lr_f', help='Learning rate of f', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--adam-betas',      help='Adam\'s betas of G, f and D (0.5,0.9 or 0,0.9 are WGAN-GP\'s usual; they steadied the demo)', metavar='B1,B2', type=AdamBetas(), default='0.9,0.999', show_default=True)
 @click.option('--lr',              help='--kind=denoiser: learning rate of the denoiser', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)  [default: 0 for --kind=eot (every measured run, docs/gaussian_eot.md; 10000 left short runs at a few % of the rate), 10000 for --kind=denoiser (EDM)]', metavar='KIMG', type=click.FloatRange(min=0))
 @click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)

@@ -67,7 +67,7 @@ def _net_opts(**D):
 # joint: the pre-issue-18 joint penalty pass; memory: the in-memory data stream; multi_tensor: foreach Adam;
 # compile: Trainer(compile_mode=...).
 ARMS = {
-    'v1':        dict(options=['--D-gp-every=1'], joint=True, memory=False, multi_tensor=False), # before issue 18
+    'v1':        dict(options=['--D-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False, multi_tensor=False), # before issue 18
     'penalty':   dict(options=['--D-gp-every=1'], memory=False, multi_tensor=False), # + a penalty pass of its own
     'same-math': dict(options=['--D-gp-every=1']),         # + the in-memory data stream, foreach Adam
     'lazy4':     dict(options=['--D-gp-every=4']),         # + the penalty every 4th critic step, weight x 4

@@ -35,6 +35,22 @@ from training.trainer import DivergenceError, split_batch
 LR_RAMPUP_DEFAULT = dict(eot=0, denoiser=10000)
 
 
+class AdamBetas(click.ParamType):
+    """'B1,B2' with 0 <= B1, B2 < 1 -> (B1, B2)."""
+    name = 'betas'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            betas = tuple(float(v) for v in str(value).split(','))
+        except ValueError:
+            betas = ()
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            self.fail(f'{value!r} is not two numbers in [0, 1) separated by a comma, e.g. 0.5,0.9', param, ctx)
+        return betas
+
+
 class Config(dnnlib.EasyDict):
     """The resolved training options: exactly what goes to training_options.json and the loop."""
 
@@ -50,17 +66,21 @@ def _dataset_kwargs(path, cache, option):
 
 
 def _inspect_dataset(kwargs, option, verify=False):
-    """Open a data set to check it and read its item shape and size; with `verify`, decode every image now, so
-    that a corrupt or truncated file stops the run before it starts rather than mid-training."""
+    """Open a data set to check it (every image header, with progress) and read its item shape and size; with
+    `verify`, decode every image now, so that a corrupt or truncated file stops the run before it starts rather
+    than mid-training. The training loop then opens image data without a second header scan."""
     ds = None
+    image = kwargs.class_name.endswith('ImageFolderDataset')
     try:
-        ds = dnnlib.util.construct_class_by_name(**kwargs)
+        ds = dnnlib.util.construct_class_by_name(**kwargs, **(dict(progress=True) if image else {}))
         for what, names in (('files that are not PNG/JPEG images', getattr(ds, 'ignored_files', [])),
                             ('symlinked folders (not followed)', getattr(ds, 'skipped_links', []))):
             if names:
                 dist.print0(f'Note: {option}: ignoring {len(names)} {what}, e.g. {names[0]!r}')
         if verify and hasattr(ds, 'verify'):
             _verify_images(ds, option)
+        if image:
+            kwargs.check_all = False # The header scan ran here; the loop's loads still check each image's shape.
         return tuple(ds.item_shape), len(ds)
     except (DatasetError, OSError) as err:
         raise click.ClickException(f'{option}: {err}') from None
@@ -174,9 +194,10 @@ def _eot_task_kwargs(opts):
         data1_kwargs=data['data1'][0], data2_kwargs=data['data2'][0],
         test1_kwargs=data['test1'][0] if 'test1' in data else None, loader_kwargs=_loader_kwargs(opts),
         G_kwargs=G_kwargs, f_kwargs=f_kwargs, D_kwargs=D_kwargs,
-        G_opt_kwargs=_adam(opts.lr_g), f_opt_kwargs=_adam(opts.lr_f), D_opt_kwargs=_adam(opts.lr_d),
+        G_opt_kwargs=_adam(opts.lr_g, opts.adam_betas), f_opt_kwargs=_adam(opts.lr_f, opts.adam_betas),
+        D_opt_kwargs=_adam(opts.lr_d, opts.adam_betas),
         gamma=opts.gamma, G_loss=opts.g_loss, G_iters=opts.g_iters, f_iters=opts.f_iters, D_iters=opts.d_iters,
-        D_gp=opts.d_gp, sde_steps=opts.sde_steps,
+        D_gp=opts.d_gp, D_gp_every=opts.d_gp_every, sde_steps=opts.sde_steps,
         metrics=metrics, data2stats=opts.data2stats, detector=opts.detector,
         samples_dir_G=opts.samples_dir_g, samples_dir_SDE=opts.samples_dir_sde)
     data_paths = dnnlib.EasyDict(data1train=opts.data1train, data2train=opts.data2train, data1test=opts.data1test,
@@ -184,8 +205,8 @@ def _eot_task_kwargs(opts):
     return task_kwargs, data_paths
 
 
-def _adam(lr):
-    return dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr, betas=[0.9, 0.999], eps=1e-8)
+def _adam(lr, betas=(0.9, 0.999)):
+    return dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr, betas=list(betas), eps=1e-8)
 
 
 def _loader_kwargs(opts):
@@ -199,6 +220,7 @@ def _schedule_config(c, opts):
     c.lr_rampup_kimg = opts.lr_rampup if opts.lr_rampup is not None else LR_RAMPUP_DEFAULT[opts.kind]
     c.grad_clip = opts.grad_clip
     c.precision = opts.precision
+    c.compile_mode = None if opts.compile_mode == 'none' else opts.compile_mode
     c.nan_policy = opts.nan_policy
     c.kimg_per_tick, c.snapshot_ticks = opts.tick, opts.snap
     c.state_dump_ticks = opts.dump if opts.dump is not None else opts.snap # A state at least as often as a snapshot.
@@ -336,8 +358,10 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--gamma',           help='Entropy: the bridge volatility is sqrt(gamma) (EOT with eps = gamma)', metavar='FLOAT', type=FiniteFloat(min=0), default=0.0, show_default=True)
 @click.option('--lr-g',            'lr_g', help='Learning rate of G', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option('--d-gp',            'd_gp', help='Weight of a WGAN-GP gradient penalty on the critic (0: none, as in the stated method; 10 is the usual value; it steadies short image runs)', metavar='FLOAT', type=FiniteFloat(min=0), default=0, show_default=True)
+@click.option('--d-gp-every',      'd_gp_every', help='Lazy penalty: apply --d-gp on every Nth critic step only, weighted N x (StyleGAN2\'s lazy regularisation)', metavar='N', type=click.IntRange(min=1, max=MAX_ITERS), default=1, show_default=True)
 @click.option('--lr-d',            'lr_d', help='Learning rate of D', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option('--lr-f',            'lr_f', help='Learning rate of f', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--adam-betas',      help='Adam\'s betas of G, f and D (0.5,0.9 or 0,0.9 are WGAN-GP\'s usual; they steadied the demo)', metavar='B1,B2', type=AdamBetas(), default='0.9,0.999', show_default=True)
 @click.option('--lr',              help='--kind=denoiser: learning rate of the denoiser', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)  [default: 0 for --kind=eot (every measured run, docs/gaussian_eot.md; 10000 left short runs at a few % of the rate), 10000 for --kind=denoiser (EDM)]', metavar='KIMG', type=FiniteFloat(min=0))
 @click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)', metavar='MIMG', type=FiniteFloat(min=0), default=0.5, show_default=True)
@@ -348,9 +372,10 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 # Performance-related.
 @click.option('--device',          help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
 @click.option('--precision',       help='Forward-pass precision (bf16 = autocast)', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True)
+@click.option('--compile',         'compile_mode', help='torch.compile the trained passes (falls back to eager if compiling fails); it pays off in long runs or with a warm cache: minutes to compile on a CPU. reduce-overhead adds CUDA graphs', type=click.Choice(['none', 'default', 'reduce-overhead', 'max-autotune']), default='none', show_default=True)
 @click.option('--bench',           help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--cache',           help='Cache decoded images in memory', metavar='BOOL', type=bool, default=True, show_default=True)
-@click.option('--threads',         help='CPU threads per process for torch  [default: torch\'s choice]', metavar='INT', type=click.IntRange(min=1, max=1024))
+@click.option('--threads',         help='CPU threads per process for torch; results differ with it in the last bits  [default: on the CPU the idle cores by the load average, shared by the local processes, at least 1; else torch\'s choice]', metavar='INT', type=click.IntRange(min=1, max=1024))
 @click.option('--workers',         help='DataLoader worker processes per process (0 = load in the main process)', metavar='INT', type=click.IntRange(min=0, max=128), default=1, show_default=True)
 
 # I/O-related.

@@ -12,7 +12,7 @@ the `gpu`-marked tests (CUDA variants of the distributed tests included); 32x32 
 2 -> 3 (dataset_tool.py); train.py's seed command line under `torchrun --standalone --nproc_per_node=1` (nccl),
 then the same command resumed to twice the length; generate.py with G and with the SDE; the G outputs of the
 CPU against those of the GPU; fid.py (FID and precision/recall) with the stand-in detector (its numbers are not
-FID: they check the CUDA path); benchmarks/train_speed.py in fp32 and bf16; benchmarks/dpmot_speed.py (a 56.5 M
+FID: they check the CUDA path); benchmarks/train_speed.py (the demo's configuration) in fp32 and bf16; benchmarks/dpmot_speed.py (a 56.5 M
 parameter denoiser, DPM-OT against the plain sampler at equal NFE); benchmarks/semidiscrete_speed.py at
 N = 10 000 and 50 000, d = 3072. Peak GPU memory is sampled with nvidia-smi every 0.25 s (the device's use above
 what it was before the part, CUDA contexts included); where a tool reports its own peak allocation, that is
@@ -56,7 +56,7 @@ class Sizes:
     train_kimg: float = 1.0          # the first run stops at half of it, the resumed one at all of it
     tick_kimg: float = 0.25
     train_extra: tuple = ()          # appended to the seed's command line (the last value of an option wins)
-    train_speed: tuple = ('--batch=64', '--repeats=3')
+    train_speed: tuple = ('--arms=v1,same-math,demo', '--rounds=3', '--iters=8')
     dpmot_speed: tuple = ('--samples=1024', '--batch=256', '--repeats=2')
     semidiscrete: tuple = (('10k', ('--num-targets=10000', '--res=32', '--kernel-targets=10000')),
                            ('50k', ('--num-targets=50000', '--res=32', '--kernel-targets=50000', '--eval-per-target=20')))
@@ -65,8 +65,7 @@ class Sizes:
 
 SMOKE = Sizes(resolution=16, train_per_class=40, test_per_class=16, train_kimg=0.128, tick_kimg=0.064,
               train_extra=('--G_iters=1', '--model_channels=8'),
-              train_speed=('--batch=4', '--repeats=1', '--resolution=8', '--channels=8', '--iters=1,1,1',
-                           '--net-opts={"num_blocks": 1}'),
+              train_speed=('--arms=v1,demo', '--rounds=1', '--iters=1', '--batch=8'),
               dpmot_speed=('--samples=16', '--batch=8', '--repeats=1', '--model-channels=16', '--resolution=8',
                            '--num-targets=64'),
               semidiscrete=(('10k', ('--num-targets=200', '--res=8', '--kernel-targets=200', '--eval-threads=1')),
@@ -226,12 +225,15 @@ def fid_figures(ctx, out):
 
 
 def train_speed_figures(ctx, out):
-    img = dict(re.findall(r'^(reference|ours)\s+median\s+[\d.]+ s per run\s+->\s+([\d.]+) images/s', out, re.M))
-    speedup = re.search(r'speed-up \(reference time / our time\): ([\d.]+)x', out)
-    if len(img) != 2 or not speedup:
-        raise CheckFailed('train_speed printed no images/s of both loops')
-    return dict(ours_img_per_s=float(img['ours']), reference_img_per_s=float(img['reference']),
-                speedup=float(speedup.group(1)))
+    """Seconds per kimg of each arm (the demo's configuration) and the speed-up of the last arm over the first."""
+    match = re.search(r'^RESULT (\{.*\})$', out, re.M)
+    if not match:
+        raise CheckFailed('train_speed printed no RESULT line')
+    arms = json.loads(match.group(1))['arms']
+    figs = {f'{name}_s_per_kimg': round(a['wall_s_per_kimg'], 4) for name, a in arms.items()}
+    names = list(arms)
+    figs['speedup'] = round(arms[names[0]]['wall_s_per_kimg'] / arms[names[-1]]['wall_s_per_kimg'], 3)
+    return figs
 
 
 def semidiscrete_figures(ctx, out):
@@ -300,7 +302,8 @@ def parts():
              lambda c: _generate_commands(c, 'G', 'cpu', s(c).compare_count, 'gen-G-cpu'), compare_figures),
         Part('fid', 'fid.py ref + calc (FID, precision/recall) with the stand-in detector', 120, _fid_commands,
              fid_figures),
-        Part('train_speed_fp32', 'training img/s, our loop vs the reference structure, fp32', 75,
+        Part('train_speed_fp32', 'training s/kimg of the demo\'s configuration: the code before issue 18 (v1), '
+             'its same-math changes, the demo\'s settings; fp32', 75,
              lambda c: [_py(c, '-m', 'benchmarks.train_speed', f'--device={c.device}', '--precision=fp32',
                             *s(c).train_speed)], train_speed_figures),
         Part('train_speed_bf16', 'the same in bf16 (autocast)', 75,

@@ -1,150 +1,244 @@
-"""Training throughput of our EOT loop against a straightforward port of the reference loop structure.
+"""Training speed per kimg of the demo's configuration (demo.py), before and after issue 18's changes, with the
+compute floor beside it.
 
-Both run the same networks, batch, data and schedule (G_iters x (f_iters f-steps + one G-step), then
-D_iters D-steps). The reference structure keeps G's graph in the f- and D-steps (back-propagating
-through G for nothing), calls D twice in the D-step, and trains f and D's weights' gradients in the
-G-step; ours runs G under no_grad there, freezes f and D in the G-step and scores D once. The two
-alternate (ABAB...) so that machine load hits both alike; the ratio of median times is printed.
+Every arm is the real training code (train.py's config -> Trainer + EOTTask on the demo's data), built with the
+same seed; the arms differ only in the settings named below. They run in turns (ABC, BCA, CAB, ...) in one
+process, so machine load hits all alike; each arm's median over the rounds is printed, as wall time and as
+CPU time per kimg (CPU time counts only what this process ran: on a shared machine it is the steadier one).
 
-    python -m benchmarks.train_speed                       # 32x32 RGB, c=32, batch 16, the seed's 10/2/1 schedule
-    python -m benchmarks.train_speed --channels=64 --repeats=5 --device=cuda --precision=bf16
+The compute floor of an arm: the FLOPs of its outer iterations (convolutions and matrix products, forward,
+backward and double backward, counted by torch.utils.flop_counter) divided by the throughput of a large fp32
+matrix product measured in the same rounds with the same threads: what the arithmetic alone would take.
+
+    python -m benchmarks.train_speed                          # v1, same-math, demo; the demo's data built in /tmp
+    python -m benchmarks.train_speed --data=demo-run/data --rounds=9 --arms=v1,penalty,same-math,lazy4,no-gp
+    python -m benchmarks.train_speed --device=cuda --arms=demo,compile,compile-cg --batch=1024
+    python -m benchmarks.train_speed --device=cuda --precision=bf16 --arms=demo
+
+The last line, `RESULT {...}`, holds the figures as JSON.
 """
 
+import contextlib
+import io
+import json
+import os
 import statistics
+import tempfile
 import time
 
 import click
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
+import demo
 import dnnlib
+import train
 from models.eot_loss import EOTLoss
-from models.networks import eot_network_kwargs
 from torch_utils import distributed as dist
-from training.eot_task import EOTTask
 from training.trainer import Trainer
 
+#----------------------------------------------------------------------------
+# The arms.
 
-class TensorStream:
-    """Endless random batches already on the device (data loading is not what is measured)."""
+class JointPenaltyEOTLoss(EOTLoss):
+    """The critic's loss as it was before issue 18: the scores of xN, x1 and the interpolates in one pass of 3N
+    rows, so the penalty's backward and double backward ran over all 3N rows (same values as EOTLoss.D_loss)."""
 
-    def __init__(self, shape, batch, device, seed):
-        g = torch.Generator().manual_seed(seed)
-        self.pool = (torch.rand([8 * batch, *shape], generator=g) * 2 - 1).to(device)
-        self.batch, self.pos = batch, 0
+    def D_loss(self, D, xN, x1, gp_weight=0.0, alpha=None, D_penalty=None):
+        n = xN.shape[0]
+        if not gp_weight:
+            scores = D(torch.cat([xN, x1])).float()
+            return scores[:n] - scores[n:]
+        alpha = alpha.reshape(-1, *([1] * (xN.ndim - 1)))
+        x_hat = (alpha * xN + (1 - alpha) * x1).detach().requires_grad_(True)
+        scores = D(torch.cat([xN, x1, x_hat])).float()
+        grad, = torch.autograd.grad(scores[2 * n:].sum(), x_hat, create_graph=True)
+        penalty = (grad.float().flatten(1).norm(dim=1) - 1).square()
+        return scores[:n] - scores[n:2 * n] + gp_weight * penalty
 
-    def next(self):
-        if self.pos + self.batch > len(self.pool):
-            self.pos = 0
-        self.pos += self.batch
-        return self.pool[self.pos - self.batch:self.pos]
+def _net_opts(**D):
+    """The demo's --net-opts with the critic's options updated by `D`."""
+    opts = dict(demo.FULL['net_opts'])
+    opts['D'] = dict(opts['D'], **D)
+    return f'--net-opts={json.dumps(opts)}'
 
+# Each arm: train.py options added to the demo's (demo.FULL), and how the code differs from today's:
+# joint: the pre-issue-18 joint penalty pass; memory: the in-memory data stream; multi_tensor: foreach Adam;
+# compile: Trainer(compile_mode=...).
+ARMS = {
+    'v1':        dict(options=['--D-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False, multi_tensor=False), # before issue 18
+    'penalty':   dict(options=['--D-gp-every=1'], memory=False, multi_tensor=False), # + a penalty pass of its own
+    'same-math': dict(options=['--D-gp-every=1']),         # + the in-memory data stream, foreach Adam
+    'lazy4':     dict(options=['--D-gp-every=4']),         # + the penalty every 4th critic step, weight x 4
+    'lazy16':    dict(options=['--D-gp-every=16']),
+    'no-gp':     dict(options=['--D-gp=0']),               # no penalty: the floor of any penalty schedule
+    'lazy4-d8':  dict(options=['--D-gp-every=4', _net_opts(model_channels=8)]), # + a critic of width 8, not 16
+    'demo':      dict(options=[]),                         # demo.FULL as it is
+    'compile':   dict(options=[], compile='default'),      # demo.FULL, trained passes through torch.compile
+    'compile-cg': dict(options=[], compile='reduce-overhead'), # the same with CUDA graphs (GPU)
+}
 
-def reference_iteration(nets, opts, data1, data2, gamma, G_iters, f_iters, D_iters, lr):
-    """One outer iteration in the reference structure (no DDP here: one process)."""
-    G, f, D = nets['G'], nets['f'], nets['D']
+#----------------------------------------------------------------------------
 
-    def step(net, opt):
-        opt.param_groups[0]['lr'] = lr
-        for p in net.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-                p.grad = torch.clip(p.grad, -1.0, 1.0)
-        opt.step()
-
-    def bridge(x0, xN):
-        t = torch.rand(x0.shape[0], device=x0.device)
-        tt = t.reshape(-1, *([1] * (x0.ndim - 1)))
-        return x0 + (xN - x0) * tt + torch.randn_like(x0) * torch.sqrt(tt * (1 - tt) * gamma), t
-
-    for _ in range(G_iters):
-        for _ in range(f_iters):
-            opts['f'].zero_grad(set_to_none=True)
-            x0 = data1.next()
-            xN = G(x0)                                   # Graph kept: the backward runs through G too.
-            xt, t = bridge(x0, xN)
-            ((f(xt, t) - xN) ** 2).mean().backward()
-            step(f, opts['f'])
-        opts['G'].zero_grad(set_to_none=True)
-        x0 = data1.next()
-        xN = G(x0)
-        xt, t = bridge(x0, xN)
-        drift = f(xt, t) - xt                            # f and D weights receive gradients for nothing.
-        (((drift * (xN - xt)).mean() - (drift * drift).mean() / 2) * 2 - D(xN).mean()).backward()
-        step(G, opts['G'])
-    for _ in range(D_iters):
-        opts['D'].zero_grad(set_to_none=True)
-        x0, x1 = data1.next(), data2.next()
-        xN = G(x0)                                       # Graph kept here as well.
-        (-D(x1) + D(xN)).mean().backward()
-        step(D, opts['D'])
+def demo_config(data_dir, extra, device):
+    """train.py's config of the demo (demo.FULL) on the data in `data_dir`, with `extra` options."""
+    paths = {k: os.path.join(data_dir, f'{k}.zip') for k in ('2_train', '2_test', '3_train', '3_test')}
+    args = demo._train_args(demo.FULL, paths, os.path.join(data_dir, 'unused-run'), 1)
+    args = [a for a in args[1:] if not a.startswith(('--device=', '--threads='))] + [f'--device={device.type}', *extra]
+    opts = dnnlib.EasyDict(train.main.make_context('train.py', args).params)
+    return train.setup_training_config(**opts)
 
 
-def build(shape, channels, batch, device, net_opts, precision='fp32'):
-    """A Trainer and an EOTTask wired to in-memory data, and the same networks for the reference."""
-    trainer = Trainer(device, batch_size=batch, lr_rampup_kimg=0, precision=precision)
-    task = EOTTask.__new__(EOTTask)    # Bypass dataset loading: the streams below replace it.
-    task.loss = EOTLoss(1.0)
-    task.G_iters, task.f_iters, task.D_iters = 10, 2, 1
-    task.D_gp = 0.0                    # No critic penalty: the stated method, as the reference.
-    task.data1, task.data2 = TensorStream(shape, batch, device, 1), TensorStream(shape, batch, device, 2)
+def build_arm(name, data_dir, device, precision, batch=None):
+    """(trainer, task) of one arm, seeded as the demo's run (seed 0)."""
+    arm = ARMS[name]
+    c = demo_config(data_dir, arm['options'] + ([f'--batch={batch}'] if batch else []), device)
+    tk = dnnlib.EasyDict(c.task_kwargs)
+    if not arm.get('multi_tensor', True):
+        for key in ('G_opt_kwargs', 'f_opt_kwargs', 'D_opt_kwargs'):
+            tk[key] = dict(tk[key], foreach=False)
     torch.manual_seed(0)
-    kwargs = eot_network_kwargs(shape, model_channels=channels, **net_opts)
-    for name, kw in zip(('G', 'f', 'D'), kwargs):
-        trainer.add_network(name, dnnlib.util.construct_class_by_name(**kw),
-                            dict(class_name='torch.optim.Adam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8))
+    trainer = Trainer(device=device, batch_size=c.batch_size, batch_gpu=c.batch_gpu, precision=precision,
+                      grad_clip=c.grad_clip, lr_rampup_kimg=c.lr_rampup_kimg, ema_halflife_kimg=c.ema_halflife_kimg,
+                      seed=0, compile_mode=arm.get('compile'))
+    task = dnnlib.util.construct_class_by_name(**tk)
+    with contextlib.redirect_stdout(io.StringIO()): # Module summaries.
+        task.setup(trainer, run_dir=None, seed=0)
+    if arm.get('joint', False):
+        task.loss = JointPenaltyEOTLoss(task.loss.gamma)
+    task.data1.in_memory = task.data2.in_memory = arm.get('memory', True)
     return trainer, task
 
 
+def run_iterations(trainer, task, iters):
+    """`iters` outer iterations as the loop runs them (iteration, EMA, progress count)."""
+    for _ in range(iters):
+        task.iteration(trainer)
+        trainer.update_ema()
+        trainer.cur_nimg += trainer.batch_size
+
+
+def matmul_gflops(device, n=1024, seconds=0.5):
+    """Throughput of an n x n fp32 matrix product (GFLOP/s), over about `seconds`."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+class FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of every op that torch.utils.flop_counter has a formula for (convolutions and matrix
+    products, their backward ops included). FlopCounterMode itself cannot watch autograd.grad (its module
+    hooks fail there), hence this plain dispatch mode over the same formulas."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(trainer, task, iters):
+    """FLOPs of `iters` outer iterations (forward, backward and double backward)."""
+    with FlopCount() as counter:
+        run_iterations(trainer, task, iters)
+    return counter.total
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
 @click.command()
-@click.option('--resolution', type=int, default=32, show_default=True, help='Image resolution')
-@click.option('--channels', 'model_channels', type=int, default=32, show_default=True, help='model_channels c')
-@click.option('--batch', type=int, default=16, show_default=True, help='Batch size')
-@click.option('--iters', 'schedule', type=str, default='10,2,1', show_default=True, help='G_iters,f_iters,D_iters')
-@click.option('--outer', type=int, default=1, show_default=True, help='Outer iterations per timed run')
-@click.option('--repeats', type=int, default=3, show_default=True, help='Timed runs of each loop (alternating)')
-@click.option('--net-opts', type=str, default='{"num_blocks": 2}', show_default=True, help='JSON network overrides')
-@click.option('--device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
-@click.option('--precision', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True,
-              help='Forward passes of both loops (bf16 = autocast, as train.py --precision)')
-def main(resolution, model_channels, batch, schedule, outer, repeats, net_opts, device, precision):
-    """Print images/s of both loops and their ratio."""
-    import json
+@click.option('--data',      'data_dir', help='Folder with the demo\'s 2_train.zip, 3_train.zip, 2_test.zip, 3_test.zip  [default: built in a temporary folder]', metavar='DIR', type=str)
+@click.option('--arms',      help=f'Comma-separated arms, the first is the baseline: {", ".join(ARMS)}', metavar='LIST', type=str, default='v1,same-math,demo', show_default=True)
+@click.option('--iters',     help='Outer iterations per timed run (a multiple of 4: lazy arms do the same work in every run)', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--rounds',    help='Timed runs of every arm, in rotating order', metavar='INT', type=click.IntRange(min=1), default=5, show_default=True)
+@click.option('--threads',   help='CPU threads', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--device',    help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='cpu', show_default=True)
+@click.option('--precision', help='Forward-pass precision of every arm', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True)
+@click.option('--batch',     help='Batch size instead of the demo\'s 64 (e.g. larger on a GPU)', metavar='INT', type=click.IntRange(min=1))
+def main(data_dir, arms, iters, rounds, threads, device, precision, batch):
+    """Seconds per kimg of the demo's training, per arm, with the compute floor and the machine's load."""
+    names = [a for a in arms.split(',') if a]
+    bad = [a for a in names if a not in ARMS]
+    if bad or not names:
+        raise click.ClickException(f'--arms={arms}: unknown arm(s) {bad}; choose from {", ".join(ARMS)}')
+    torch.set_num_threads(threads)
     device = dist.init(device)
-    G_iters, f_iters, D_iters = (int(v) for v in schedule.split(','))
-    shape = (3, resolution, resolution)
-    trainer, task = build(shape, model_channels, batch, device, json.loads(net_opts), precision)
-    task.G_iters, task.f_iters, task.D_iters = G_iters, f_iters, D_iters
-    ref_nets = {k: v for k, v in trainer.nets.items()}
-    ref_opts = {k: torch.optim.Adam(v.parameters(), lr=1e-4) for k, v in ref_nets.items()}
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        if data_dir is None:
+            data_dir = os.path.join(tmp, 'data')
+            with contextlib.redirect_stdout(io.StringIO()):
+                demo.build_data(tmp, demo.FULL)
+        built = {name: build_arm(name, data_dir, device, precision, batch) for name in names}
+        flops = {}
+        for name in names: # FLOPs of eager twins (a dispatch mode and torch.compile do not mix).
+            twin = build_arm(name, data_dir, device, precision, batch) if ARMS[name].get('compile') else built[name]
+            flops[name] = count_flops(*twin, iters) / iters
+        report(built, flops, names, device, iters, rounds, threads, precision)
 
-    def ours():
-        for _ in range(outer):
-            task.iteration(trainer)
 
-    def reference():
-        # The same autocast as ours (its backward passes run inside it too: they follow the forward dtypes anyway).
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
-            for _ in range(outer):
-                reference_iteration(ref_nets, ref_opts, task.data1, task.data2, 1.0, G_iters, f_iters, D_iters, 1e-4)
-
-    print(f'Device {device} ({precision}), {torch.get_num_threads()} threads; images {list(shape)}, c={model_channels}, batch {batch}, '
-          f'schedule G/f/D = {G_iters}/{f_iters}/{D_iters}, {outer} outer iteration(s) per run')
-    ours(); reference(); sync() # Warm-up.
-    times = dict(ours=[], reference=[])
-    for r in range(repeats):
-        for name, fn in (('ours', ours), ('reference', reference)) if r % 2 == 0 else (('reference', reference), ('ours', ours)):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    images = outer * batch # Progress counted as in training: one outer iteration = one batch.
-    med = {k: statistics.median(v) for k, v in times.items()}
-    for name in ('reference', 'ours'):
-        print(f'{name:10s} median {med[name]:8.3f} s per run  ->  {images / med[name]:8.2f} images/s  '
-              f'(runs: {", ".join(f"{t:.2f}" for t in times[name])})')
-    print(f'speed-up (reference time / our time): {med["reference"] / med["ours"]:.2f}x')
+def report(built, flops, names, device, iters, rounds, threads, precision):
+    batch = built[names[0]][0].batch_size
+    load0 = os.getloadavg()
+    print(f'Demo configuration (demo.FULL): images [3, 16, 16], batch {batch}, device {device}, {threads} thread(s), '
+          f'{precision}; {iters} outer iterations per run, {rounds} rounds; load average {load0[0]:.2f} {load0[1]:.2f} '
+          f'{load0[2]:.2f} on {os.cpu_count()} CPUs', flush=True)
+    first = {}
+    for name in names: # Warm-up (compilation for the compile arms).
+        sync(device)
+        t0 = time.perf_counter()
+        run_iterations(*built[name], iters)
+        sync(device)
+        first[name] = time.perf_counter() - t0
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    gflops = []
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            run_iterations(*built[name], iters)
+            sync(device)
+            wall[name].append((time.perf_counter() - t0) / (iters * batch) * 1000)
+            cpu[name].append((time.process_time() - c0) / (iters * batch) * 1000)
+        gflops.append(matmul_gflops(device))
+    throughput = statistics.median(gflops) * 1e9
+    load1 = os.getloadavg()
+    base = names[0]
+    med = statistics.median
+    print(f'{"arm":10s} {"wall s/kimg":>12s} {"CPU s/kimg":>11s} {"GFLOP/iter":>11s} {"floor s/kimg":>13s} '
+          f'{"wall/floor":>11s} {"speed-up wall":>14s} {"speed-up CPU":>13s} {"first run s":>12s}')
+    for name in names:
+        floor = flops[name] / throughput * 1000 / batch
+        print(f'{name:10s} {med(wall[name]):12.3f} {med(cpu[name]):11.3f} {flops[name] / 1e9:11.2f} {floor:13.3f} '
+              f'{med(wall[name]) / floor:11.2f} {med(wall[base]) / med(wall[name]):13.2f}x '
+              f'{med(cpu[base]) / med(cpu[name]):12.2f}x {first[name]:12.1f}')
+    print(f'fp32 matrix product (1024^3): {throughput / 1e9:.1f} GFLOP/s (median of {rounds}: '
+          f'{", ".join(f"{g:.1f}" for g in gflops)})')
+    for name in names:
+        print(f'  {name:10s} wall runs (s/kimg): {", ".join(f"{t:.3f}" for t in wall[name])}')
+    print(f'load average at the end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}')
+    result = dict(device=str(device), precision=precision, threads=threads, batch=batch, matmul_gflops=throughput / 1e9,
+                  load=[load0[0], load1[0]], arms={name: dict(wall_s_per_kimg=med(wall[name]), cpu_s_per_kimg=med(cpu[name]),
+                                                               gflop_per_iter=flops[name] / 1e9, first_run_s=first[name])
+                                                   for name in names})
+    print('RESULT ' + json.dumps(result))
 
 
 if __name__ == '__main__':

@@ -19,6 +19,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+import dnnlib
+
 #----------------------------------------------------------------------------
 
 class DatasetError(ValueError):
@@ -301,6 +303,14 @@ def _hash_files(items):
         h.update(data)
     return h.hexdigest()
 
+def _with_progress(items, what, total=None):
+    """Yield `items`, showing '<what>: i/total files' on one progress line (nothing for quick work)."""
+    line = dnnlib.util.ProgressLine()
+    for count, item in enumerate(items, 1):
+        line.update(f'{what}: {count}{"" if total is None else f"/{total}"} files')
+        yield item
+    line.clear()
+
 #----------------------------------------------------------------------------
 
 class Dataset(torch.utils.data.Dataset):
@@ -389,10 +399,14 @@ class Dataset(torch.utils.data.Dataset):
             onehot[labels[self._raw_idx[idx]]] = 1
         return onehot
 
-    def data_hash(self):
-        """sha256 hex digest of the raw files (see _hash_files), for provenance."""
+    def data_hash(self, progress=False):
+        """sha256 hex digest of the raw files (see _hash_files), for provenance. `progress`: show how far it got
+        on one line (dnnlib.util.ProgressLine) when it takes more than a second."""
         if self._hash is None:
-            self._hash = _hash_files(self._raw_hash_items())
+            items = self._raw_hash_items()
+            if progress:
+                items = _with_progress(items, f'Hashing {self._name}')
+            self._hash = _hash_files(items)
         return self._hash
 
     def __len__(self):
@@ -417,12 +431,13 @@ class ImageFolderDataset(Dataset):
         cache: keep decoded images in memory (per process) after first use.
         check_all: read every image header at start-up to check sizes; if False, only the first
             image is checked up front and the others when they are loaded.
+        progress: show the header check's progress on one line when it takes more than a second.
         max_pixels: refuse images declaring more pixels than this.
         **kwargs: max_size, use_labels, xflip, random_seed (see Dataset), name (default: file stem).
     """
 
     def __init__(self, path, resolution=None, cache=False, check_all=True, max_pixels=MAX_IMAGE_PIXELS,
-                 name=None, **kwargs):
+                 name=None, progress=False, **kwargs):
         self._path = os.fspath(path)
         self._raw = RawFiles(self._path)
         self._image_names, self.ignored_files = image_names(self._raw)
@@ -444,7 +459,7 @@ class ImageFolderDataset(Dataset):
         if resolution is not None and w != resolution:
             raise DatasetError(f'{self._path}: images are {w}x{h}, but resolution={resolution} was requested')
         self._image_shape = [c, h, w]
-        for i in check[1:]:
+        for i in (_with_progress(check[1:], f'Checking {self._path}', len(check) - 1) if progress else check[1:]):
             n = self._image_names[i]
             self._check_shape(image_header(self._raw.read(n), self._raw.describe(n), self._max_pixels), n)
 

@@ -341,3 +341,50 @@ def format_time(seconds):
     if s < 24 * 3600:
         return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
     return f'{s // (24 * 3600)}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
+
+
+class ProgressLine:
+    """Progress of long work on one line.
+
+    On a terminal the line is rewritten in place, at most every `tty_interval` seconds, and only on the
+    terminal (a Logger's log file never sees it). Elsewhere (a pipe, a file) a plain line is printed through
+    `stream` every `interval` seconds (none when `interval` is None). So quick work shows nothing: the
+    terminal line appears after `delay` seconds, the first plain line after `interval`. `update(..., force=True)`
+    shows the line at once.
+    """
+
+    def __init__(self, interval=30.0, tty_interval=0.25, delay=1.0, stream=None):
+        self.stream = sys.stdout if stream is None else stream
+        terminal = self.stream
+        while isinstance(terminal, Logger): # A Logger's isatty() is False; its terminal may not be.
+            terminal = terminal.stdout
+        self.tty = terminal if getattr(terminal, 'isatty', lambda: False)() else None
+        self.interval, self.tty_interval = interval, tty_interval
+        self.last = time.monotonic() + (delay - tty_interval if self.tty is not None else 0)
+        self.width = 0
+
+    def update(self, text, force=False):
+        """Show `text` if its interval has passed (or `force`)."""
+        now = time.monotonic()
+        if self.tty is not None:
+            if force or now - self.last >= self.tty_interval:
+                self.tty.write('\r' + text + ' ' * max(self.width - len(text), 0))
+                self.tty.flush()
+                self.width, self.last = len(text), now
+        elif self.interval is not None and (force or now - self.last >= self.interval):
+            print(text, file=self.stream, flush=True)
+            self.last = now
+
+    def clear(self):
+        """Erase the terminal line (call before printing anything else)."""
+        if self.tty is not None and self.width:
+            self.tty.write('\r' + ' ' * self.width + '\r')
+            self.tty.flush()
+            self.width = 0
+
+    def close(self):
+        """End the terminal line, keeping its last text."""
+        if self.tty is not None and self.width:
+            self.tty.write('\n')
+            self.tty.flush()
+            self.width = 0

@@ -58,23 +58,28 @@ class EOTLoss:
         transport = self.transport_weight(t).float() * transport
         return transport - D(xN).float(), transport
 
-    def D_loss(self, D, xN, x1, gp_weight=0.0, alpha=None):
+    def D_loss(self, D, xN, x1, gp_weight=0.0, alpha=None, D_penalty=None):
         """D(xN) - D(x1): a Wasserstein critic, low on targets and high on G's outputs.
 
         With `gp_weight` > 0 adds the WGAN-GP penalty (Gulrajani et al. 2017) gp_weight (|grad D(x_hat)| - 1)^2
         at x_hat = alpha xN + (1 - alpha) x1, alpha [N] in [0, 1] (an addition to the stated method; train.py --D-gp).
+        The penalty runs its own pass through `D_penalty` (default D): its backward and double backward then
+        cover only the N interpolates, not the 2N rows of the scores. A task that passes a DDP wrapper as D
+        passes the wrapped module here (one wrapper forward per backward; the gradient hooks sit on the
+        parameters, so the penalty's gradient is averaged across ranks all the same).
         """
         n = xN.shape[0]
+        scores = D(torch.cat([xN, x1])).float() # One pass through D (and its DDP wrapper) for both.
+        loss = scores[:n] - scores[n:]
         if not gp_weight:
-            scores = D(torch.cat([xN, x1])).float() # One pass through D (and its DDP wrapper) for both.
-            return scores[:n] - scores[n:]
+            return loss
         alpha = alpha.reshape(-1, *([1] * (xN.ndim - 1)))
         x_hat = (alpha * xN + (1 - alpha) * x1).detach().requires_grad_(True)
-        scores = D(torch.cat([xN, x1, x_hat])).float() # Still one pass (one DDP forward per backward).
-        grad, = torch.autograd.grad(scores[2 * n:].sum(), x_hat, create_graph=True)
+        score_hat = (D if D_penalty is None else D_penalty)(x_hat).float()
+        grad, = torch.autograd.grad(score_hat.sum(), x_hat, create_graph=True)
         penalty = (grad.float().flatten(1).norm(dim=1) - 1).square()
         training_stats.report('Loss/D_gp', penalty)
-        return scores[:n] - scores[n:2 * n] + gp_weight * penalty
+        return loss + gp_weight * penalty
 
 @persistence.persistent_class
 class KineticEOTLoss(EOTLoss):

@@ -192,6 +192,28 @@ def ignore_stop_signals(*_args):
 
 #----------------------------------------------------------------------------
 
+def default_threads(device, env=None, cpus=None, load=None):
+    """CPU threads per process when none are asked for: None (keep torch's choice) on a GPU or when
+    OMP_NUM_THREADS is set; on the CPU the CPUs this process may use, shared by the local processes
+    (LOCAL_WORLD_SIZE), less those already busy by the 1-minute load average, at least 1. More threads than
+    idle cores make OpenMP's threads wait on each other (the demo's step ran 17x slower with 2 threads on 2
+    loaded cores than with 1). Returns (threads or None, a few words on why).
+    """
+    env = os.environ if env is None else env
+    if torch.device(device).type != 'cpu':
+        return None, 'torch\'s choice on a GPU'
+    if env.get('OMP_NUM_THREADS'):
+        return None, f'OMP_NUM_THREADS={env["OMP_NUM_THREADS"]}'
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
+    procs = max(1, int(env.get('LOCAL_WORLD_SIZE', 1)))
+    idle = int(max(cpus - load, 0) + 0.5)
+    threads = max(1, min(cpus // procs, idle // procs))
+    return threads, f'{cpus} CPUs, load average {load:.1f}, {procs} local process(es)'
+
+
 def setup_precision(allow_tf32=False, cudnn_benchmark=True, threads=None, verbose=True):
     """Set matmul/cudnn precision flags and the CPU thread count once at start-up and report them.
 

@@ -55,7 +55,7 @@ class DenoiserTask:
         dataset = dnnlib.util.construct_class_by_name(**self.data_kwargs)
         self.data_shape = tuple(dataset.item_shape)
         self.dataset_size = len(dataset)
-        self.provenance.setdefault('data_sha256', dataset.data_hash())
+        self.provenance.setdefault('data_sha256', dataset.data_hash(progress=True))
         self.data = DataStream(dataset, trainer.batch_gpu, trainer.device, seed=seed, loader_kwargs=self.loader_kwargs)
         dist.print0(f'Dataset: {len(dataset)} items of shape {list(self.data_shape)}')
         self.loss = dnnlib.util.construct_class_by_name(**self.loss_kwargs)

@@ -50,8 +50,8 @@ class EOTTask:
     def __init__(self, data1_kwargs, data2_kwargs, test1_kwargs=None, loader_kwargs=None,
                  G_kwargs=None, f_kwargs=None, D_kwargs=None,
                  G_opt_kwargs=None, f_opt_kwargs=None, D_opt_kwargs=None,
-                 gamma=1.0, G_loss='stated', G_iters=10, f_iters=2, D_iters=1, D_gp=0.0, sde_steps=10, grid_size=None,
-                 metrics=(), data2stats=None, detector=None, samples_dir_G=None, samples_dir_SDE=None):
+                 gamma=1.0, G_loss='stated', G_iters=10, f_iters=2, D_iters=1, D_gp=0.0, D_gp_every=1, sde_steps=10,
+                 grid_size=None, metrics=(), data2stats=None, detector=None, samples_dir_G=None, samples_dir_SDE=None):
         self.kwargs = dnnlib.EasyDict(data1_kwargs=data1_kwargs, data2_kwargs=data2_kwargs, test1_kwargs=test1_kwargs,
                                       loader_kwargs=dict(loader_kwargs or {}))
         self.net_kwargs = dict(G=G_kwargs, f=f_kwargs, D=D_kwargs)
@@ -70,6 +70,9 @@ class EOTTask:
         if not D_gp >= 0:
             raise ValueError(f'D_gp (the critic\'s gradient-penalty weight) must be >= 0; got {D_gp}')
         self.D_gp = float(D_gp)
+        if not (int(D_gp_every) == D_gp_every and D_gp_every >= 1):
+            raise ValueError(f'D_gp_every (critic steps per gradient penalty) must be an int >= 1; got {D_gp_every}')
+        self.D_gp_every = int(D_gp_every)
         self.sde_steps = int(sde_steps)
         self.grid_size = grid_size
         self.metrics = tuple(metrics)
@@ -100,7 +103,7 @@ class EOTTask:
         self.data2 = DataStream(ds2, trainer.batch_gpu, trainer.device, seed=seed + 1, loader_kwargs=loader)
         dist.print0(f'Domain 1: {len(ds1)} items, domain 2: {len(ds2)} items, shape {list(self.data_shape)}')
         if dist.get_rank() == 0: # Provenance: what the snapshots were trained on.
-            self.provenance.update(data1_sha256=ds1.data_hash(), data2_sha256=ds2.data_hash())
+            self.provenance.update(data1_sha256=ds1.data_hash(progress=True), data2_sha256=ds2.data_hash(progress=True))
 
         dist.print0('Constructing networks...')
         for name in ('G', 'f', 'D'):
@@ -144,8 +147,12 @@ class EOTTask:
             # f and D are only evaluated in the G-step: their raw modules (no DDP hooks) with frozen weights.
             with frozen(f, D):
                 trainer.run_phase('G', lambda G_ddp: self._G_step(trainer, G_ddp, f, D))
-        for _ in range(self.D_iters):
-            trainer.run_phase('D', lambda D_ddp: self._D_step(trainer, G, D_ddp))
+        for d in range(self.D_iters):
+            # Lazy penalty: on every D_gp_every-th critic step, weighted by D_gp_every; counted from cur_nimg,
+            # so a resumed run penalises the same steps.
+            step = trainer.cur_nimg // trainer.batch_size * self.D_iters + d
+            gp = self.D_gp * self.D_gp_every if step % self.D_gp_every == 0 else 0.0
+            trainer.run_phase('D', lambda D_ddp: self._D_step(trainer, G, D_ddp, gp))
 
     def _bridge_noise(self, trainer, x0):
         return self.loss.sample_t(trainer.rand([x0.shape[0]])), trainer.randn(x0.shape)
@@ -172,13 +179,13 @@ class EOTTask:
         training_stats.report('Loss/G_transport', transport)
         return loss
 
-    def _D_step(self, trainer, G, D_ddp):
+    def _D_step(self, trainer, G, D_ddp, gp_weight):
         x0, x1 = self.data1.next(), self.data2.next()
         with torch.no_grad(): # No graph through G in the critic's step.
             xN = self._generate(trainer, G, x0)
-        alpha = trainer.rand([x0.shape[0]]) if self.D_gp else None
+        alpha = trainer.rand([x0.shape[0]]) if gp_weight else None
         with trainer.autocast():
-            return self.loss.D_loss(D_ddp, xN, x1, gp_weight=self.D_gp, alpha=alpha)
+            return self.loss.D_loss(D_ddp, xN, x1, gp_weight=gp_weight, alpha=alpha, D_penalty=trainer.nets['D'])
 
     # Ticks and snapshots ---------------------------------------------------
 

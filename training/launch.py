@@ -9,6 +9,8 @@ import json
 import os
 import signal
 
+import torch
+
 import dnnlib
 from torch_utils import distributed as dist
 from training.loop import TrainingStopped, training_loop, write_options
@@ -91,7 +93,8 @@ def launch_training(c, device, outdir, desc, nosubdir=False, resume=None, allow_
         allow_change: option names (RESUME_RULES labels) that may differ from the resumed state's.
         seed: the seed asked for; None takes the resumed state's, or a random one for a new run.
         dry_run: print the options and return.
-        threads: CPU threads per process (None: torch's choice).
+        threads: CPU threads per process (None: on the CPU the idle cores, dist.default_threads; on a GPU
+            torch's choice).
     Raises:
         LaunchError before any output exists; DivergenceError and TrainingStopped (a signal; the state is
         written) from the loop.
@@ -122,6 +125,8 @@ def launch_training(c, device, outdir, desc, nosubdir=False, resume=None, allow_
         write_options(c.run_dir, c)
         logger = dnnlib.util.Logger(os.path.join(c.run_dir, 'log.txt'), file_mode='a')
     dist.barrier()
+    threads, why = (threads, '--threads') if threads else dist.default_threads(device)
+    dist.print0(f'CPU threads: {threads or torch.get_num_threads()} ({why})')
     dist.setup_precision(cudnn_benchmark=c.cudnn_benchmark, threads=threads)
     try:
         return training_loop(device=device, options=json.loads(json.dumps(c)), **c)

@@ -19,6 +19,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import training_stats
+from training.progress import TickProgress
 from training.runs import progress_tag
 from training.trainer import Trainer, _rng_state, _set_rng_state
 
@@ -64,6 +65,7 @@ def training_loop(
     state_dump_ticks    = 500,      # Training-state interval in ticks; None = only at the end.
     resume_state        = None,     # training-state-*.pt to resume from.
     nan_policy          = 'skip',   # Non-finite loss: 'skip' the step (counted) or 'stop'.
+    compile_mode        = None,     # torch.compile of the trained passes: None, 'default', 'reduce-overhead', ...
     device              = torch.device('cpu'),
     tensorboard         = True,     # Mirror stats to TensorBoard when installed.
     wandb_project       = None,     # Mirror stats to this Weights & Biases project (optional package).
@@ -80,7 +82,7 @@ def training_loop(
     trainer, task = _build(run_dir, task_kwargs, seed, device, batch_size=batch_size, batch_gpu=batch_gpu,
                            precision=precision, grad_clip=grad_clip, lr_rampup_kimg=lr_rampup_kimg,
                            ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio,
-                           nan_policy=nan_policy)
+                           nan_policy=nan_policy, compile_mode=compile_mode)
     cur_tick = _resume(trainer, task, resume_state, device) if resume_state is not None else 0
     ticks = _Ticks(run_dir, trainer, device, tensorboard=tensorboard, wandb_project=wandb_project)
     state_info = dict(batch_size=batch_size, seed=seed, options=options)
@@ -91,13 +93,19 @@ def training_loop(
 
     done = trainer.cur_nimg >= schedule['total_nimg']
     saved = None # The training state written at the current image count, if any.
+    progress = TickProgress(total_kimg, kimg_per_tick)
+    progress.start_tick(trainer.cur_nimg)
     with dist.StopSignals() as stop:
         while not done:
             _iteration(trainer, task, batch_size)
             done = trainer.cur_nimg >= schedule['total_nimg']
             if done or cur_tick == 0 or ticks.due(schedule['tick_nimg']):
+                progress.clear()
                 saved = _tick(trainer, task, ticks, run_dir, cur_tick, done, schedule, state_info)
                 cur_tick += 1
+                progress.start_tick(trainer.cur_nimg)
+            else:
+                progress.update(trainer.cur_nimg)
             if not done and (signum := stop.requested(device)) is not None:
                 tag = progress_tag(trainer.cur_nimg)
                 if saved != trainer.cur_nimg: # (cur_tick - 1: the last completed tick, as in every state.)

@@ -6,7 +6,9 @@ with `Trainer.run_phase`; the loop (training/loop.py) owns everything else.
 """
 
 import copy
+import inspect
 
+import numpy as np
 import torch
 
 import dnnlib
@@ -23,9 +25,15 @@ class DataStream:
 
     Counts the samples handed to the loop (not those prefetched by workers), so `state_dict()` and a
     new stream built with that state continue with exactly the next batch.
+
+    `in_memory`: decode every item once into one array and draw batches from it by index (no DataLoader,
+    no per-item decoding); True, False, or 'auto' (when the decoded items take at most MEMORY_LIMIT bytes).
+    Either way a batch holds the same items in the same order (the same sampler draws the indices).
     """
 
-    def __init__(self, dataset, batch_size, device, seed=0, loader_kwargs=None, start=0):
+    MEMORY_LIMIT = 1 << 28 # 256 MiB of decoded items per stream.
+
+    def __init__(self, dataset, batch_size, device, seed=0, loader_kwargs=None, start=0, in_memory='auto'):
         self.dataset = dataset
         self.batch_size = batch_size
         self.device = device
@@ -33,9 +41,16 @@ class DataStream:
         self.loader_kwargs = dict(loader_kwargs or {})
         self.consumed = int(start)
         self._iterator = None
+        if in_memory == 'auto':
+            item = np.asarray(dataset[0][0])
+            in_memory = len(dataset) * item.nbytes <= self.MEMORY_LIMIT
+        self.in_memory = bool(in_memory)
+        self._items = None
 
     def _make_iterator(self):
         sampler = misc.InfiniteSampler(self.dataset, seed=self.seed, start=self.consumed)
+        if self.in_memory:
+            return self._memory_batches(sampler)
         kwargs = dict(self.loader_kwargs)
         if kwargs.get('num_workers', 0) == 0:
             kwargs.pop('prefetch_factor', None)
@@ -47,13 +62,26 @@ class DataStream:
             kwargs.setdefault('worker_init_fn', dist.ignore_stop_signals)
         loader = torch.utils.data.DataLoader(self.dataset, sampler=sampler, batch_size=self.batch_size,
                                              generator=generator, **kwargs)
-        return iter(loader)
+        return (items for items, _labels in loader)
+
+    def _memory_batches(self, sampler):
+        if self._items is None:
+            line = dnnlib.util.ProgressLine()
+            items = []
+            for i in range(len(self.dataset)):
+                line.update(f'Loading {getattr(self.dataset, "name", "the data")} into memory: {i}/{len(self.dataset)}')
+                items.append(self.dataset[i][0])
+            line.clear()
+            self._items = torch.as_tensor(np.stack(items))
+        indices = iter(sampler)
+        while True:
+            yield self._items[torch.as_tensor([next(indices) for _ in range(self.batch_size)])]
 
     def next(self):
         """The next batch, in model space, on the device."""
         if self._iterator is None:
             self._iterator = self._make_iterator()
-        items, _labels = next(self._iterator)
+        items = next(self._iterator)
         self.consumed += items.shape[0]
         return to_model_space(items, self.device)
 
@@ -76,9 +104,13 @@ class Trainer:
     """
 
     def __init__(self, device, batch_size, batch_gpu=None, precision='fp32', grad_clip=1.0,
-                 lr_rampup_kimg=0, ema_halflife_kimg=500, ema_rampup_ratio=0.05, seed=0, nan_policy='skip'):
+                 lr_rampup_kimg=0, ema_halflife_kimg=500, ema_rampup_ratio=0.05, seed=0, nan_policy='skip',
+                 compile_mode=None):
         if nan_policy not in ('skip', 'stop'):
             raise ValueError(f'nan_policy must be "skip" or "stop", not {nan_policy!r}')
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f'compile_mode must be one of {COMPILE_MODES}, not {compile_mode!r}')
+        self.compile_mode = compile_mode
         self.device = device
         self.nan_policy = nan_policy
         self.last_good = None  # Set by the loop: the newest snapshot / state written, for error messages.
@@ -89,7 +121,7 @@ class Trainer:
         self.ema_halflife_kimg = ema_halflife_kimg
         self.ema_rampup_ratio = ema_rampup_ratio
         self.cur_nimg = 0
-        self.nets, self.ddp, self.opt, self.ema, self.base_lr = {}, {}, {}, {}, {}
+        self.nets, self.ddp, self.train_call, self.opt, self.ema, self.base_lr = {}, {}, {}, {}, {}, {}
         # The loop's own noise (bridge times, noise inputs): one explicit stream per rank.
         self.generator = torch.Generator(device).manual_seed(seed * dist.get_world_size() + dist.get_rank())
 
@@ -103,7 +135,11 @@ class Trainer:
             ddp = net
         self.nets[name] = net
         self.ddp[name] = ddp
-        self.opt[name] = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+        # What run_phase hands to the loss: with compile_mode only the trained passes are compiled (frozen calls
+        # and the penalty's double backward use the plain module).
+        self.train_call[name] = ddp if self.compile_mode is None else CompiledOrEager(ddp, name, self.compile_mode)
+        self.opt[name] = dnnlib.util.construct_class_by_name(params=net.parameters(),
+                                                             **multi_tensor_kwargs(optimizer_kwargs, self.device))
         self.base_lr[name] = optimizer_kwargs['lr']
         self.ema[name] = copy.deepcopy(net).eval().requires_grad_(False)
 
@@ -127,7 +163,7 @@ class Trainer:
         """One optimisation step of network `name`.
 
         `loss_fn(net)` draws its own batch of `batch_gpu` samples and returns per-sample losses; `net`
-        is the DDP wrapper, so gradients are averaged across ranks. The step accumulates over
+        is the DDP wrapper (compiled with `compile_mode`), so gradients are averaged across ranks. The step accumulates over
         `rounds` (syncing only on the last), reports the loss, counts and zeroes non-finite gradient
         entries, clips element-wise to [-grad_clip, grad_clip], sets the ramped lr and steps.
         A non-finite loss on any rank skips the step on every rank (counted as Divergence/skipped_<name>)
@@ -138,7 +174,7 @@ class Trainer:
         loss_ok = torch.ones([], device=self.device)
         for r in range(self.rounds):
             with misc.ddp_sync(ddp, sync=(r == self.rounds - 1)):
-                loss = loss_fn(ddp)
+                loss = loss_fn(self.train_call[name])
                 training_stats.report(f'Loss/{name}', loss)
                 loss_ok = loss_ok * torch.isfinite(loss).all()
                 loss.float().mean().mul(1 / self.rounds).backward()
@@ -174,8 +210,8 @@ class Trainer:
         beta = 0.5 ** (self.batch_size / max(halflife_nimg, 1e-8))
         for name, net in self.nets.items():
             ema = self.ema[name]
-            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p_net.detach(), 1 - beta)
+            # One multi-tensor lerp over all parameters (the same bits as a per-parameter lerp_).
+            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - beta)
             for b_ema, b_net in zip(ema.buffers(), net.buffers()):
                 b_ema.copy_(b_net)
 
@@ -215,6 +251,30 @@ class Trainer:
             self.ema[k].load_state_dict(state['ema'][k])
             self.opt[k].load_state_dict(state['opt'][k])
 
+COMPILE_MODES = (None, 'default', 'reduce-overhead', 'max-autotune')
+
+class CompiledOrEager(torch.nn.Module):
+    """`torch.compile(module, mode=mode)`, falling back to `module` itself for good (with one line saying why) if
+    compiling fails: no C compiler, an unsupported op, a backend error. Compilation happens at the first call
+    (tens of seconds to minutes on a CPU; it pays off in long runs or with a warm cache, see docs/recipes.md).
+    """
+
+    def __init__(self, module, name, mode='default'):
+        super().__init__()
+        self.eager = module
+        self.compiled = torch.compile(module, mode=mode)
+        self.name = name
+
+    def forward(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as err: # pylint: disable=broad-except # Any compiler failure: run eagerly.
+                dist.print0(f'torch.compile of {self.name} failed, running it eagerly: '
+                            f'{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ""}')
+                self.compiled = None
+        return self.eager(*args, **kwargs)
+
 def split_batch(batch_size, batch_gpu=None, world_size=None):
     """Split a total batch over ranks and accumulation rounds: the one check of batch divisibility.
 
@@ -239,6 +299,20 @@ def split_batch(batch_size, batch_gpu=None, world_size=None):
         raise ValueError(f'--batch={batch_size} over {world} process(es) gives {per_rank} per process, which '
                          f'--batch-gpu={batch_gpu} does not divide; choose a --batch-gpu dividing {per_rank}')
     return batch_size, batch_gpu, per_rank // batch_gpu
+
+def multi_tensor_kwargs(optimizer_kwargs, device):
+    """`optimizer_kwargs` with the optimiser's multi-tensor implementation chosen where none is: fused kernels on
+    CUDA, `foreach` on the CPU (torch's CPU default is a loop over the parameters; foreach gives the same bits,
+    CPU fused kernels round differently). Optimisers without these options are left alone."""
+    kwargs = dict(optimizer_kwargs)
+    if 'fused' in kwargs or 'foreach' in kwargs:
+        return kwargs
+    params = inspect.signature(dnnlib.util.get_obj_by_name(kwargs['class_name'])).parameters
+    if device.type == 'cuda' and 'fused' in params:
+        kwargs['fused'] = True
+    elif 'foreach' in params:
+        kwargs['foreach'] = True
+    return kwargs
 
 def cpu_copy(module):
     """A detached CPU copy of `module` in eval mode, for snapshots."""

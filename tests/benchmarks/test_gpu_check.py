@@ -87,12 +87,10 @@ def test_a_part_past_its_limit_is_stopped_with_its_children(tmp_path):
 
 def test_parsers_read_the_tools_outputs(tmp_path):
     ctx = _ctx(tmp_path)
-    out = ('Device cuda:0 (bf16), 16 threads; images [3, 32, 32], c=32, batch 64, schedule G/f/D = 10/2/1\n'
-           'reference  median    0.351 s per run  ->     11.38 images/s  (runs: 0.35)\n'
-           'ours       median    0.266 s per run  ->     15.05 images/s  (runs: 0.27)\n'
-           'speed-up (reference time / our time): 1.32x\n')
-    assert gpu_check.train_speed_figures(ctx, out) == dict(ours_img_per_s=15.05, reference_img_per_s=11.38,
-                                                          speedup=1.32)
+    out = ('arm  wall s/kimg ...\n'
+           'RESULT {"device": "cuda:0", "arms": {"v1": {"wall_s_per_kimg": 0.52, "cpu_s_per_kimg": 0.5}, '
+           '"demo": {"wall_s_per_kimg": 0.26, "cpu_s_per_kimg": 0.25}}}\n')
+    assert gpu_check.train_speed_figures(ctx, out) == dict(v1_s_per_kimg=0.52, demo_s_per_kimg=0.26, speedup=2.0)
     out = ('matmul peak: fp32 51234 GFLOP/s, bf16 612345 GFLOP/s\n'
            'our kernel at N = 10000 (bf16, top-2 with the winner exact): 401234 GFLOP/s = 66% of the bf16 peak\n'
            '     ours iter   30       4.1 s  eval rms 0.0490  max|r| 0.540 (floor 0.430)  empty 0\n'
@@ -172,11 +170,9 @@ def test_dpmot_speed_runs_its_three_arms_on_the_cpu():
     assert all(v > 0 for v in result['images_per_s'].values()) and result['peak_gpu_bytes']['dpmot'] is None
 
 
-def test_train_speed_runs_both_loops_in_bf16_on_the_cpu():
-    res = CliRunner().invoke(train_speed.main, ['--device=cpu', '--precision=bf16', '--resolution=8', '--channels=4',
-                                                '--batch=2', '--iters=1,1,1', '--repeats=1',
-                                                '--net-opts={"num_blocks": 1}'])
+def test_train_speed_runs_both_arms_in_bf16_on_the_cpu():
+    res = CliRunner().invoke(train_speed.main, ['--device=cpu', '--precision=bf16', *gpu_check.SMOKE.train_speed])
     assert res.exit_code == 0, res.output
-    assert '(bf16)' in res.output
+    assert 'bf16' in res.output
     figs = gpu_check.train_speed_figures(None, res.output)
-    assert figs['ours_img_per_s'] > 0 and figs['reference_img_per_s'] > 0
+    assert figs['v1_s_per_kimg'] > 0 and figs['demo_s_per_kimg'] > 0

@@ -440,3 +440,13 @@ def test_verify_decodes_every_image_and_names_a_truncated_one(tmp_path):
     ds = ImageFolderDataset(tmp_path / 'b.zip')      # the header scan passes it
     with pytest.raises(DatasetError, match=f'{bad}: corrupt or truncated image'):
         ds.verify()
+
+
+def test_progress_options_change_nothing_but_the_output(tmp_path):
+    """The header check and the hash with progress=True give the same dataset and digest as without."""
+    from tests.conftest import write_image_zip
+    from data.dataset import ImageFolderDataset
+    path = write_image_zip(tmp_path / 'a.zip', 5, resolution=4)
+    plain, shown = ImageFolderDataset(path), ImageFolderDataset(path, progress=True)
+    assert plain.data_hash() == shown.data_hash(progress=True) == ImageFolderDataset(path).data_hash(progress=True)
+    assert all((plain[i][0] == shown[i][0]).all() for i in range(len(plain)))

@@ -1,6 +1,7 @@
 """Tests for dnnlib.util: EasyDict, construction by name, open_url, atomic_write, Logger."""
 
 import http.server
+import io
 import os
 import socket
 import subprocess
@@ -189,3 +190,54 @@ def test_atomic_write_temporaries_carry_the_writers_pid(tmp_path):
         names = os.listdir(tmp_path)
         f.write(b'1')
     assert len(names) == 1 and names[0].startswith(f'.x.bin.{os.getpid()}-') and names[0].endswith('.tmp')
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_line_plain_lines_at_intervals(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(util.time, 'monotonic', lambda: clock[0])
+    out = io.StringIO()
+    line = util.ProgressLine(interval=30, stream=out)
+    line.update('a')                   # Quick work shows nothing ...
+    clock[0] += 29
+    line.update('b')
+    assert out.getvalue() == ''
+    clock[0] += 1                      # ... a plain line every `interval` seconds.
+    line.update('c')
+    line.update('d')
+    line.update('e', force=True)
+    line.clear()
+    line.close()
+    assert out.getvalue() == 'c\ne\n'
+    silent = io.StringIO()
+    util.ProgressLine(interval=None, stream=silent).update('x', force=True)
+    assert silent.getvalue() == ''
+
+
+def test_progress_line_rewrites_one_terminal_line_and_keeps_it_out_of_the_log(tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(util.time, 'monotonic', lambda: clock[0])
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, 'stdout', terminal)
+    logger = util.Logger(str(tmp_path / 'log.txt'))
+    try:
+        line = util.ProgressLine(tty_interval=0.25, delay=1.0) # On sys.stdout: the Logger, a terminal behind it.
+        line.update('10%')
+        clock[0] = 1.0
+        line.update('20% long')
+        clock[0] = 1.1
+        line.update('30%')                # Within tty_interval: skipped.
+        clock[0] = 1.5
+        line.update('40%')
+        line.clear()
+        print('tick')
+        line.update('50%', force=True)
+        line.close()
+    finally:
+        logger.close()
+    assert terminal.getvalue() == '\r20% long\r40%     \r   \rtick\n\r50%\n'
+    assert (tmp_path / 'log.txt').read_text() == 'tick\n'

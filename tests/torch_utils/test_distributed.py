@@ -89,3 +89,14 @@ def test_stop_signals_record_the_first_signal_and_restore_the_handlers():
         with pytest.raises(KeyboardInterrupt):          # Ctrl-C while stopping aborts at once
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_default_threads_leave_busy_cores_alone():
+    from torch_utils.distributed import default_threads
+    assert default_threads('cpu', env={}, cpus=2, load=6.2)[0] == 1     # A loaded 2-core machine: one thread.
+    assert default_threads('cpu', env={}, cpus=2, load=0.1)[0] == 2     # A quiet one: both cores.
+    assert default_threads('cpu', env={}, cpus=8, load=0.0)[0] == 8
+    assert default_threads('cpu', env={'LOCAL_WORLD_SIZE': '4'}, cpus=16, load=3.0)[0] == 3 # 13 idle / 4 processes.
+    assert default_threads('cpu', env={'LOCAL_WORLD_SIZE': '4'}, cpus=16, load=0.0)[0] == 4
+    assert default_threads('cpu', env={'OMP_NUM_THREADS': '3'}, cpus=16, load=0.0)[0] is None # torch read it.
+    assert default_threads('cuda', env={}, cpus=16, load=0.0)[0] is None

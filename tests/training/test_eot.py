@@ -95,6 +95,30 @@ def test_gradient_penalty_matches_closed_form_and_finite_differences():
         eot_task.EOTTask({}, {}, D_gp=-1)
 
 
+def test_penalty_pass_of_its_own_gives_the_joint_pass_gradients():
+    """D_loss scores xN, x1 in one pass and the interpolates in another (through D_penalty); the critic's
+    gradients equal those of one joint pass over all three, written out here with autograd."""
+    torch.manual_seed(0)
+    n, d = 6, 4
+    net = torch.nn.Sequential(torch.nn.Linear(d, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    D = lambda x: net(x).squeeze(1)
+    xN, x1, alpha = torch.randn(n, d).double(), torch.randn(n, d).double(), torch.rand(n).double()
+    calls = []
+    D_penalty = lambda x: calls.append(len(x)) or D(x)
+    loss = eot_loss.EOTLoss(gamma=0.5)
+    net.zero_grad()
+    loss.D_loss(D, xN, x1, gp_weight=3.0, alpha=alpha, D_penalty=D_penalty).mean().backward()
+    ours = [p.grad.clone() for p in net.parameters()]
+    assert calls == [n] # The interpolates alone went through D_penalty.
+    net.zero_grad()
+    x_hat = (alpha[:, None] * xN + (1 - alpha[:, None]) * x1).requires_grad_(True)
+    scores = D(torch.cat([xN, x1, x_hat]))
+    grad, = torch.autograd.grad(scores[2 * n:].sum(), x_hat, create_graph=True)
+    (scores[:n] - scores[n:2 * n] + 3.0 * (grad.norm(dim=1) - 1) ** 2).mean().backward()
+    for a, b in zip(ours, net.parameters()):
+        assert torch.allclose(a, b.grad, rtol=1e-5, atol=1e-7) # (D_loss returns float32)
+
+
 def test_kinetic_loss_weights_the_transport_term_by_brute_force():
     torch.manual_seed(0)
     n, d, gamma = 6, 3, 0.5
@@ -248,6 +272,30 @@ def test_eot_task_keeps_g_out_of_the_graph_in_f_and_d_steps(vector_domains):
     assert all(p.requires_grad for n in ('f', 'D') for p in trainer.nets[n].parameters())
     # One D-step consumed a batch of domain 2 per round; domain 1 fed every step.
     assert task.data2.consumed == 8 and task.data1.consumed == 7 * 8
+
+
+def test_lazy_penalty_every_nth_critic_step_weighted_n_times(vector_domains):
+    """D_gp_every=N: the penalty on critic steps 0, N, 2N, ... (counted from cur_nimg, so across a resume) with
+    weight N * D_gp; the other steps have none and draw no interpolation weights."""
+    from models.networks import eot_network_kwargs
+    G_kw, f_kw, D_kw = eot_network_kwargs((2,), model_channels=4)
+    adam = dict(class_name='torch.optim.Adam', lr=1e-3)
+    data = [dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=vector_domains[k])
+            for k in ('data1train', 'data2train')]
+    task = eot_task.EOTTask(*data, G_kwargs=G_kw, f_kwargs=f_kw, D_kwargs=D_kw, G_opt_kwargs=adam, f_opt_kwargs=adam,
+                            D_opt_kwargs=adam, G_iters=1, f_iters=1, D_iters=2, D_gp=2.5, D_gp_every=3)
+    trainer = _trainer(4, 4, lr_rampup_kimg=0)
+    task.setup(trainer, run_dir=None, seed=0)
+    weights = []
+    orig = task.loss.D_loss
+    task.loss.D_loss = lambda *args, gp_weight, alpha, **kw: (weights.append((gp_weight, alpha is not None)),
+                                                               orig(*args, gp_weight=gp_weight, alpha=alpha, **kw))[1]
+    for _ in range(4): # Critic steps 0..7.
+        task.iteration(trainer)
+        trainer.cur_nimg += trainer.batch_size
+    assert weights == [(7.5, True) if k % 3 == 0 else (0.0, False) for k in range(8)]
+    with pytest.raises(ValueError, match='D_gp_every'):
+        eot_task.EOTTask(*data, D_gp_every=0)
 
 
 def test_eot_task_kinetic_needs_a_velocity_drift(vector_domains):

@@ -317,7 +317,7 @@ def snapshot_kimg(path):
 
 
 def generate(snapshot, data, outdir):
-    """generate.py with the one-step G on every input of `data` (input i with seed i), plus grid.png."""
+    """generate.py with the one-step G on every input of `data` (input i with seed i), plus its grid (OUTDIR-grid.png beside the folder)."""
     _run_tool(['generate.py', f'--network={snapshot}', f'--data={data}', f'--outdir={outdir}', '--device=cpu',
                '--grid', '--batch=100'], echo=lambda line: line.startswith('Wrote'))
 
@@ -394,7 +394,7 @@ def print_report(report, outdir):
                    'machine: the same command always does the same work, only slower).')
     click.echo(f'\nResults in {outdir}:')
     click.echo(f'  demo.png                 inputs, untrained and trained outputs')
-    click.echo(f'  generated/trained/       {n} translated PNGs and grid.png (generated/untrained/: the same for tick 0)')
+    click.echo(f'  generated/trained/       {n} translated PNGs, their grid beside them in trained-grid.png (untrained/: tick 0)')
     click.echo(f'  train/                   the run: snapshots, fakes-*.png, log.txt, stats.jsonl')
     click.echo(f'  results.json             the figures above (the same for the same command on any machine)')
 

@@ -15,6 +15,11 @@ matrix product measured in the same rounds with the same threads: what the arith
     python -m benchmarks.train_speed --device=cuda --arms=demo,compile,compile-cg --batch=1024
     python -m benchmarks.train_speed --device=cuda --precision=bf16 --arms=demo
 
+`v1-threads` is `v1` with the thread count train.py used before issue 18, torch's own choice (every physical
+core; run without OMP_NUM_THREADS for it to mean that): on a busy machine those threads wait on each other, and
+that arm shows what the new default (the idle cores, at least 1) saves there. Its floor column uses the
+--threads matrix product, so compare its times, not its floor.
+
 The last line, `RESULT {...}`, holds the figures as JSON.
 """
 
@@ -68,6 +73,8 @@ def _net_opts(**D):
 # compile: Trainer(compile_mode=...).
 ARMS = {
     'v1':        dict(options=['--D-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False, multi_tensor=False), # before issue 18
+    'v1-threads': dict(options=['--D-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False, multi_tensor=False,
+                       threads='torch'), # the same with train.py's thread count before issue 18: torch's choice
     'penalty':   dict(options=['--D-gp-every=1'], memory=False, multi_tensor=False), # + a penalty pass of its own
     'same-math': dict(options=['--D-gp-every=1']),         # + the in-memory data stream, foreach Adam
     'lazy4':     dict(options=['--D-gp-every=4']),         # + the penalty every 4th critic step, weight x 4
@@ -79,7 +86,16 @@ ARMS = {
     'compile-cg': dict(options=[], compile='reduce-overhead'), # the same with CUDA graphs (GPU)
 }
 
+# torch's own thread count (all physical cores unless OMP_NUM_THREADS is set), read before main() sets --threads:
+# what train.py used before issue 18 (train.py now picks the idle cores, torch_utils.distributed.default_threads).
+TORCH_THREADS = torch.get_num_threads()
+
 #----------------------------------------------------------------------------
+
+def arm_threads(name, threads):
+    """The thread count an arm runs with: --threads, or torch's own choice for the 'v1-threads' arm."""
+    return TORCH_THREADS if ARMS[name].get('threads') == 'torch' else threads
+
 
 def demo_config(data_dir, extra, device):
     """train.py's config of the demo (demo.FULL) on the data in `data_dir`, with `extra` options."""
@@ -87,7 +103,8 @@ def demo_config(data_dir, extra, device):
     args = demo._train_args(demo.FULL, paths, os.path.join(data_dir, 'unused-run'), 1)
     args = [a for a in args[1:] if not a.startswith(('--device=', '--threads='))] + [f'--device={device.type}', *extra]
     opts = dnnlib.EasyDict(train.main.make_context('train.py', args).params)
-    return train.setup_training_config(**opts)
+    with contextlib.redirect_stdout(io.StringIO()): # The data checks' lines, once per arm.
+        return train.setup_training_config(**opts)
 
 
 def build_arm(name, data_dir, device, precision, batch=None):
@@ -200,6 +217,7 @@ def report(built, flops, names, device, iters, rounds, threads, precision):
           f'{load0[2]:.2f} on {os.cpu_count()} CPUs', flush=True)
     first = {}
     for name in names: # Warm-up (compilation for the compile arms).
+        torch.set_num_threads(arm_threads(name, threads))
         sync(device)
         t0 = time.perf_counter()
         run_iterations(*built[name], iters)
@@ -211,12 +229,14 @@ def report(built, flops, names, device, iters, rounds, threads, precision):
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            torch.set_num_threads(arm_threads(name, threads))
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             run_iterations(*built[name], iters)
             sync(device)
             wall[name].append((time.perf_counter() - t0) / (iters * batch) * 1000)
             cpu[name].append((time.process_time() - c0) / (iters * batch) * 1000)
+        torch.set_num_threads(threads)
         gflops.append(matmul_gflops(device))
     throughput = statistics.median(gflops) * 1e9
     load1 = os.getloadavg()

@@ -102,3 +102,15 @@ def test_nothing_edits_sys_path_or_cites_a_missing_document():
                 if name in open(os.path.join(root, n), encoding='utf-8', errors='ignore').read():
                     cites.append(os.path.relpath(os.path.join(root, n), REPO))
     assert not cites, f'{cites} cite {name}, which this repository does not hold (docs/architecture.md)'
+
+
+def test_no_function_over_80_lines():
+    """Short functions (docs/architecture.md): none over 80 lines, docstring included, outside tests/."""
+    long = []
+    for name, path in sorted(_modules().items()):
+        for node in ast.walk(ast.parse(open(path, encoding='utf-8').read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 80:
+                    long.append(f'{name}.{node.name}: {length} lines')
+    assert not long, long

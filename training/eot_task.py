@@ -223,16 +223,16 @@ class EOTTask:
                     provenance=dict(self.provenance), kimg=trainer.cur_nimg / 1000)
 
     @torch.no_grad()
-    def on_snapshot(self, trainer, run_dir, kimg_str):
-        """fakes-<kimg>.png: the first test inputs and their G and SDE translations with seeds 0, 1, ... (the
+    def on_snapshot(self, trainer, run_dir, tag):
+        """fakes-<tag>.png (tag: the image count of the snapshot's name): the first test inputs and their G and SDE translations with seeds 0, 1, ... (the
         images generate.py writes for them with this snapshot); then _evaluate."""
         if dist.get_rank() == 0:
             x0 = self.fixed_x0
             seeds = range(x0.shape[0])
             sets = dict(source=x0, target=self.fixed_x1, G=self.translate(trainer, x0, 'G', seeds),
                         SDE=self.translate(trainer, x0, 'SDE', seeds))
-            images.save_translation_figure(sets, os.path.join(run_dir, f'fakes-{kimg_str}.png'))
-        self._evaluate(trainer, run_dir, kimg_str)
+            images.save_translation_figure(sets, os.path.join(run_dir, f'fakes-{tag}.png'))
+        self._evaluate(trainer, run_dir, tag)
 
     def _test_batches(self, trainer, sampler):
         """This rank's share of the domain-1 test set translated by `sampler` through generate.py's iterator
@@ -245,7 +245,7 @@ class EOTTask:
             yield batch.index, batch.y
 
     @torch.no_grad()
-    def _evaluate(self, trainer, run_dir, kimg_str):
+    def _evaluate(self, trainer, run_dir, tag):
         """FID of G and SDE translations of the test set, and/or the translations as PNGs."""
         for sampler in ('G', 'SDE'):
             metric = f'fid_{sampler}'
@@ -275,7 +275,7 @@ class EOTTask:
             self.best[metric] = min(self.best.get(metric, float('inf')), value)
             if dist.get_rank() == 0:
                 record = dict(results={metric: value}, best={metric: self.best[metric]}, kimg=trainer.cur_nimg / 1000,
-                              snapshot_pkl=f'network-snapshot-{kimg_str}.pkl', detector=self.detector_net.name,
+                              snapshot_pkl=f'network-snapshot-{tag}.pkl', detector=self.detector_net.name,
                               timestamp=time.time())
                 with open(os.path.join(run_dir, f'metric-{metric}.jsonl'), 'a', encoding='utf-8') as f:
                     f.write(json.dumps(record) + '\n')

@@ -224,8 +224,9 @@ class EOTTask:
 
     @torch.no_grad()
     def on_snapshot(self, trainer, run_dir, tag):
-        """fakes-<tag>.png (tag: the image count of the snapshot's name): the first test inputs and their G and SDE translations with seeds 0, 1, ... (the
-        images generate.py writes for them with this snapshot); then _evaluate."""
+        """fakes-<tag>.png (tag: the image count in the snapshot's name): the first test inputs and their G and
+        SDE translations with seeds 0, 1, ... (the images generate.py writes for them with this snapshot); then
+        _evaluate."""
         if dist.get_rank() == 0:
             x0 = self.fixed_x0
             seeds = range(x0.shape[0])

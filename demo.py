@@ -52,7 +52,7 @@ FULL = dict(
     # One step each per iteration, the generator slowest: G exploits a lagging f (the transport term is linear
     # in G's output), so lr_g > lr_f diverged and G_iters > D_iters left the critic too weak to teach G. Without
     # a gradient penalty the critic's scores grew without bound and the share read as 3 swung between 14% and
-    # 69% over 160 kimg; with --D-gp=10 it reached 91% at 40 kimg. Even so, with Adam's default betas the share
+    # 69% over 160 kimg; with --d-gp=10 it reached 91% at 40 kimg. Even so, with Adam's default betas the share
     # swung between 20% and 97% from one kimg to the next late in training (seed 1; seed 0: 90% at 46 kimg, 4% at
     # 50); betas (0.5, 0.9), WGAN-GP's usual, gave a steady rise (seed 0: >= 95% from 45 to 56 kimg). The penalty on
     # every 4th critic step (weight x 4) learned as the penalty on every step did, 1.2x faster (docs/recipes.md).
@@ -229,11 +229,11 @@ def _train_args(cfg, paths, run_dir, threads):
     args = ['train.py', '--name=demo', f'--outdir={run_dir}', '--nosubdir', '--device=cpu', f'--threads={threads}',
             f'--data1train={paths["2_train"]}', f'--data2train={paths["3_train"]}',
             f'--data1test={paths["2_test"]}', f'--data2test={paths["3_test"]}',
-            f'--batch={cfg["batch"]}', f'--model_channels={cfg["model_channels"]}',
+            f'--batch={cfg["batch"]}', f'--model-channels={cfg["model_channels"]}',
             f'--net-opts={json.dumps(cfg["net_opts"])}', f'--gamma={cfg["gamma"]}',
-            f'--G_iters={cfg["G_iters"]}', f'--f_iters={cfg["f_iters"]}', f'--D_iters={cfg["D_iters"]}',
-            f'--lr_g={cfg["lr_g"]}', f'--lr_f={cfg["lr_f"]}', f'--lr_D={cfg["lr_D"]}', f'--D-gp={cfg["D_gp"]}',
-            f'--D-gp-every={cfg["D_gp_every"]}', f'--adam-betas={cfg["adam_betas"]}', '--lr-rampup=0',
+            f'--g-iters={cfg["G_iters"]}', f'--f-iters={cfg["f_iters"]}', f'--d-iters={cfg["D_iters"]}',
+            f'--lr-g={cfg["lr_g"]}', f'--lr-f={cfg["lr_f"]}', f'--lr-d={cfg["lr_D"]}', f'--d-gp={cfg["D_gp"]}',
+            f'--d-gp-every={cfg["D_gp_every"]}', f'--adam-betas={cfg["adam_betas"]}', '--lr-rampup=0',
             f'--ema={cfg["ema"]}',
             f'--duration={cfg["kimg"] / 1000:.6f}', f'--tick={cfg["tick_kimg"]}', f'--snap={cfg["snap_ticks"]}',
             '--dump=100000', '--workers=0', '--seed=0', '--no-tensorboard']

@@ -72,15 +72,15 @@ def _net_opts(**D):
 # joint: the pre-issue-18 joint penalty pass; memory: the in-memory data stream; multi_tensor: foreach Adam;
 # compile: Trainer(compile_mode=...).
 ARMS = {
-    'v1':        dict(options=['--D-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False, multi_tensor=False), # before issue 18
-    'v1-threads': dict(options=['--D-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False, multi_tensor=False,
+    'v1':        dict(options=['--d-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False, multi_tensor=False), # before issue 18
+    'v1-threads': dict(options=['--d-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False, multi_tensor=False,
                        threads='torch'), # the same with train.py's thread count before issue 18: torch's choice
-    'penalty':   dict(options=['--D-gp-every=1'], memory=False, multi_tensor=False), # + a penalty pass of its own
-    'same-math': dict(options=['--D-gp-every=1']),         # + the in-memory data stream, foreach Adam
-    'lazy4':     dict(options=['--D-gp-every=4']),         # + the penalty every 4th critic step, weight x 4
-    'lazy16':    dict(options=['--D-gp-every=16']),
-    'no-gp':     dict(options=['--D-gp=0']),               # no penalty: the floor of any penalty schedule
-    'lazy4-d8':  dict(options=['--D-gp-every=4', _net_opts(model_channels=8)]), # + a critic of width 8, not 16
+    'penalty':   dict(options=['--d-gp-every=1'], memory=False, multi_tensor=False), # + a penalty pass of its own
+    'same-math': dict(options=['--d-gp-every=1']),         # + the in-memory data stream, foreach Adam
+    'lazy4':     dict(options=['--d-gp-every=4']),         # + the penalty every 4th critic step, weight x 4
+    'lazy16':    dict(options=['--d-gp-every=16']),
+    'no-gp':     dict(options=['--d-gp=0']),               # no penalty: the floor of any penalty schedule
+    'lazy4-d8':  dict(options=['--d-gp-every=4', _net_opts(model_channels=8)]), # + a critic of width 8, not 16
     'demo':      dict(options=[]),                         # demo.FULL as it is
     'compile':   dict(options=[], compile='default'),      # demo.FULL, trained passes through torch.compile
     'compile-cg': dict(options=[], compile='reduce-overhead'), # the same with CUDA graphs (GPU)

@@ -317,7 +317,8 @@ def snapshot_kimg(path):
 
 
 def generate(snapshot, data, outdir):
-    """generate.py with the one-step G on every input of `data` (input i with seed i), plus its grid (OUTDIR-grid.png beside the folder)."""
+    """generate.py with the one-step G on every input of `data` (input i with seed i), plus its grid
+    (OUTDIR-grid.png, beside the folder)."""
     _run_tool(['generate.py', f'--network={snapshot}', f'--data={data}', f'--outdir={outdir}', '--device=cpu',
                '--grid', '--batch=100'], echo=lambda line: line.startswith('Wrote'))
 

@@ -102,10 +102,10 @@ def train_args(train_opts, noise_dim, dim):
     return rest + ['--net-opts=' + json.dumps(net_opts, separators=(',', ':'))]
 
 
-def train(paths, run_dir, eps, kimg, seed, args, threads, loss='stated'):
+def train(paths, run_dir, eps, kimg, seed, args, threads, loss='stated', name='gauss'):
     """train.py --G-loss=`loss` into run_dir (no subdirectory) with extra options `args`; returns
     (last snapshot, seconds)."""
-    cmd = [sys.executable, 'train.py', '--name=gauss', f'--G-loss={loss}', f'--outdir={run_dir}', '--nosubdir',
+    cmd = [sys.executable, 'train.py', f'--name={name}', f'--G-loss={loss}', f'--outdir={run_dir}', '--nosubdir',
            f'--data1train={paths["source"]}', f'--data2train={paths["target"]}', f'--data1test={paths["test"]}',
            f'--gamma={eps}', f'--duration={kimg / 1000}', f'--tick={max(kimg / 10, 0.001)}', '--snap=100000',
            '--dump=100000', '--workers=0', '--device=cpu', '--no-tensorboard', f'--seed={seed}']

@@ -29,7 +29,7 @@ from training.trainer import DivergenceError, split_batch
 
 #----------------------------------------------------------------------------
 
-# --lr-rampup by --kind. EOT: none. Every measured EOT run (docs/gaussian_eot.md, docs/toy2d.md, the demo) used
+# --lr-rampup by --kind. EOT: none. Every measured EOT run (docs/eot_benchmarks.md, docs/toy2d.md, the demo) used
 # 0 and trained stably; the seed's 10 000 kimg left a 60-300 kimg run at 0.6-3 % of its learning rate.
 # Denoisers keep EDM's 10 000 kimg (a 200 Mimg run ramps up over its first 5 %).
 LR_RAMPUP_DEFAULT = dict(eot=0, denoiser=10000)
@@ -349,7 +349,7 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--duration',        help='Training duration', metavar='MIMG', type=FiniteFloat(min=0, min_open=True), default=200, show_default=True)
 @click.option('--batch',           help='Total batch size of one step, over all processes', metavar='INT', type=click.IntRange(min=1, max=MAX_BATCH), default=512, show_default=True)
 @click.option('--batch-gpu',       help='Limit the batch per process and accumulation round (gradient accumulation)', metavar='INT', type=click.IntRange(min=1, max=MAX_BATCH))
-@click.option('--g-loss',          'g_loss', help='G-step transport term. stated: the original statement (docs/architecture.md), t ~ U(0,1) unweighted (its optimum is biased away from the EOT plan). kinetic: weighted 1/(1-t)^2 with t = 1-u^2 and f = x + (1-t) v (optimum: the EOT plan). See docs/gaussian_eot.md', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
+@click.option('--g-loss',          'g_loss', help='G-step transport term. stated: the original statement (docs/architecture.md), t ~ U(0,1) unweighted (its optimum is biased away from the EOT plan). kinetic: weighted 1/(1-t)^2 with t = 1-u^2 and f = x + (1-t) v (optimum: the EOT plan). See docs/eot_benchmarks.md', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
 @click.option('--g-iters',         'g_iters', help='G-steps per outer iteration (each after --f-iters f-steps)', metavar='INT', type=click.IntRange(min=1, max=MAX_ITERS), default=10, show_default=True)
 @click.option('--d-iters',         'd_iters', help='Critic steps per outer iteration', metavar='INT', type=click.IntRange(min=0, max=MAX_ITERS), default=1, show_default=True)
 @click.option('--f-iters',         'f_iters', help='f-steps before each G-step', metavar='INT', type=click.IntRange(min=1, max=MAX_ITERS), default=2, show_default=True)
@@ -363,7 +363,7 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--lr-f',            'lr_f', help='Learning rate of f', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option('--adam-betas',      help='Adam\'s betas of G, f and D (0.5,0.9 or 0,0.9 are WGAN-GP\'s usual; they steadied the demo)', metavar='B1,B2', type=AdamBetas(), default='0.9,0.999', show_default=True)
 @click.option('--lr',              help='--kind=denoiser: learning rate of the denoiser', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)  [default: 0 for --kind=eot (every measured run, docs/gaussian_eot.md; 10000 left short runs at a few % of the rate), 10000 for --kind=denoiser (EDM)]', metavar='KIMG', type=FiniteFloat(min=0))
+@click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)  [default: 0 for --kind=eot (every measured run, docs/eot_benchmarks.md; 10000 left short runs at a few % of the rate), 10000 for --kind=denoiser (EDM)]', metavar='KIMG', type=FiniteFloat(min=0))
 @click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)', metavar='MIMG', type=FiniteFloat(min=0), default=0.5, show_default=True)
 @click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=FiniteFloat(min=0), default=1.0, show_default=True)
 @click.option('--nan-policy',      help='On a non-finite loss: skip the step (counted in the tick line) or stop with the last good snapshot named', type=click.Choice(['skip', 'stop']), default='skip', show_default=True)
@@ -416,7 +416,7 @@ def main(**kwargs):
         --batch=256 --model-channels=16 --ema=0.01 --lr-g=3e-4 --lr-f=3e-4 --lr-d=3e-4 --duration=0.06 --device=cpu
 
     \b
-    # Gaussians in 16-D with the G-step whose optimum is the EOT plan (docs/gaussian_eot.md)
+    # Gaussians in 16-D with the G-step whose optimum is the EOT plan (docs/eot_benchmarks.md)
     python train.py --name=gauss16 --outdir=runs --data1train=a.npz --data2train=b.npz --gamma=1 \\
         --g-loss=kinetic --batch=256 --model-channels=16 --ema=0.01 --lr-g=3e-4 --lr-f=3e-4 --lr-d=3e-4 \\
         --duration=0.3 --device=cpu

@@ -1,5 +1,5 @@
 """The losses of one-step entropic OT, per sample: the G-step as stated (`EOTLoss`) and its
-1 / (1 - t)^2-weighted "kinetic" variant (`KineticEOTLoss`; docs/gaussian_eot.md).
+1 / (1 - t)^2-weighted "kinetic" variant (`KineticEOTLoss`; docs/eot_benchmarks.md).
 
 A generator G maps a source sample x0 and fresh noise to xN in one call; a drift network f defines the
 Schrodinger-bridge SDE; a Wasserstein critic D pulls G's outputs onto the target set. `gamma` is the
@@ -83,7 +83,7 @@ class EOTLoss:
 
 @persistence.persistent_class
 class KineticEOTLoss(EOTLoss):
-    """The G-step transport term weighted by 1 / (1 - t)^2 (`train.py --G-loss=kinetic`; docs/gaussian_eot.md).
+    """The G-step transport term weighted by 1 / (1 - t)^2 (`train.py --G-loss=kinetic`; docs/eot_benchmarks.md).
 
     With an exact f the weighted term is the kinetic energy int E |E[x1 | x_t] - x_t|^2 / (1 - t)^2 dt of the
     bridge's Markovian projection, whose minimiser over plans is the EOT plan (the stated, unweighted term's is

@@ -438,7 +438,7 @@ class UNetCritic(torch.nn.Module):
 class MLPGenerator(torch.nn.Module):
     """EOT generator for vectors: G(x, z) with x [N, dim], z [N, noise_dim] (concatenated) -> [N, dim].
     `G.z_shape = (noise_dim,)`, noise_dim = dim by default (fewer noise dimensions cap the rank of the conditional
-    law y | x at noise_dim: docs/gaussian_eot.md). With `residual`, returns x + MLP."""
+    law y | x at noise_dim: docs/eot_benchmarks.md). With `residual`, returns x + MLP."""
 
     def __init__(self, dim, noise_dim=None, width=256, depth=4, dropout=0.0, zero_init=True, residual=False):
         super().__init__()

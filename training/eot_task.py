@@ -60,7 +60,7 @@ class EOTTask:
             raise ValueError(f'G_loss must be one of {sorted(G_LOSSES)}; got {G_loss!r}')
         f_class = (f_kwargs or {}).get('class_name', '')
         if G_loss == 'kinetic' and not f_class.endswith('VelocityDrift'):
-            # Measured (docs/gaussian_eot.md): with an end-point f the weighted G-step diverges (loss_G -> -1e16).
+            # Measured (docs/eot_benchmarks.md): with an end-point f the weighted G-step diverges (loss_G -> -1e16).
             raise ValueError(f'G_loss="kinetic" needs f = x + (1 - t) v (models.networks.VelocityDrift or '
                              f'UNetVelocityDrift); got f class {f_class!r}. Build the networks with '
                              'eot_network_kwargs(..., drift="velocity")')

@@ -19,7 +19,7 @@ halves both W2^2 and Var, which leaves the ratio unchanged.)
 one-step EOT G-step (docs/architecture.md), with uniform t weights as stated there or with the kinetic-energy
 weights 1 / (1 - t)^2 of the Schrodinger bridge; `bridge_objective_optimum` minimises it over plans, and
 `markovian_projection` gives the plan the f-SDE samples. With uniform weights the minimiser is not the
-EOT plan (docs/gaussian_eot.md); the 1 / (1 - t)^2-weighted G-step is models.eot_loss.KineticEOTLoss
+EOT plan (docs/eot_benchmarks.md); the 1 / (1 - t)^2-weighted G-step is models.eot_loss.KineticEOTLoss
 (`train.py --G-loss=kinetic`).
 """
 

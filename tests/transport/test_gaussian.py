@@ -136,7 +136,7 @@ def test_kinetic_bridge_objective_is_minimised_by_the_closed_form():
 
 
 def test_uniform_bridge_objective_is_not_minimised_by_the_eot_plan():
-    # The measurement behind docs/gaussian_eot.md: with t ~ U(0, 1) and no 1/(1-t)^2 weight the G-step's
+    # The measurement behind docs/eot_benchmarks.md: with t ~ U(0, 1) and no 1/(1-t)^2 weight the G-step's
     # transport term has a nonzero gradient at the EOT plan, so the stated method is biased.
     _, s0, _, s1 = random_pair(2, seed=0)
     plan = ge.gaussian_eot_plan(None, s0, None, s1, 1.0)

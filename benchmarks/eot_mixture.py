@@ -6,7 +6,7 @@ drawn with --seed; independent samples of p0 (source.npz) and of p1 (target.npz)
 are written as vector data sets; train.py learns the translation with --gamma=eps, generate.py --repeats draws
 outputs for the held-out inputs with G and with the f-SDE, and the outputs are scored against the plan.
 The pieces shared with the Gaussian benchmark (running train.py and generate.py) are benchmarks.gaussian_eot's.
-A quick run on a CPU (about 3 minutes):
+A quick run on a CPU (under a minute of training at the 0.8-0.9 s/kimg measured here, plus sampling):
 
     python -m benchmarks.eot_mixture --dims=2 --eps=1 --kimg=20 --eval-inputs=100 --repeats=200 --outdir=/tmp/mix-quick
 

@@ -120,31 +120,6 @@ def test_lr_rampup_defaults_by_kind(tmp_path, vector_domains):
     assert _dry_run_options(denoiser)['lr_rampup_kimg'] == 10000   # EDM's
 
 
-def test_size_defaults_by_data(tmp_path, vector_domains):
-    """EOT on vectors defaults to the measured vector settings (width-128 MLPs, lr 3e-4, a 10-kimg EMA, batch 256);
-    images and denoisers keep the seed's; an option given wins."""
-    base = ['--outdir=' + str(tmp_path / 'runs'), '--name=t', '--gamma=1', '--device=cpu']
-    vec = _dry_run_options(base + [f'--{k}={v}' for k, v in vector_domains.items()])
-    task = vec['task_kwargs']
-    assert (vec['batch_size'], vec['ema_halflife_kimg']) == (256, 10)
-    assert task['G_kwargs']['width'] == 128 and task['f_kwargs']['width'] == 128 and task['D_kwargs']['width'] == 256
-    assert [task[f'{n}_opt_kwargs']['lr'] for n in 'GfD'] == [3e-4] * 3
-    given = _dry_run_options(base + [f'--{k}={v}' for k, v in vector_domains.items()] +
-                             ['--batch=64', '--model-channels=4', '--lr-g=1e-3', '--ema=0.5'])
-    assert (given['batch_size'], given['ema_halflife_kimg'], given['task_kwargs']['G_kwargs']['width']) == (64, 500, 32)
-    assert [given['task_kwargs'][f'{n}_opt_kwargs']['lr'] for n in 'GfD'] == [1e-3, 3e-4, 3e-4]
-    den = _dry_run_options(['--kind=denoiser', f'--data={vector_domains["data1train"]}', '--name=d',
-                            f'--outdir={tmp_path}'])
-    assert (den['batch_size'], den['ema_halflife_kimg']) == (512, 500)
-
-
-def test_size_defaults_of_images_are_the_seeds(tmp_path, image_domains):
-    base = ['--outdir=' + str(tmp_path / 'runs'), '--name=t', '--gamma=1', '--device=cpu']
-    img = _dry_run_options(base + [f'--{k}={v}' for k, v in image_domains.items()])
-    assert (img['batch_size'], img['ema_halflife_kimg']) == (512, 500)
-    assert img['task_kwargs']['G_kwargs']['model_channels'] == 96 and img['task_kwargs']['G_opt_kwargs']['lr'] == 1e-4
-
-
 def test_kinetic_g_loss_vector_run(tmp_path, vector_domains):
     res = _run(_args(tmp_path / 'runs', vector_domains, '--G-loss=kinetic', batch=8, duration_iters=2))
     assert res.exit_code == 0, res.output

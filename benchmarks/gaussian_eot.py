@@ -108,7 +108,7 @@ def train(paths, run_dir, eps, kimg, seed, args, threads, loss='stated', name='g
     cmd = [sys.executable, 'train.py', f'--name={name}', f'--G-loss={loss}', f'--outdir={run_dir}', '--nosubdir',
            f'--data1train={paths["source"]}', f'--data2train={paths["target"]}', f'--data1test={paths["test"]}',
            f'--gamma={eps}', f'--duration={kimg / 1000}', f'--tick={max(kimg / 10, 0.001)}', '--snap=100000',
-           '--dump=100000', '--workers=0', '--device=cpu', '--no-tensorboard', f'--seed={seed}']
+           '--dump=100000', '--workers=0', '--device=cpu', '--no-tensorboard', f'--seed={seed}', f'--threads={threads}']
     seconds = run(cmd + args, run_dir + '.log', threads)
     snaps = sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot-') and f.endswith('.pkl'))
     return os.path.join(run_dir, snaps[-1]), seconds

@@ -126,7 +126,8 @@ def run_cell(dim, eps, opts, threads, results_path):
     args = train_args(opts['train_opts'], opts['noise_dim'], dim)
     snapshot, train_s = train(paths, os.path.join(folder, 'run'), eps, opts['kimg'], opts['seed'], args, threads,
                               opts['loss'], name=f'mix{dim}')
-    indep = independent_coupling(pair, np.load(paths['test'])['x'].astype(np.float64), opts['repeats'], opts['seed'])
+    with np.load(paths['test']) as f:
+        indep = independent_coupling(pair, f['x'].astype(np.float64), opts['repeats'], opts['seed'])
     rows = []
     for sampler in ('G', 'sde'):
         x, y, sample_s = sample(snapshot, paths['test'], os.path.join(folder, f'samples-{sampler}'), sampler,

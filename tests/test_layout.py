@@ -114,3 +114,16 @@ def test_no_function_over_80_lines():
                 if length > 80:
                     long.append(f'{name}.{node.name}: {length} lines')
     assert not long, long
+
+
+def test_no_module_defines_a_top_level_name_twice():
+    """A second `def test_x` silently replaces the first (pytest then never runs it): merges left three such copies."""
+    twice = []
+    for root, dirs, names in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith('.') and d not in ('__pycache__', 'node_modules')]
+        for n in (n for n in names if n.endswith('.py')):
+            path = os.path.join(root, n)
+            defs = [node.name for node in ast.parse(open(path, encoding='utf-8').read()).body
+                    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+            twice += [f'{os.path.relpath(path, REPO)}: {name}' for name in sorted(set(defs)) if defs.count(name) > 1]
+    assert not twice, twice

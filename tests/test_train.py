@@ -508,72 +508,11 @@ def test_a_signal_stops_with_a_state_from_which_the_run_continues_exactly(tmp_pa
     assert kimgs('part') == kimgs('full')   # the same ticks: ends at every third iteration, and at the end
 
 
-def test_find_latest_state_reads_image_and_kimg_names_and_ignores_unfinished_writes(tmp_path):
-    from training.runs import find_latest_state
-    assert find_latest_state(str(tmp_path)) is None
-    for name in ('training-state-000004.pt', 'training-state-000012.pt', '.training-state-000016.pt.abc.tmp',
-                 'training-state-000020.pt.tmp', 'network-snapshot-000024.pkl'):
-        (tmp_path / name).write_bytes(b'x')
-    assert find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-000012.pt')
-    # Names by image count (this version): 12500 images is after kimg 12, 11999 before it.
-    (tmp_path / 'training-state-0000011999.pt').write_bytes(b'x')
-    assert find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-000012.pt')
-    (tmp_path / 'training-state-0000012500.pt').write_bytes(b'x')
-    assert find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-0000012500.pt')
-
-
 # The command line of the seed's documentation (DEVELOPERS.md), verbatim but for `torchrun ... train.py`.
 SEED_COMMAND_LINE = ('--name=mnist --outdir=outdir --data1train=datasets/2_train.zip --data2train=datasets/3_train.zip '
                      '--data1test=datasets/2_test.zip --data2test=datasets/3_test.zip --data1stats=datasets/2_train.npz '
                      '--data2stats=datasets/3_train.npz --batch=64 --batch-gpu=16 --G_iters=10 --D_iters=1 --f_iters=2 '
                      '--samples_dir_G=samples_G_1 --samples_dir_SDE=samples_SDE_1 --gamma=1.0 --model_channels=32').split()
-
-
-def _seed_line_data(root):
-    """The files the seed's command line names, tiny: 4x4 RGB digits stand-ins and FID statistics."""
-    import numpy as np
-    (root / 'datasets').mkdir()
-    for name, num, seed in (('2_train', 8, 1), ('3_train', 8, 2), ('2_test', 2, 3), ('3_test', 2, 4)):
-        write_image_zip(root / 'datasets' / f'{name}.zip', num, resolution=4, seed=seed)
-    for name in ('2_train', '3_train'):
-        np.savez(root / 'datasets' / f'{name}.npz', mu=np.zeros(4), sigma=np.eye(4))
-
-
-def test_option_spellings_are_one_style_in_help_and_the_old_ones_still_parse(tmp_path, monkeypatch):
-    import re
-    help_text = CliRunner().invoke(train.main, ['--help'], terminal_width=200).output
-    options = re.findall(r'^\s+(?:-\w, )?(--[^\s/]+)', help_text.split('Options:')[1], flags=re.M)
-    assert len(options) > 40 and all(re.fullmatch(r'--[a-z0-9]+(-[a-z0-9]+)*', o) for o in options), options
-    monkeypatch.chdir(tmp_path)
-    _seed_line_data(tmp_path)
-    old = _dry_run_options(SEED_COMMAND_LINE + ['--lr_D=0.002', '--lr_g=0.003', '--G-loss=stated', '--D-gp=1'])
-    new = _dry_run_options(['--name=mnist', '--outdir=outdir', '--data1train=datasets/2_train.zip',
-                            '--data2train=datasets/3_train.zip', '--data1test=datasets/2_test.zip',
-                            '--data2test=datasets/3_test.zip', '--data1stats=datasets/2_train.npz',
-                            '--data2stats=datasets/3_train.npz', '--batch=64', '--batch-gpu=16', '--g-iters=10',
-                            '--d-iters=1', '--f-iters=2', '--samples-dir-g=samples_G_1', '--samples-dir-sde=samples_SDE_1',
-                            '--gamma=1.0', '--model-channels=32', '--lr-d=0.002', '--lr-g=0.003', '--g-loss=stated',
-                            '--d-gp=1'])
-    for options in (old, new):
-        options.pop('seed')
-    assert old == new
-    task = new['task_kwargs']
-    assert (task['G_iters'], task['f_iters'], task['D_iters'], task['D_opt_kwargs']['lr'], task['D_gp']) == (10, 2, 1, 0.002, 1)
-    assert task['samples_dir_G'] == 'samples_G_1' and task['G_kwargs']['model_channels'] == 32
-
-
-@pytest.mark.parametrize('kind', ['eot', 'denoiser'])
-def test_options_of_the_other_kind_are_refused(tmp_path, vector_domains, kind):
-    if kind == 'denoiser':
-        args = ['--kind=denoiser', f'--data={vector_domains["data1train"]}', '--gamma=0.5', '--G_iters=2',
-                f'--data1train={vector_domains["data1train"]}', '--metrics=fid_G']
-        expect = '--kind=denoiser does not use --data1train, --metrics, --g-iters, --gamma (options of --kind=eot)'
-    else:
-        args = [f'--{k}={v}' for k, v in vector_domains.items()] + ['--precond=vp', '--lr=0.01']
-        expect = '--kind=eot does not use --precond, --lr (options of --kind=denoiser)'
-    res = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "runs"}', '--name=x', *args])
-    assert res.exit_code == 2 and expect in res.output, res.output
-    assert not os.path.exists(tmp_path / 'runs')
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from torch_utils import distributed as dist
 from torch_utils.training_stats import wandb_module
 from training.launch import CHANGEABLE, LaunchError, check_outdir, launch_training, parse_allowed_changes
 from training.loop import TrainingStopped
+from training.resume import StateError, load_state, state_options
 from training.trainer import DivergenceError, split_batch
 
 #----------------------------------------------------------------------------
@@ -33,6 +34,36 @@ from training.trainer import DivergenceError, split_batch
 # 0 and trained stably; the seed's 10 000 kimg left a 60-300 kimg run at 0.6-3 % of its learning rate.
 # Denoisers keep EDM's 10 000 kimg (a 200 Mimg run ramps up over its first 5 %).
 LR_RAMPUP_DEFAULT = dict(eot=0, denoiser=10000)
+
+# Network size, learning rates, EMA and batch by what is trained. EOT on vectors (.npz): the settings of every
+# measured vector run (docs/eot_benchmarks.md, docs/toy2d.md): MLP width 128, lr 3e-4, a 10-kimg EMA half-life,
+# batch 256; the image defaults (width 768 for an MLP, 164 MB training states for a 3-D toy) cost 36x the FLOPs
+# per layer and trained no better there. Images, and denoisers on any data: the seed's settings.
+SIZE_DEFAULTS = dict(
+    images=dict(batch=512, model_channels=96, lr_g=1e-4, lr_f=1e-4, lr_d=1e-4, ema=0.5),
+    vectors=dict(batch=256, model_channels=16, lr_g=3e-4, lr_f=3e-4, lr_d=3e-4, ema=0.01),
+)
+
+
+def resolve_size_defaults(opts, legacy=False):
+    """`opts` with SIZE_DEFAULTS filled in where an option was not given (None): 'vectors' for --kind=eot on .npz
+    data, 'images' otherwise, or with `legacy` 'images' for every kind of data (the defaults of every run made
+    before the vector defaults existed)."""
+    vectors = opts.get('kind', 'eot') == 'eot' and str(opts.get('data1train') or '').lower().endswith('.npz')
+    defaults = SIZE_DEFAULTS['vectors' if vectors and not legacy else 'images']
+    return dnnlib.EasyDict(opts, **{k: v for k, v in defaults.items() if opts.get(k) is None})
+
+
+def resumes_a_state_without_options(resume):
+    """Whether --resume names a training state that records no options: one written before states carried them,
+    with no training_options.json beside it. Its run used the image defaults whatever the data, and nothing in
+    it says otherwise, so the options not given keep those (resume checks every recorded option instead)."""
+    if resume in (None, 'auto') or not os.path.isfile(resume):
+        return False
+    try:
+        return state_options(load_state(resume), resume) is None
+    except StateError:
+        return False  # (launch_training names the problem.)
 
 
 class AdamBetas(click.ParamType):
@@ -107,13 +138,14 @@ def _verify_images(ds, option):
     dist.print0(f'{option}: all {counted[0] if counted else 0} images decode ({time.time() - start:.1f} s)')
 
 
-def setup_training_config(world_size=1, **opts):
+def setup_training_config(world_size=1, legacy_defaults=False, **opts):
     """The loop's config from parsed command-line options (a pure function: it reads data headers, writes nothing).
 
     Checks everything that can be checked before any output exists (paths, shapes, batch split, option
-    combinations) and raises click.ClickException naming the option and the fix.
+    combinations) and raises click.ClickException naming the option and the fix. Options left None take
+    SIZE_DEFAULTS (`legacy_defaults`: the image ones whatever the data; see resumes_a_state_without_options).
     """
-    opts = dnnlib.EasyDict(opts)
+    opts = resolve_size_defaults(dnnlib.EasyDict(opts), legacy=legacy_defaults)
     c = Config(name=opts.name)
     try:
         split_batch(opts.batch, opts.batch_gpu, world_size)
@@ -347,24 +379,24 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 
 # Hyperparameters.
 @click.option('--duration',        help='Training duration', metavar='MIMG', type=FiniteFloat(min=0, min_open=True), default=200, show_default=True)
-@click.option('--batch',           help='Total batch size of one step, over all processes', metavar='INT', type=click.IntRange(min=1, max=MAX_BATCH), default=512, show_default=True)
+@click.option('--batch',           help='Total batch size of one step, over all processes  [default: 256 for --kind=eot on vectors (.npz), else 512]', metavar='INT', type=click.IntRange(min=1, max=MAX_BATCH), default=None)
 @click.option('--batch-gpu',       help='Limit the batch per process and accumulation round (gradient accumulation)', metavar='INT', type=click.IntRange(min=1, max=MAX_BATCH))
 @click.option('--g-loss',          'g_loss', help='G-step transport term. stated: the original statement (docs/architecture.md), t ~ U(0,1) unweighted (its optimum is biased away from the EOT plan). kinetic: weighted 1/(1-t)^2 with t = 1-u^2 and f = x + (1-t) v (optimum: the EOT plan). See docs/eot_benchmarks.md', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
 @click.option('--g-iters',         'g_iters', help='G-steps per outer iteration (each after --f-iters f-steps)', metavar='INT', type=click.IntRange(min=1, max=MAX_ITERS), default=10, show_default=True)
 @click.option('--d-iters',         'd_iters', help='Critic steps per outer iteration', metavar='INT', type=click.IntRange(min=0, max=MAX_ITERS), default=1, show_default=True)
 @click.option('--f-iters',         'f_iters', help='f-steps before each G-step', metavar='INT', type=click.IntRange(min=1, max=MAX_ITERS), default=2, show_default=True)
-@click.option('--model-channels',  'model_channels', help='Base channels c of G and f (D uses (c//32+1)*32); MLP width is 8c for vectors', metavar='INT', type=click.IntRange(min=1, max=MAX_CHANNELS), default=96, show_default=True)
+@click.option('--model-channels',  'model_channels', help='Base channels c of G and f (D uses (c//32+1)*32); MLP width is 8c for vectors  [default: 16 for --kind=eot on vectors (.npz; width 128), else 96]', metavar='INT', type=click.IntRange(min=1, max=MAX_CHANNELS), default=None)
 @click.option('--net-opts',        help='Network overrides as a JSON object, e.g. \'{"num_blocks": 1, "attn_resolutions": []}\' for all, or \'{"D": {"model_channels": 32}}\' for one', metavar='JSON', type=str)
 @click.option('--gamma',           help='Entropy: the bridge volatility is sqrt(gamma) (EOT with eps = gamma)', metavar='FLOAT', type=FiniteFloat(min=0), default=0.0, show_default=True)
-@click.option('--lr-g',            'lr_g', help='Learning rate of G', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr-g',            'lr_g', help='Learning rate of G  [default: 3e-4 for --kind=eot on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
 @click.option('--d-gp',            'd_gp', help='Weight of a WGAN-GP gradient penalty on the critic (0: none, as in the stated method; 10 is the usual value; it steadies short image runs)', metavar='FLOAT', type=FiniteFloat(min=0), default=0, show_default=True)
 @click.option('--d-gp-every',      'd_gp_every', help='Lazy penalty: apply --d-gp on every Nth critic step only, weighted N x (StyleGAN2\'s lazy regularisation)', metavar='N', type=click.IntRange(min=1, max=MAX_ITERS), default=1, show_default=True)
-@click.option('--lr-d',            'lr_d', help='Learning rate of D', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option('--lr-f',            'lr_f', help='Learning rate of f', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr-d',            'lr_d', help='Learning rate of D  [default: 3e-4 for --kind=eot on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
+@click.option('--lr-f',            'lr_f', help='Learning rate of f  [default: 3e-4 for --kind=eot on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
 @click.option('--adam-betas',      help='Adam\'s betas of G, f and D (0.5,0.9 or 0,0.9 are WGAN-GP\'s usual; they steadied the demo)', metavar='B1,B2', type=AdamBetas(), default='0.9,0.999', show_default=True)
 @click.option('--lr',              help='--kind=denoiser: learning rate of the denoiser', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)  [default: 0 for --kind=eot (every measured run, docs/eot_benchmarks.md; 10000 left short runs at a few % of the rate), 10000 for --kind=denoiser (EDM)]', metavar='KIMG', type=FiniteFloat(min=0))
-@click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)', metavar='MIMG', type=FiniteFloat(min=0), default=0.5, show_default=True)
+@click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)  [default: 0.01 for --kind=eot on vectors (.npz), else 0.5]', metavar='MIMG', type=FiniteFloat(min=0), default=None)
 @click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=FiniteFloat(min=0), default=1.0, show_default=True)
 @click.option('--nan-policy',      help='On a non-finite loss: skip the step (counted in the tick line) or stop with the last good snapshot named', type=click.Choice(['skip', 'stop']), default='skip', show_default=True)
 @click.option('--sde-steps',       help='Euler-Maruyama steps of the SDE sampler (figures, metrics, snapshots)', metavar='INT', type=click.IntRange(min=1, max=MAX_STEPS), default=10, show_default=True)
@@ -411,15 +443,14 @@ def main(**kwargs):
         --model-channels=32 --batch=512 --lr=1e-3 --lr-rampup=100 --duration=2 --ema=0.05
 
     \b
-    # A toy task on the CPU (vectors in .npz; the measured settings of docs/recipes.md)
+    # A toy task on the CPU (vectors in .npz: the vector defaults are the measured settings of docs/recipes.md)
     python train.py --name=moons --outdir=runs --data1train=gauss.npz --data2train=moons.npz --gamma=0.1 \\
-        --batch=256 --model-channels=16 --ema=0.01 --lr-g=3e-4 --lr-f=3e-4 --lr-d=3e-4 --duration=0.06 --device=cpu
+        --duration=0.06 --device=cpu
 
     \b
     # Gaussians in 16-D with the G-step whose optimum is the EOT plan (docs/eot_benchmarks.md)
     python train.py --name=gauss16 --outdir=runs --data1train=a.npz --data2train=b.npz --gamma=1 \\
-        --g-loss=kinetic --batch=256 --model-channels=16 --ema=0.01 --lr-g=3e-4 --lr-f=3e-4 --lr-d=3e-4 \\
-        --duration=0.3 --device=cpu
+        --g-loss=kinetic --duration=0.3 --device=cpu
     """
     opts = dnnlib.EasyDict(kwargs)
     _refuse_options_of_the_other_kind(click.get_current_context(), opts.kind)
@@ -427,7 +458,11 @@ def main(**kwargs):
     try:
         check_outdir(opts.outdir) # (These two before the data are checked, which may take a while.)
         allow_change = parse_allowed_changes(opts.allow_change)
-        c = setup_training_config(world_size=dist.get_world_size(), **opts)
+        legacy = resumes_a_state_without_options(opts.resume)
+        if legacy:
+            dist.print0(f'Note: {opts.resume} records no options (an earlier version\'s state); options not given here '
+                        f'take the defaults of that version: {SIZE_DEFAULTS["images"]}')
+        c = setup_training_config(world_size=dist.get_world_size(), legacy_defaults=legacy, **opts)
         launch_training(c, device, outdir=opts.outdir, desc=_run_desc(opts, c), nosubdir=opts.nosubdir,
                         resume=opts.resume, allow_change=allow_change, seed=opts.seed, dry_run=opts.dry_run,
                         threads=opts.threads)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import train
 from tests.conftest import write_image_zip
-from tests.launch import torchrun
+from tests.launch import REPO, torchrun
 
 TINY_UNET = '{"num_blocks": 1, "attn_resolutions": [], "dropout": 0}'
 TINY_MLP = '{"depth": 2}'
@@ -118,6 +118,53 @@ def test_lr_rampup_defaults_by_kind(tmp_path, vector_domains):
     assert _dry_run_options(args + ['--lr-rampup=5'])['lr_rampup_kimg'] == 5
     denoiser = ['--kind=denoiser', f'--data={vector_domains["data1train"]}', '--name=d', f'--outdir={tmp_path}']
     assert _dry_run_options(denoiser)['lr_rampup_kimg'] == 10000   # EDM's
+
+
+def test_size_defaults_by_data(tmp_path, vector_domains):
+    """EOT on vectors defaults to the measured vector settings (width-128 MLPs, lr 3e-4, a 10-kimg EMA, batch 256);
+    images and denoisers keep the seed's; an option given wins."""
+    base = ['--outdir=' + str(tmp_path / 'runs'), '--name=t', '--gamma=1', '--device=cpu']
+    vec = _dry_run_options(base + [f'--{k}={v}' for k, v in vector_domains.items()])
+    task = vec['task_kwargs']
+    assert (vec['batch_size'], vec['ema_halflife_kimg']) == (256, 10)
+    assert task['G_kwargs']['width'] == 128 and task['f_kwargs']['width'] == 128 and task['D_kwargs']['width'] == 256
+    assert [task[f'{n}_opt_kwargs']['lr'] for n in 'GfD'] == [3e-4] * 3
+    given = _dry_run_options(base + [f'--{k}={v}' for k, v in vector_domains.items()] +
+                             ['--batch=64', '--model-channels=4', '--lr-g=1e-3', '--ema=0.5'])
+    assert (given['batch_size'], given['ema_halflife_kimg'], given['task_kwargs']['G_kwargs']['width']) == (64, 500, 32)
+    assert [given['task_kwargs'][f'{n}_opt_kwargs']['lr'] for n in 'GfD'] == [1e-3, 3e-4, 3e-4]
+    den = _dry_run_options(['--kind=denoiser', f'--data={vector_domains["data1train"]}', '--name=d',
+                            f'--outdir={tmp_path}'])
+    assert (den['batch_size'], den['ema_halflife_kimg']) == (512, 500)
+
+
+def test_a_state_without_options_keeps_the_defaults_of_its_time(tmp_path):
+    """An earlier version's training state alone (no options in it, no training_options.json beside it) was trained
+    with the image defaults whatever the data: resuming it fills the options not given with those, not with the
+    vector defaults (tests/test_fixtures_compat.py resumes one to the same weights); with options recorded beside
+    it, the vector defaults apply and resume compares them with the recorded ones."""
+    import shutil
+    state = tmp_path / 'alone' / 'training-state-000000.pt'
+    state.parent.mkdir()
+    shutil.copy(os.path.join(REPO, 'tests', 'fixtures', 'v1', 'vec-state.pt'), state)
+    assert train.resumes_a_state_without_options(str(state))
+    assert not train.resumes_a_state_without_options('auto') and not train.resumes_a_state_without_options(None)
+    shutil.copy(os.path.join(REPO, 'tests', 'fixtures', 'v1', 'vec-training_options.json'),
+                tmp_path / 'alone' / 'training_options.json')
+    assert not train.resumes_a_state_without_options(str(state))
+    vectors = dict(kind='eot', data1train='a.npz', batch=None, model_channels=None, lr_g=None, lr_f=2e-3, lr_d=None,
+                   ema=None)
+    assert train.resolve_size_defaults(vectors) == dict(vectors, batch=256, model_channels=16, lr_g=3e-4, lr_d=3e-4,
+                                                        ema=0.01)
+    assert train.resolve_size_defaults(vectors, legacy=True) == dict(vectors, batch=512, model_channels=96, lr_g=1e-4,
+                                                                     lr_d=1e-4, ema=0.5)
+
+
+def test_size_defaults_of_images_are_the_seeds(tmp_path, image_domains):
+    base = ['--outdir=' + str(tmp_path / 'runs'), '--name=t', '--gamma=1', '--device=cpu']
+    img = _dry_run_options(base + [f'--{k}={v}' for k, v in image_domains.items()])
+    assert (img['batch_size'], img['ema_halflife_kimg']) == (512, 500)
+    assert img['task_kwargs']['G_kwargs']['model_channels'] == 96 and img['task_kwargs']['G_opt_kwargs']['lr'] == 1e-4
 
 
 def test_kinetic_g_loss_vector_run(tmp_path, vector_domains):

@@ -93,7 +93,7 @@ def training_loop(
 
     done = trainer.cur_nimg >= schedule['total_nimg']
     saved = None # The training state written at the current image count, if any.
-    progress = TickProgress(total_kimg, kimg_per_tick)
+    progress = TickProgress(schedule['total_nimg'], schedule['tick_nimg'])
     progress.start_tick(trainer.cur_nimg)
     with dist.StopSignals() as stop:
         while not done:

@@ -4,7 +4,7 @@ from training.progress import TickProgress
 
 
 def test_tick_progress_rate_and_etas():
-    progress = TickProgress(total_kimg=10, kimg_per_tick=5, interval=None)
+    progress = TickProgress(total_nimg=10000, tick_nimg=5000, interval=None)
     progress.start_tick(1000)
     progress.start_time = 100.0
     # 2000 images in 4 s: 0.5 kimg/s; the tick ends at 5000 images (the next multiple of 5 kimg, 4 s away),

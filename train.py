@@ -25,7 +25,7 @@ from torch_utils import distributed as dist
 from torch_utils.training_stats import wandb_module
 from training.launch import CHANGEABLE, LaunchError, check_outdir, launch_training, parse_allowed_changes
 from training.loop import TrainingStopped
-from training.resume import StateError, load_state, state_options
+from training.resume import records_no_options
 from training.trainer import DivergenceError, split_batch
 
 #----------------------------------------------------------------------------
@@ -52,18 +52,6 @@ def resolve_size_defaults(opts, legacy=False):
     vectors = opts.get('kind', 'eot') == 'eot' and str(opts.get('data1train') or '').lower().endswith('.npz')
     defaults = SIZE_DEFAULTS['vectors' if vectors and not legacy else 'images']
     return dnnlib.EasyDict(opts, **{k: v for k, v in defaults.items() if opts.get(k) is None})
-
-
-def resumes_a_state_without_options(resume):
-    """Whether --resume names a training state that records no options: one written before states carried them,
-    with no training_options.json beside it. Its run used the image defaults whatever the data, and nothing in
-    it says otherwise, so the options not given keep those (resume checks every recorded option instead)."""
-    if resume in (None, 'auto') or not os.path.isfile(resume):
-        return False
-    try:
-        return state_options(load_state(resume), resume) is None
-    except StateError:
-        return False  # (launch_training names the problem.)
 
 
 class AdamBetas(click.ParamType):
@@ -143,7 +131,7 @@ def setup_training_config(world_size=1, legacy_defaults=False, **opts):
 
     Checks everything that can be checked before any output exists (paths, shapes, batch split, option
     combinations) and raises click.ClickException naming the option and the fix. Options left None take
-    SIZE_DEFAULTS (`legacy_defaults`: the image ones whatever the data; see resumes_a_state_without_options).
+    SIZE_DEFAULTS (`legacy_defaults`: the image ones whatever the data; see training.resume.records_no_options).
     """
     opts = resolve_size_defaults(dnnlib.EasyDict(opts), legacy=legacy_defaults)
     c = Config(name=opts.name)
@@ -458,7 +446,7 @@ def main(**kwargs):
     try:
         check_outdir(opts.outdir) # (These two before the data are checked, which may take a while.)
         allow_change = parse_allowed_changes(opts.allow_change)
-        legacy = resumes_a_state_without_options(opts.resume)
+        legacy = records_no_options(opts.resume)
         if legacy:
             dist.print0(f'Note: {opts.resume} records no options (an earlier version\'s state); options not given here '
                         f'take the defaults of that version: {SIZE_DEFAULTS["images"]}')

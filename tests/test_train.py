@@ -12,6 +12,7 @@ from click.testing import CliRunner
 import train
 from tests.conftest import write_image_zip
 from tests.launch import REPO, torchrun
+from training.resume import records_no_options
 
 TINY_UNET = '{"num_blocks": 1, "attn_resolutions": [], "dropout": 0}'
 TINY_MLP = '{"depth": 2}'
@@ -147,11 +148,11 @@ def test_a_state_without_options_keeps_the_defaults_of_its_time(tmp_path):
     state = tmp_path / 'alone' / 'training-state-000000.pt'
     state.parent.mkdir()
     shutil.copy(os.path.join(REPO, 'tests', 'fixtures', 'v1', 'vec-state.pt'), state)
-    assert train.resumes_a_state_without_options(str(state))
-    assert not train.resumes_a_state_without_options('auto') and not train.resumes_a_state_without_options(None)
+    assert records_no_options(str(state))
+    assert not records_no_options('auto') and not records_no_options(None)
     shutil.copy(os.path.join(REPO, 'tests', 'fixtures', 'v1', 'vec-training_options.json'),
                 tmp_path / 'alone' / 'training_options.json')
-    assert not train.resumes_a_state_without_options(str(state))
+    assert not records_no_options(str(state))
     vectors = dict(kind='eot', data1train='a.npz', batch=None, model_channels=None, lr_g=None, lr_f=2e-3, lr_d=None,
                    ema=None)
     assert train.resolve_size_defaults(vectors) == dict(vectors, batch=256, model_channels=16, lr_g=3e-4, lr_d=3e-4,

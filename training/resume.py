@@ -51,6 +51,19 @@ def state_options(state, path):
     return options if isinstance(options, dict) else None
 
 
+def records_no_options(resume):
+    """Whether --resume names a training state that records no options: one written before states carried them,
+    with no training_options.json beside it. Its run used train.py's image defaults whatever the data, and
+    nothing in it says otherwise, so train.py fills the options not given with those (train.SIZE_DEFAULTS);
+    a state that records options is checked against them instead (compare_options)."""
+    if resume in (None, 'auto') or not os.path.isfile(resume):
+        return False
+    try:
+        return state_options(load_state(resume), resume) is None
+    except StateError:
+        return False  # (launch_training names the problem.)
+
+
 def network_names(state):
     return sorted(state['trainer']['nets'])
 

@@ -113,6 +113,16 @@ def _dry_run_options(args):
     return json.loads(res.output.split('Training options:')[1].split('Output directory:')[0])
 
 
+def test_the_duration_is_a_whole_number_of_images(tmp_path, vector_domains):
+    """--duration=7.2e-05 Mimg (18 iterations of 4) is 72.00000000000001 images in floating point: the run stops
+    at 72 images, not one iteration later (a signal test that resumed to 72 failed on it now and then)."""
+    assert 72e-6 * 1000 * 1000 != 72      # (the floating-point case this is about)
+    res = _run(_args(tmp_path / 'runs', vector_domains, duration_iters=18))
+    assert res.exit_code == 0, res.output
+    snaps = sorted(n for n in os.listdir(_only_run_dir(tmp_path / 'runs')) if n.startswith('network-snapshot-'))
+    assert snaps[-1] == 'network-snapshot-0000000072.pkl', snaps
+
+
 def test_lr_rampup_defaults_by_kind(tmp_path, vector_domains):
     args = [a for a in _args(tmp_path / 'runs', vector_domains) if a != '--lr-rampup=0']
     assert _dry_run_options(args)['lr_rampup_kimg'] == 0

@@ -10,6 +10,7 @@ Progress is counted in images (or vectors): one iteration advances `cur_nimg` by
 """
 
 import json
+import math
 import os
 import pickle
 import time
@@ -86,7 +87,8 @@ def training_loop(
     cur_tick = _resume(trainer, task, resume_state, device) if resume_state is not None else 0
     ticks = _Ticks(run_dir, trainer, device, tensorboard=tensorboard, wandb_project=wandb_project)
     state_info = dict(batch_size=batch_size, seed=seed, options=options)
-    schedule = dict(total_nimg=total_kimg * 1000, tick_nimg=max(1, round(kimg_per_tick * 1000)),
+    # Whole images: 7.2e-5 Mimg is 72.00000000000001 images in floating point, which ran one iteration too many.
+    schedule = dict(total_nimg=math.ceil(round(total_kimg * 1000, 6)), tick_nimg=max(1, round(kimg_per_tick * 1000)),
                     snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks)
     dist.print0(f'Training for {total_kimg} kimg from kimg {trainer.cur_nimg / 1000:.3f}...')
     dist.print0()

@@ -39,9 +39,14 @@ LR_RAMPUP_DEFAULT = dict(eot=0, denoiser=10000)
 # measured vector run (docs/eot_benchmarks.md, docs/toy2d.md): MLP width 128, lr 3e-4, a 10-kimg EMA half-life,
 # batch 256; the image defaults (width 768 for an MLP, 164 MB training states for a 3-D toy) cost 36x the FLOPs
 # per layer and trained no better there. Images, and denoisers on any data: the seed's settings.
+# The light G-step (the vector default when --gamma > 0) trains G and f on its potential's plan, one step each per
+# iteration, with lr 1e-3 and a 200-kimg EMA (docs/eot_benchmarks.md: G at 0.8 % cBW2-UVP at D = 16 in 8000 kimg).
 SIZE_DEFAULTS = dict(
-    images=dict(batch=512, model_channels=96, lr_g=1e-4, lr_f=1e-4, lr_d=1e-4, ema=0.5),
-    vectors=dict(batch=256, model_channels=16, lr_g=3e-4, lr_f=3e-4, lr_d=3e-4, ema=0.01),
+    images=dict(batch=512, model_channels=96, lr_g=1e-4, lr_f=1e-4, lr_d=1e-4, ema=0.5, g_loss='stated', g_iters=10,
+                f_iters=2),
+    vectors=dict(batch=256, model_channels=16, lr_g=3e-4, lr_f=3e-4, lr_d=3e-4, ema=0.01, g_loss='light', g_iters=10,
+                 f_iters=2),
+    light=dict(lr_g=1e-3, lr_f=1e-3, ema=0.2, g_iters=1, f_iters=1),
 )
 
 
@@ -50,7 +55,11 @@ def resolve_size_defaults(opts, legacy=False):
     data, 'images' otherwise, or with `legacy` 'images' for every kind of data (the defaults of every run made
     before the vector defaults existed)."""
     vectors = opts.get('kind', 'eot') == 'eot' and str(opts.get('data1train') or '').lower().endswith('.npz')
-    defaults = SIZE_DEFAULTS['vectors' if vectors and not legacy else 'images']
+    defaults = dict(SIZE_DEFAULTS['vectors' if vectors and not legacy else 'images'])
+    if not opts.get('gamma', 0) > 0: # The light G-step's potential needs an entropy: unregularised OT as stated.
+        defaults['g_loss'] = 'stated'
+    if (opts.get('g_loss') or defaults['g_loss']) == 'light':
+        defaults.update(SIZE_DEFAULTS['light'])
     return dnnlib.EasyDict(opts, **{k: v for k, v in defaults.items() if opts.get(k) is None})
 
 
@@ -203,10 +212,15 @@ def _eot_task_kwargs(opts):
     """(task_kwargs, data_paths) of --kind=eot: G, f and D trained by EOTTask on two domains."""
     data = _eot_data(opts)
     metrics = _eot_metrics(opts, data)
-    drift = 'velocity' if opts.g_loss == 'kinetic' else 'end_point' # The kinetic G-step needs f = x + (1 - t) v.
+    # The kinetic and light G-steps need f = x + (1 - t) v.
+    drift = 'end_point' if opts.g_loss == 'stated' else 'velocity'
+    net_opts = _net_opts(opts)
+    V_kwargs = _light_potential_kwargs(opts, data['data1'][1], net_opts.pop('V', None))
+    if V_kwargs is not None: # G = x + MLP(x, z) for the light G-step (the measured setting), unless set.
+        net_opts['G'] = dict(net_opts.get('G', {}), residual=net_opts.get('G', {}).get('residual', True))
     try:
         G_kwargs, f_kwargs, D_kwargs = eot_network_kwargs(data['data1'][1], model_channels=opts.model_channels,
-                                                          drift=drift, **_net_opts(opts))
+                                                          drift=drift, **net_opts)
     except ValueError as err:
         raise click.ClickException(f'--net-opts={opts.net_opts!r}: {err}') from None
     task_kwargs = dnnlib.EasyDict(
@@ -216,6 +230,7 @@ def _eot_task_kwargs(opts):
         G_kwargs=G_kwargs, f_kwargs=f_kwargs, D_kwargs=D_kwargs,
         G_opt_kwargs=_adam(opts.lr_g, opts.adam_betas), f_opt_kwargs=_adam(opts.lr_f, opts.adam_betas),
         D_opt_kwargs=_adam(opts.lr_d, opts.adam_betas),
+        **(dict(V_kwargs=V_kwargs, V_opt_kwargs=_adam(LIGHT_LR, opts.adam_betas)) if V_kwargs else {}),
         gamma=opts.gamma, G_loss=opts.g_loss, G_iters=opts.g_iters, f_iters=opts.f_iters, D_iters=opts.d_iters,
         D_gp=opts.d_gp, D_gp_every=opts.d_gp_every, sde_steps=opts.sde_steps,
         metrics=metrics, data2stats=opts.data2stats, detector=opts.detector,
@@ -223,6 +238,34 @@ def _eot_task_kwargs(opts):
     data_paths = dnnlib.EasyDict(data1train=opts.data1train, data2train=opts.data2train, data1test=opts.data1test,
                                  data2test=opts.data2test, data1stats=opts.data1stats, data2stats=opts.data2stats)
     return task_kwargs, data_paths
+
+
+# The light G-step's potential (models.light_sb.LightPotential): its number of Gaussians (--net-opts '{"V":
+# {"components": K}}') and learning rate. Measured on the mixture benchmark (docs/eot_benchmarks.md).
+LIGHT_COMPONENTS = 20
+LIGHT_LR = 1e-2
+
+
+def _light_potential_kwargs(opts, shape, V_opts):
+    """The potential network V of --g-loss=light (None for the other G-steps), with --net-opts' "V" object."""
+    if opts.g_loss != 'light':
+        if V_opts is not None:
+            raise click.ClickException(f'--net-opts={opts.net_opts!r}: "V" configures the potential of '
+                                       f'--g-loss=light; this run uses --g-loss={opts.g_loss}')
+        return None
+    if len(shape) != 1:
+        raise click.ClickException(f'--g-loss=light is for vector data (.npz); {opts.data1train} holds images of '
+                                   f'shape {list(shape)}: use --g-loss=stated or kinetic')
+    if not opts.gamma > 0:
+        raise click.ClickException('--g-loss=light needs --gamma > 0 (its potential\'s plan has entropy gamma); '
+                                   'got --gamma=0')
+    V_opts = dict(V_opts or {})
+    bad = sorted(set(V_opts) - {'components'})
+    if bad or not isinstance(V_opts.get('components', 1), int) or V_opts.get('components', 1) < 1:
+        raise click.ClickException(f'--net-opts={opts.net_opts!r}: "V" takes only "components", an int >= 1 '
+                                   '(the potential\'s Gaussians)')
+    return dnnlib.EasyDict(class_name='models.light_sb.LightPotential', dim=shape[0],
+                           components=V_opts.get('components', LIGHT_COMPONENTS), eps=opts.gamma)
 
 
 def _adam(lr, betas=(0.9, 0.999)):
@@ -283,8 +326,9 @@ def _run_desc(opts, c):
         desc = f'{opts.name}-denoiser-gpus{dist.get_world_size()}-batch{c.batch_size}-{opts.precond}'
         return re.sub(r'[^0-9A-Za-z._-]', '_', desc + (f'-{opts.desc}' if opts.desc else ''))
     desc = f'{opts.name}-{opts.kind}-gpus{dist.get_world_size()}-batch{c.batch_size}-gamma{opts.gamma:g}'
-    if opts.g_loss != 'stated':
-        desc += f'-{opts.g_loss}'
+    g_loss = c.task_kwargs.G_loss
+    if g_loss not in ('stated', 'light'): # Each the default of its data.
+        desc += f'-{g_loss}'
     if opts.desc:
         desc += f'-{opts.desc}'
     return re.sub(r'[^0-9A-Za-z._-]', '_', desc)
@@ -369,22 +413,22 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--duration',        help='Training duration', metavar='MIMG', type=FiniteFloat(min=0, min_open=True), default=200, show_default=True)
 @click.option('--batch',           help='Total batch size of one step, over all processes  [default: 256 for --kind=eot on vectors (.npz), else 512]', metavar='INT', type=click.IntRange(min=1, max=MAX_BATCH), default=None)
 @click.option('--batch-gpu',       help='Limit the batch per process and accumulation round (gradient accumulation)', metavar='INT', type=click.IntRange(min=1, max=MAX_BATCH))
-@click.option('--g-loss',          'g_loss', help='G-step transport term. stated: the original statement (docs/architecture.md), t ~ U(0,1) unweighted (its optimum is biased away from the EOT plan). kinetic: weighted 1/(1-t)^2 with t = 1-u^2 and f = x + (1-t) v (optimum: the EOT plan). See docs/eot_benchmarks.md', type=click.Choice(['stated', 'kinetic']), default='stated', show_default=True)
-@click.option('--g-iters',         'g_iters', help='G-steps per outer iteration (each after --f-iters f-steps)', metavar='INT', type=click.IntRange(min=1, max=MAX_ITERS), default=10, show_default=True)
-@click.option('--d-iters',         'd_iters', help='Critic steps per outer iteration', metavar='INT', type=click.IntRange(min=0, max=MAX_ITERS), default=1, show_default=True)
-@click.option('--f-iters',         'f_iters', help='f-steps before each G-step', metavar='INT', type=click.IntRange(min=1, max=MAX_ITERS), default=2, show_default=True)
+@click.option('--g-loss',          'g_loss', help='The G-step. stated: the original statement (docs/architecture.md), t ~ U(0,1) unweighted (its optimum is biased away from the EOT plan). kinetic: weighted 1/(1-t)^2 with t = 1-u^2 and f = x + (1-t) v (optimum: the EOT plan). light (vectors only): G fitted by the energy score to the plan of a Gaussian-mixture Schrodinger potential V learned from the two data sets; no critic. See docs/eot_benchmarks.md  [default: light for vectors (.npz) with --gamma > 0, else stated]', type=click.Choice(['stated', 'kinetic', 'light']), default=None)
+@click.option('--g-iters',         'g_iters', help='G-steps per outer iteration (each after --f-iters f-steps)  [default: 1 for --g-loss=light, else 10]', metavar='INT', type=click.IntRange(min=1, max=MAX_ITERS), default=None)
+@click.option('--d-iters',         'd_iters', help='Critic steps per outer iteration (--g-loss=light trains no critic)', metavar='INT', type=click.IntRange(min=0, max=MAX_ITERS), default=1, show_default=True)
+@click.option('--f-iters',         'f_iters', help='f-steps before each G-step  [default: 1 for --g-loss=light, else 2]', metavar='INT', type=click.IntRange(min=1, max=MAX_ITERS), default=None)
 @click.option('--model-channels',  'model_channels', help='Base channels c of G and f (D uses (c//32+1)*32); MLP width is 8c for vectors  [default: 16 for --kind=eot on vectors (.npz; width 128), else 96]', metavar='INT', type=click.IntRange(min=1, max=MAX_CHANNELS), default=None)
 @click.option('--net-opts',        help='Network overrides as a JSON object, e.g. \'{"num_blocks": 1, "attn_resolutions": []}\' for all, or \'{"D": {"model_channels": 32}}\' for one', metavar='JSON', type=str)
 @click.option('--gamma',           help='Entropy: the bridge volatility is sqrt(gamma) (EOT with eps = gamma)', metavar='FLOAT', type=FiniteFloat(min=0), default=0.0, show_default=True)
-@click.option('--lr-g',            'lr_g', help='Learning rate of G  [default: 3e-4 for --kind=eot on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
+@click.option('--lr-g',            'lr_g', help='Learning rate of G  [default: 1e-3 with --g-loss=light, 3e-4 for other G-steps on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
 @click.option('--d-gp',            'd_gp', help='Weight of a WGAN-GP gradient penalty on the critic (0: none, as in the stated method; 10 is the usual value; it steadies short image runs)', metavar='FLOAT', type=FiniteFloat(min=0), default=0, show_default=True)
 @click.option('--d-gp-every',      'd_gp_every', help='Lazy penalty: apply --d-gp on every Nth critic step only, weighted N x (StyleGAN2\'s lazy regularisation)', metavar='N', type=click.IntRange(min=1, max=MAX_ITERS), default=1, show_default=True)
 @click.option('--lr-d',            'lr_d', help='Learning rate of D  [default: 3e-4 for --kind=eot on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
-@click.option('--lr-f',            'lr_f', help='Learning rate of f  [default: 3e-4 for --kind=eot on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
+@click.option('--lr-f',            'lr_f', help='Learning rate of f  [default: 1e-3 with --g-loss=light, 3e-4 for other G-steps on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
 @click.option('--adam-betas',      help='Adam\'s betas of G, f and D (0.5,0.9 or 0,0.9 are WGAN-GP\'s usual; they steadied the demo)', metavar='B1,B2', type=AdamBetas(), default='0.9,0.999', show_default=True)
 @click.option('--lr',              help='--kind=denoiser: learning rate of the denoiser', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)  [default: 0 for --kind=eot (every measured run, docs/eot_benchmarks.md; 10000 left short runs at a few % of the rate), 10000 for --kind=denoiser (EDM)]', metavar='KIMG', type=FiniteFloat(min=0))
-@click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)  [default: 0.01 for --kind=eot on vectors (.npz), else 0.5]', metavar='MIMG', type=FiniteFloat(min=0), default=None)
+@click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)  [default: 0.2 with --g-loss=light, 0.01 for other G-steps on vectors (.npz), else 0.5]', metavar='MIMG', type=FiniteFloat(min=0), default=None)
 @click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=FiniteFloat(min=0), default=1.0, show_default=True)
 @click.option('--nan-policy',      help='On a non-finite loss: skip the step (counted in the tick line) or stop with the last good snapshot named', type=click.Choice(['skip', 'stop']), default='skip', show_default=True)
 @click.option('--sde-steps',       help='Euler-Maruyama steps of the SDE sampler (figures, metrics, snapshots)', metavar='INT', type=click.IntRange(min=1, max=MAX_STEPS), default=10, show_default=True)

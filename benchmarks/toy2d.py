@@ -204,7 +204,7 @@ def task_figure(task, rows, source, target, path):
               default='0.01,0.1,1', show_default=True)
 @click.option('--kimg', help='Training duration per run in kimg', type=float, default=100, show_default=True)
 @click.option('--train-opts', help='Extra train.py options', metavar='STR',
-              default='--batch=256 --model_channels=16 --lr-rampup=0 --ema=0.01',
+              default='--batch=256 --model_channels=16 --lr-rampup=0 --ema=0.01 --g-loss=stated',
               show_default=True)
 @click.option('--num', help='Training samples per domain', type=int, default=20000, show_default=True)
 @click.option('--num-test', help='Held-out inputs (and target samples) for plots and measures', type=int, default=1000, show_default=True)

@@ -1,5 +1,6 @@
-"""The losses of one-step entropic OT, per sample: the G-step as stated (`EOTLoss`) and its
-1 / (1 - t)^2-weighted "kinetic" variant (`KineticEOTLoss`; docs/eot_benchmarks.md).
+"""The losses of one-step entropic OT, per sample: the G-step as stated (`EOTLoss`), its 1 / (1 - t)^2-weighted
+"kinetic" variant (`KineticEOTLoss`) and the energy score against a learned potential's plan (`LightEOTLoss`;
+docs/eot_benchmarks.md).
 
 A generator G maps a source sample x0 and fresh noise to xN in one call; a drift network f defines the
 Schrodinger-bridge SDE; a Wasserstein critic D pulls G's outputs onto the target set. `gamma` is the
@@ -104,4 +105,24 @@ class KineticEOTLoss(EOTLoss):
         """(1 - t)^-2 / q(t) = 2 (1 - t)^-3/2."""
         return 2 * (1 - t).rsqrt() / (1 - t)
 
-G_LOSSES = dict(stated=EOTLoss, kinetic=KineticEOTLoss)
+@persistence.persistent_class
+class LightEOTLoss(KineticEOTLoss):
+    """The `light` G-step (`train.py --g-loss=light`, vector data; docs/eot_benchmarks.md): G is fitted to the plan
+    of a Schrodinger potential V learned from the two marginals (models.light_sb.LightPotential) by the energy
+    score, a proper scoring rule whose minimiser over laws of G(x, .) is V's conditional law pi_V(. | x); f
+    regresses the bridge of V's plan with KineticEOTLoss's f-step (t = 1 - u^2, f = x + (1 - t) v).
+    """
+
+    SAMPLES = 4 # G's outputs per input in the energy score.
+
+    def energy_score(self, ys, y):
+        """E|Y - y| - E|Y - Y'| / 2 per input, unbiased over ys [m, N, ...] (m >= 2 draws of G(x_i, .)) for one
+        target draw y [N, ...] of pi(. | x_i)."""
+        m = ys.shape[0]
+        ys, y = ys.flatten(2).float(), y.flatten(1).float()
+        to_target = (ys - y[None]).norm(dim=-1).mean(0)
+        between = (ys[:, None] - ys[None, :]).norm(dim=-1).sum((0, 1)) / (m * (m - 1))
+        training_stats.report('Loss/G_spread', between)
+        return to_target - between / 2
+
+G_LOSSES = dict(stated=EOTLoss, kinetic=KineticEOTLoss, light=LightEOTLoss)

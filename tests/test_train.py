@@ -80,7 +80,8 @@ def test_vector_run_uses_mlps(tmp_path, vector_domains):
 
 def _tick_losses(run_dir):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
-    return {int(r['Progress/tick']['mean']): [r[f'Loss/{n}']['mean'] for n in ('G', 'f', 'D')] for r in rows}
+    return {int(r['Progress/tick']['mean']): [r[f'Loss/{n}']['mean'] for n in ('G', 'f', 'D', 'V') if f'Loss/{n}' in r]
+            for r in rows}
 
 
 def test_stop_and_resume_gives_the_same_losses(tmp_path, vector_domains):
@@ -132,18 +133,27 @@ def test_lr_rampup_defaults_by_kind(tmp_path, vector_domains):
 
 
 def test_size_defaults_by_data(tmp_path, vector_domains):
-    """EOT on vectors defaults to the measured vector settings (width-128 MLPs, lr 3e-4, a 10-kimg EMA, batch 256);
-    images and denoisers keep the seed's; an option given wins."""
+    """EOT on vectors defaults to the measured vector settings (width-128 MLPs, batch 256; with the light G-step, the
+    default there, lr 1e-3, a 200-kimg EMA, one G- and one f-step per iteration and a residual G; with the other
+    G-steps lr 3e-4, a 10-kimg EMA, 10 G-steps of 2 f-steps each); images and denoisers keep the seed's; an option
+    given wins."""
     base = ['--outdir=' + str(tmp_path / 'runs'), '--name=t', '--gamma=1', '--device=cpu']
     vec = _dry_run_options(base + [f'--{k}={v}' for k, v in vector_domains.items()])
     task = vec['task_kwargs']
-    assert (vec['batch_size'], vec['ema_halflife_kimg']) == (256, 10)
+    assert (vec['batch_size'], vec['ema_halflife_kimg'], task['G_iters'], task['f_iters']) == (256, 200, 1, 1)
     assert task['G_kwargs']['width'] == 128 and task['f_kwargs']['width'] == 128 and task['D_kwargs']['width'] == 256
-    assert [task[f'{n}_opt_kwargs']['lr'] for n in 'GfD'] == [3e-4] * 3
+    assert task['G_kwargs']['residual'] is True
+    assert [task[f'{n}_opt_kwargs']['lr'] for n in 'GfD'] == [1e-3, 1e-3, 3e-4]
+    kin = _dry_run_options(base + [f'--{k}={v}' for k, v in vector_domains.items()] + ['--g-loss=kinetic'])
+    assert (kin['ema_halflife_kimg'], kin['task_kwargs']['G_iters'], kin['task_kwargs']['f_iters']) == (10, 10, 2)
+    assert [kin['task_kwargs'][f'{n}_opt_kwargs']['lr'] for n in 'GfD'] == [3e-4] * 3
+    assert 'residual' not in kin['task_kwargs']['G_kwargs']
     given = _dry_run_options(base + [f'--{k}={v}' for k, v in vector_domains.items()] +
-                             ['--batch=64', '--model-channels=4', '--lr-g=1e-3', '--ema=0.5'])
+                             ['--batch=64', '--model-channels=4', '--lr-g=2e-3', '--ema=0.5', '--g-iters=3',
+                              '--net-opts={"G": {"residual": false}}'])
     assert (given['batch_size'], given['ema_halflife_kimg'], given['task_kwargs']['G_kwargs']['width']) == (64, 500, 32)
-    assert [given['task_kwargs'][f'{n}_opt_kwargs']['lr'] for n in 'GfD'] == [1e-3, 3e-4, 3e-4]
+    assert [given['task_kwargs'][f'{n}_opt_kwargs']['lr'] for n in 'GfD'] == [2e-3, 1e-3, 3e-4]
+    assert given['task_kwargs']['G_iters'] == 3 and given['task_kwargs']['G_kwargs']['residual'] is False
     den = _dry_run_options(['--kind=denoiser', f'--data={vector_domains["data1train"]}', '--name=d',
                             f'--outdir={tmp_path}'])
     assert (den['batch_size'], den['ema_halflife_kimg']) == (512, 500)
@@ -164,11 +174,12 @@ def test_a_state_without_options_keeps_the_defaults_of_its_time(tmp_path):
                 tmp_path / 'alone' / 'training_options.json')
     assert not records_no_options(str(state))
     vectors = dict(kind='eot', data1train='a.npz', batch=None, model_channels=None, lr_g=None, lr_f=2e-3, lr_d=None,
-                   ema=None)
-    assert train.resolve_size_defaults(vectors) == dict(vectors, batch=256, model_channels=16, lr_g=3e-4, lr_d=3e-4,
-                                                        ema=0.01)
+                   ema=None, gamma=1.0, g_loss=None, g_iters=None, f_iters=None)
+    assert train.resolve_size_defaults(vectors) == dict(vectors, batch=256, model_channels=16, lr_g=1e-3, lr_d=3e-4,
+                                                        ema=0.2, g_loss='light', g_iters=1, f_iters=1)
     assert train.resolve_size_defaults(vectors, legacy=True) == dict(vectors, batch=512, model_channels=96, lr_g=1e-4,
-                                                                     lr_d=1e-4, ema=0.5)
+                                                                     lr_d=1e-4, ema=0.5, g_loss='stated', g_iters=10,
+                                                                     f_iters=2)
 
 
 def test_size_defaults_of_images_are_the_seeds(tmp_path, image_domains):
@@ -193,8 +204,48 @@ def test_kinetic_g_loss_vector_run(tmp_path, vector_domains):
     assert torch.equal(snap['f'](x, 1.0), x)  # f = x + (1 - t) v ends at its input
     rows = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
     assert all(math.isfinite(r[k]['mean']) for r in rows for k in ('Loss/G', 'Loss/f', 'Loss/G_transport'))
-    stated = _dry_run_options(_args(tmp_path / 'runs2', vector_domains))['task_kwargs']
+    stated = _dry_run_options(_args(tmp_path / 'runs2', vector_domains, '--g-loss=stated'))['task_kwargs']
     assert stated['G_loss'] == 'stated' and stated['f_kwargs']['class_name'] == 'models.networks.MLPDrift'
+
+
+def test_images_keep_the_stated_g_loss_and_refuse_light(tmp_path, image_domains):
+    assert _dry_run_options(_args(tmp_path / 'r3', image_domains))['task_kwargs']['G_loss'] == 'stated'
+    res = _run(_args(tmp_path / 'r4', image_domains, '--g-loss=light'))
+    assert res.exit_code != 0 and '--g-loss=light is for vector data' in res.output, res.output
+    assert not os.path.exists(tmp_path / 'r4')
+
+
+def test_light_g_loss_is_the_default_for_vectors_with_entropy(tmp_path, vector_domains):
+    """Vectors with --gamma > 0: the light G-step (a potential network V with LIGHT_COMPONENTS Gaussians, or
+    --net-opts' "V"); vectors with --gamma=0 and images: stated. It trains, snapshots and resumes like the others."""
+    task = _dry_run_options(_args(tmp_path / 'r0', vector_domains))['task_kwargs']
+    assert task['G_loss'] == 'light' and task['f_kwargs']['class_name'] == 'models.networks.VelocityDrift'
+    assert task['V_kwargs'] == dict(class_name='models.light_sb.LightPotential', dim=2,
+                                    components=train.LIGHT_COMPONENTS, eps=0.5)
+    assert task['V_opt_kwargs']['lr'] == train.LIGHT_LR
+    net_opts = json.dumps(dict(json.loads(TINY_MLP), V={'components': 3}))
+    assert _dry_run_options(_args(tmp_path / 'r1', vector_domains, f'--net-opts={net_opts}'))['task_kwargs'][
+        'V_kwargs']['components'] == 3
+    assert _dry_run_options(_args(tmp_path / 'r2', vector_domains, '--gamma=0'))['task_kwargs']['G_loss'] == 'stated'
+    for args, message in ((_args(tmp_path / 'r5', vector_domains, '--g-loss=light', '--gamma=0'), 'needs --gamma > 0'),
+                          (_args(tmp_path / 'r6', vector_domains, '--g-loss=kinetic', f'--net-opts={net_opts}'),
+                           '"V" configures the potential of --g-loss=light'),
+                          (_args(tmp_path / 'r7', vector_domains, '--net-opts={"V": {"components": 0}}'),
+                           '"V" takes only "components"')):
+        res = _run(args)
+        assert res.exit_code != 0 and message in res.output, res.output
+        assert not os.path.exists(args[0].split('=', 1)[1])
+    res = _run(_args(tmp_path / 'runs', vector_domains, batch=8, duration_iters=2))
+    assert res.exit_code == 0, res.output
+    run_dir = _only_run_dir(tmp_path / 'runs')
+    assert run_dir.endswith('-gamma0.5') # Each data's default G-step is not named.
+    with open(os.path.join(run_dir, 'network-snapshot-0000000016.pkl'), 'rb') as f:
+        snap = pickle.load(f)
+    assert snap['G_loss'] == 'light' and type(snap['f']).__name__ == 'VelocityDrift'
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert all(math.isfinite(r[k]['mean']) for r in rows for k in ('Loss/G', 'Loss/f', 'Loss/V', 'Loss/G_spread'))
+    state = torch.load(os.path.join(run_dir, 'training-state-0000000016.pt'), weights_only=False)
+    assert set(state['trainer']['nets']) == {'G', 'f', 'D', 'V'}
 
 
 @pytest.mark.parametrize('case', ['shape', 'batch', 'missing', 'resume', 'metrics'])
@@ -660,7 +711,7 @@ def test_resume_refuses_a_state_made_with_other_options(tmp_path, vector_domains
         expect = [f'--data1train is {vector_domains["data1train"]} there and {vector_domains["data2train"]} here',
                   '--allow-change=data1train,data2train']
     elif case == 'kinetic':
-        extra, expect = ['--g-loss=kinetic'], ['--g-loss is stated there and kinetic here (it can never change)']
+        extra, expect = ['--g-loss=kinetic'], ['--g-loss is light there and kinetic here (it can never change)']
     else:
         extra, expect = ['--seed=2'], ['--seed is 1 there and 2 here', '--allow-change=seed']
     args = [a for a in _args(tmp_path / 'second', domains, *extra, f'--resume={state}') if not (case == 'seed' and a == '--seed=1')]
@@ -736,7 +787,8 @@ def test_incompatible_or_truncated_states_are_refused_before_any_output(tmp_path
         expect = ('--kind is DenoiserTask there and EOTTask here' if case == 'denoiser-state' else
                   'holds the networks denoiser, but this run trains D, G, f')
     else:
-        _run_dir, state = _state_of_a_run(tmp_path, domains)
+        # Earlier versions trained every data with the image defaults, the stated G-step among them.
+        _run_dir, state = _state_of_a_run(tmp_path, domains, *(['--g-loss=stated'] if case.startswith('old-') else []))
         expect = {'truncated': 'not a readable training state',
                   'other-dimension': 'task_kwargs.G_kwargs.dim is 2 there and 3 here',
                   'old-state-other-dimension': 'holds other networks than this run builds: G.'}[case]

@@ -44,12 +44,16 @@ class EOTTask:
     draws fresh batches. G runs under no_grad in f- and D-steps (no graph through G there), and f and
     D are called outside their DDP wrappers with frozen parameters in the G-step (they get no gradients).
     `G_loss`: 'stated' (EOTLoss, docs/architecture.md) or 'kinetic' (KineticEOTLoss; f must be a velocity
-    drift, see networks.eot_network_kwargs(drift='velocity')).
+    drift, see networks.eot_network_kwargs(drift='velocity')), or 'light' for vectors (LightEOTLoss): a fourth
+    network V (models.light_sb.LightPotential, `V_kwargs`) learns the Schrodinger potential from the two
+    marginals, and each iteration is one V-step, then `G_iters` x (`f_iters` f-steps, one G-step) with f
+    regressing the bridge of V's plan and G fitted to V's samples by the energy score; the critic D is not
+    used (no D-steps).
     """
 
     def __init__(self, data1_kwargs, data2_kwargs, test1_kwargs=None, loader_kwargs=None,
                  G_kwargs=None, f_kwargs=None, D_kwargs=None,
-                 G_opt_kwargs=None, f_opt_kwargs=None, D_opt_kwargs=None,
+                 G_opt_kwargs=None, f_opt_kwargs=None, D_opt_kwargs=None, V_kwargs=None, V_opt_kwargs=None,
                  gamma=1.0, G_loss='stated', G_iters=10, f_iters=2, D_iters=1, D_gp=0.0, D_gp_every=1, sde_steps=10,
                  grid_size=None, metrics=(), data2stats=None, detector=None, samples_dir_G=None, samples_dir_SDE=None):
         self.kwargs = dnnlib.EasyDict(data1_kwargs=data1_kwargs, data2_kwargs=data2_kwargs, test1_kwargs=test1_kwargs,
@@ -59,11 +63,16 @@ class EOTTask:
         if G_loss not in G_LOSSES:
             raise ValueError(f'G_loss must be one of {sorted(G_LOSSES)}; got {G_loss!r}')
         f_class = (f_kwargs or {}).get('class_name', '')
-        if G_loss == 'kinetic' and not f_class.endswith('VelocityDrift'):
+        if G_loss in ('kinetic', 'light') and not f_class.endswith('VelocityDrift'):
             # Measured (docs/eot_benchmarks.md): with an end-point f the weighted G-step diverges (loss_G -> -1e16).
-            raise ValueError(f'G_loss="kinetic" needs f = x + (1 - t) v (models.networks.VelocityDrift or '
+            raise ValueError(f'G_loss="{G_loss}" needs f = x + (1 - t) v (models.networks.VelocityDrift or '
                              f'UNetVelocityDrift); got f class {f_class!r}. Build the networks with '
                              'eot_network_kwargs(..., drift="velocity")')
+        if (G_loss == 'light') != (V_kwargs is not None):
+            raise ValueError('G_loss="light" and V_kwargs (its potential network) go together; got '
+                             f'G_loss={G_loss!r} with V_kwargs={V_kwargs!r}')
+        if V_kwargs is not None:
+            self.net_kwargs['V'], self.opt_kwargs['V'] = V_kwargs, V_opt_kwargs
         self.G_loss = G_loss
         self.loss = G_LOSSES[G_loss](gamma)
         self.G_iters, self.f_iters, self.D_iters = int(G_iters), int(f_iters), int(D_iters)
@@ -106,8 +115,11 @@ class EOTTask:
             self.provenance.update(data1_sha256=ds1.data_hash(progress=True), data2_sha256=ds2.data_hash(progress=True))
 
         dist.print0('Constructing networks...')
-        for name in ('G', 'f', 'D'):
+        for name in self.net_kwargs:
             net = dnnlib.util.construct_class_by_name(**self.net_kwargs[name])
+            if name == 'V': # The potential's means start at target samples (the same ones on every rank).
+                net.init_from(to_model_space(torch.as_tensor(np.stack(
+                    [ds2[i][0] for i in range(min(len(ds2), net.means.shape[0]))])), 'cpu'))
             trainer.add_network(name, net, self.opt_kwargs[name])
         # Fixed inputs and noise for figures and tick statistics (more points for vector scatter plots).
         n = self.grid_size if self.grid_size is not None else (16 if len(self.data_shape) == 3 else 1024)
@@ -141,6 +153,9 @@ class EOTTask:
 
     def iteration(self, trainer):
         G, f, D = trainer.nets['G'], trainer.nets['f'], trainer.nets['D']
+        if self.G_loss == 'light':
+            self._light_iteration(trainer, G, trainer.nets['V'])
+            return
         for _ in range(self.G_iters):
             for _ in range(self.f_iters):
                 trainer.run_phase('f', lambda f_ddp: self._f_step(trainer, G, f_ddp))
@@ -154,6 +169,26 @@ class EOTTask:
             gp = self.D_gp * self.D_gp_every if step % self.D_gp_every == 0 else 0.0
             trainer.run_phase('D', lambda D_ddp: self._D_step(trainer, G, D_ddp, gp))
 
+    def _light_iteration(self, trainer, G, V):
+        """One V-step on fresh batches of both domains, then G_iters x (f_iters f-steps, one G-step), f and G
+        both learning from V's plan (V is evaluated under no_grad there)."""
+        trainer.run_phase('V', lambda V_ddp: V_ddp(self.data1.next(), self.data2.next()))
+        for _ in range(self.G_iters):
+            for _ in range(self.f_iters):
+                trainer.run_phase('f', lambda f_ddp: self._f_step(trainer, G, f_ddp))
+            trainer.run_phase('G', lambda G_ddp: self._distill_step(trainer, G_ddp, V))
+
+    def _teacher_sample(self, trainer, V, x0):
+        """One draw of V's plan pi_V(. | x0) per row, from the loop's random stream."""
+        return V.sample(x0, trainer.rand([x0.shape[0]]), trainer.randn(x0.shape))
+
+    def _distill_step(self, trainer, G_ddp, V):
+        x0 = self.data1.next()
+        target = self._teacher_sample(trainer, V, x0)
+        m = self.loss.SAMPLES
+        xN = self._generate(trainer, G_ddp, x0.repeat(m, *([1] * (x0.ndim - 1))))
+        return self.loss.energy_score(xN.reshape(m, *x0.shape), target)
+
     def _bridge_noise(self, trainer, x0):
         return self.loss.sample_t(trainer.rand([x0.shape[0]])), trainer.randn(x0.shape)
 
@@ -164,8 +199,9 @@ class EOTTask:
 
     def _f_step(self, trainer, G, f_ddp):
         x0 = self.data1.next()
-        with torch.no_grad(): # G's output is a fixed target here: no graph through G.
-            xN = self._generate(trainer, G, x0)
+        with torch.no_grad(): # G's output (or, with the light G-step, V's plan) is a fixed target: no graph.
+            xN = self._teacher_sample(trainer, trainer.nets['V'], x0) if self.G_loss == 'light' else \
+                self._generate(trainer, G, x0)
         t, n = self._bridge_noise(trainer, x0)
         with trainer.autocast():
             return self.loss.f_loss(f_ddp, x0, xN, t, n)

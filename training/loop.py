@@ -253,7 +253,7 @@ class _Ticks:
         line = [f'tick {cur_tick:<4d}', f'kimg {self.trainer.cur_nimg / 1000:<9.3f}',
                 f'time {dnnlib.util.format_time(end_time - self.start_time):<12s}',
                 f'sec/tick {c.mean("Timing/sec_per_tick"):<7.2f}', f'sec/kimg {c.mean("Timing/sec_per_kimg"):<7.2f}']
-        line += [f'loss_{name} {c.mean("Loss/" + name):<9.4f}' for name in nets]
+        line += [f'loss_{name} {c.mean("Loss/" + name):<9.4f}' for name in nets if c.num('Loss/' + name)] # Trained ones.
         total = lambda prefix: int(sum(c.mean(f'{prefix}_{n}', 0) * c.num(f'{prefix}_{n}') for n in nets))
         if total('Grad/nonfinite'):
             line.append(f'nonfinite_grads {total("Grad/nonfinite")}')

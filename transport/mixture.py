@@ -102,8 +102,31 @@ class GaussianMixtureLaw:
 #----------------------------------------------------------------------------
 # The pair and its plan.
 
+class KnownPlan:
+    """What every pair with a known plan shares: the target's moments (cached for the default arguments), its
+    variance and the estimator's floor. A subclass defines `_target_moments_of(num, seed)`, `sample_conditional` and
+    `conditional_moments`, and sets `_target_moments = None` when it is built."""
+
+    def target_moments(self, num=200_000, seed=0):
+        """(mean [D], covariance [D, D]) of p1 over `num` inputs x ~ p0 drawn with `seed`."""
+        if (num, seed) == (200_000, 0) and self._target_moments is not None:
+            return self._target_moments
+        result = self._target_moments_of(num, seed)
+        if (num, seed) == (200_000, 0):
+            object.__setattr__(self, '_target_moments', result)
+        return result
+
+    def target_variance(self):
+        """Var(y) = tr Cov(y) of the target (the cBW2-UVP normaliser)."""
+        return float(np.trace(self.target_moments()[1]))
+
+    def floor(self, x, repeats, rng):
+        """cBW2-UVP (%) of exact plan samples for inputs x [N, D] with `repeats` draws each: the estimator's floor."""
+        return cbw2_uvp(x, self.sample_conditional(x, repeats, rng), self)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class MixturePair:
+class MixturePair(KnownPlan):
     """Input law p0 (a GaussianMixtureLaw) and potential v = sum_k a_k N(mu_k, S_k) (a GaussianMixtureLaw; its
     normalisation does not matter); `eps` > 0 the entropy. The EOT plan between p0 and p1 (its second marginal)
     is p0(x) pi(y | x), pi(y | x) proportional to N(y; x, eps I) v(y) (see the module docstring)."""
@@ -213,11 +236,9 @@ class MixturePair:
 
     # The target's moments ---------------------------------------------------
 
-    def target_moments(self, num=200_000, seed=0):
+    def _target_moments_of(self, num, seed):
         """(mean [D], covariance [D, D]) of p1, as E_x of the conditional moments over `num` inputs x ~ p0
-        (law of total covariance; Monte Carlo over x only, exact in y). Cached per pair for the default arguments."""
-        if (num, seed) == (200_000, 0) and self._target_moments is not None:
-            return self._target_moments
+        (law of total covariance; Monte Carlo over x only, exact in y)."""
         rng = np.random.default_rng(seed)
         weight_sum, first, second = 0.0, 0.0, 0.0
         for chunk in np.array_split(np.arange(num), max(1, num // 20_000)):
@@ -230,20 +251,7 @@ class MixturePair:
         # E[y y^T] = E_x sum_k w_k(x) (T_k + m_k(x) m_k(x)^T).
         mean = first / num
         cov = (np.einsum('k,kij->ij', weight_sum, self._cond_covs) + second) / num - np.outer(mean, mean)
-        result = (mean, (cov + cov.T) / 2)
-        if (num, seed) == (200_000, 0):
-            object.__setattr__(self, '_target_moments', result)
-        return result
-
-    def target_variance(self):
-        """Var(y) = tr Cov(y) of the target (the cBW2-UVP normaliser)."""
-        return float(np.trace(self.target_moments()[1]))
-
-    # Measures -----------------------------------------------------------------
-
-    def floor(self, x, repeats, rng):
-        """cBW2-UVP (%) of exact plan samples for inputs x [N, D] with `repeats` draws each: the estimator's floor."""
-        return cbw2_uvp(x, self.sample_conditional(x, repeats, rng), self)
+        return mean, (cov + cov.T) / 2
 
 
 def cbw2_uvp(x, y, pair, chunk=200):

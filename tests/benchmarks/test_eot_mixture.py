@@ -60,19 +60,22 @@ def test_published_table_lookup():
     assert all(len(col) == len(em.PUBLISHED_DIMS) for table in em.PUBLISHED.values() for col in table.values())
 
 
-def test_one_cell_on_a_tiny_budget_through_train_and_generate(tmp_path):
+@pytest.mark.parametrize('pair_name', ['mixture', 'laplace'])
+def test_one_cell_on_a_tiny_budget_through_train_and_generate(tmp_path, pair_name):
     out = tmp_path / 'bench'
     res = CliRunner().invoke(em.main, ['--dims=2', '--eps=10', '--kimg=0.5', '--num=1000', '--eval-inputs=6',
                                        '--repeats=8', '--train-opts=--batch=64 --model-channels=4',
-                                       f'--outdir={out}'])
+                                       f'--pair={pair_name}', f'--outdir={out}'])
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in open(out / 'results.jsonl')]
     assert [r['sampler'] for r in rows] == ['G', 'sde'] and all(r['dim'] == 2 and r['eps'] == 10 for r in rows)
-    assert 'SF2M-Sink 0.31' in res.output and 'Hardware:' in res.output
+    assert ('SF2M-Sink 0.31' in res.output) == (pair_name == 'mixture') and 'Hardware:' in res.output
+    assert all(r['pair'] == pair_name and r['loss'] == 'light' for r in rows)
     # The printed score is the one of the samples generate.py wrote (recomputed here).
-    pair = mx.benchmark_pair(2, 10.0, seed=0)
+    pair = em.PAIRS[pair_name](2, 10.0, 0)
+    folder = 'D2-eps10' + ('' if pair_name == 'mixture' else '-laplace')
     for row in rows:
-        with np.load(out / 'D2-eps10' / f'samples-{row["sampler"]}' / 'samples.npz') as f:
+        with np.load(out / folder / f'samples-{row["sampler"]}' / 'samples.npz') as f:
             x, y = f['x'].astype(np.float64), f['y'].astype(np.float64)
         assert y.shape == (6, 8, 2)
         assert row['cbw2_uvp'] == pytest.approx(mx.cbw2_uvp(x, y, pair), rel=1e-9)

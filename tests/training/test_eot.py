@@ -337,3 +337,62 @@ def test_nonfinite_loss_skips_or_stops():
         net.w[0, 0] = float('inf')
     with pytest.raises(DivergenceError, match='Non-finite parameters in network G'):
         trainer.check_finite()
+
+
+def test_energy_score_matches_a_brute_force_loop():
+    """LightEOTLoss.energy_score: mean_i |Y_i - y| - sum_{i != j} |Y_i - Y_j| / (2 m (m - 1)), per input."""
+    gen = torch.Generator().manual_seed(0)
+    ys, y = torch.randn(5, 3, 4, generator=gen), torch.randn(3, 4, generator=gen)
+    got = eot_loss.LightEOTLoss(0.5).energy_score(ys, y)
+    for n in range(3):
+        to_target = sum(math.dist(ys[i, n].tolist(), y[n].tolist()) for i in range(5)) / 5
+        between = sum(math.dist(ys[i, n].tolist(), ys[j, n].tolist()) for i in range(5) for j in range(5) if i != j)
+        assert float(got[n]) == pytest.approx(to_target - between / (2 * 5 * 4), rel=1e-5)
+
+
+def _light_task(vector_domains, **kwargs):
+    from models.networks import eot_network_kwargs
+    G_kw, f_kw, D_kw = eot_network_kwargs((2,), model_channels=4, drift='velocity')
+    adam = dict(class_name='torch.optim.Adam', lr=1e-3)
+    data = [dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=vector_domains[k])
+            for k in ('data1train', 'data2train')]
+    V_kw = dnnlib.EasyDict(class_name='models.light_sb.LightPotential', dim=2, components=4, eps=0.5)
+    return eot_task.EOTTask(*data, G_kwargs=G_kw, f_kwargs=f_kw, D_kwargs=D_kw, G_opt_kwargs=adam, f_opt_kwargs=adam,
+                            D_opt_kwargs=adam, V_kwargs=V_kw, V_opt_kwargs=adam, gamma=0.5, G_loss='light', **kwargs)
+
+
+def test_light_iteration_fits_v_then_f_and_g_to_v_s_plan(vector_domains):
+    """One V-step, then G_iters x (f_iters f-steps, one G-step); no critic step. f regresses the bridge to V's
+    samples (G is not called in f-steps), G's outputs carry a graph only in G-steps, SAMPLES draws per input."""
+    task = _light_task(vector_domains, G_iters=2, f_iters=2, D_iters=3)
+    trainer = _trainer(8, 8, lr_rampup_kimg=0)
+    task.setup(trainer, run_dir=None, seed=0)
+    assert torch.equal(trainer.nets['V'].means, torch.as_tensor(np.stack([task.data2.dataset[i][0] for i in range(4)])))
+    calls, samples = [], []
+    trainer.nets['G'].register_forward_hook(lambda mod, inp, out: calls.append((inp[0].shape[0], out.requires_grad)))
+    trainer.nets['D'].register_forward_hook(lambda mod, inp, out: calls.append(('D',)))
+    orig_sample = trainer.nets['V'].sample
+    trainer.nets['V'].sample = lambda x, u, z: (samples.append(x.shape[0]), orig_sample(x, u, z))[1]
+    phases = []
+    orig = trainer.run_phase
+    trainer.run_phase = lambda name, fn: (phases.append(name), orig(name, fn))
+    V_before = {k: v.clone() for k, v in trainer.nets['V'].state_dict().items()}
+    task.iteration(trainer)
+    assert phases == ['V', 'f', 'f', 'G', 'f', 'f', 'G']
+    assert calls == [(8 * eot_loss.LightEOTLoss.SAMPLES, True)] * 2 # Only the G-steps call G; D never.
+    assert samples == [8] * 6                                         # A plan sample per f- and G-step.
+    assert any(not torch.equal(V_before[k], v) for k, v in trainer.nets['V'].state_dict().items())
+    assert task.data2.consumed == 8 and task.data1.consumed == 7 * 8
+
+
+def test_light_g_loss_needs_its_potential_and_a_velocity_drift(vector_domains):
+    task = _light_task(vector_domains)
+    assert type(task.loss) is eot_loss.LightEOTLoss and set(task.networks()) == {'G', 'f', 'D', 'V'}
+    with pytest.raises(ValueError, match='V_kwargs'):
+        _light_task(vector_domains).__class__(*[task.kwargs.data1_kwargs, task.kwargs.data2_kwargs],
+                                              f_kwargs=task.net_kwargs['f'], G_loss='light')
+    from models.networks import eot_network_kwargs
+    _, f_end, _ = eot_network_kwargs((2,), model_channels=4)
+    with pytest.raises(ValueError, match='VelocityDrift'):
+        eot_task.EOTTask(task.kwargs.data1_kwargs, task.kwargs.data2_kwargs, f_kwargs=f_end, G_loss='light',
+                         V_kwargs=task.net_kwargs['V'])

@@ -232,7 +232,7 @@ def _eot_task_kwargs(opts):
         D_opt_kwargs=_adam(opts.lr_d, opts.adam_betas),
         **(dict(V_kwargs=V_kwargs, V_opt_kwargs=_adam(LIGHT_LR, opts.adam_betas)) if V_kwargs else {}),
         gamma=opts.gamma, G_loss=opts.g_loss, G_iters=opts.g_iters, f_iters=opts.f_iters, D_iters=opts.d_iters,
-        D_gp=opts.d_gp, D_gp_every=opts.d_gp_every, sde_steps=opts.sde_steps,
+        D_gp=opts.d_gp, D_gp_every=opts.d_gp_every, reuse_G_output=opts.reuse_g_output, sde_steps=opts.sde_steps,
         metrics=metrics, data2stats=opts.data2stats, detector=opts.detector,
         samples_dir_G=opts.samples_dir_g, samples_dir_SDE=opts.samples_dir_sde)
     data_paths = dnnlib.EasyDict(data1train=opts.data1train, data2train=opts.data2train, data1test=opts.data1test,
@@ -376,7 +376,7 @@ def option_name(name):
 KIND_OPTIONS = dict(
     eot=('data1train', 'data2train', 'data1test', 'data2test', 'data1stats', 'data2stats', 'samples_dir_sde',
          'samples_dir_g', 'metrics', 'detector', 'g_loss', 'g_iters', 'd_iters', 'f_iters', 'gamma', 'lr_g', 'lr_d',
-         'lr_f', 'd_gp', 'sde_steps'),
+         'lr_f', 'd_gp', 'd_gp_every', 'reuse_g_output', 'sde_steps'),
     denoiser=('data', 'precond', 'lr'),
 )
 
@@ -423,6 +423,7 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--lr-g',            'lr_g', help='Learning rate of G  [default: 1e-3 with --g-loss=light, 3e-4 for other G-steps on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
 @click.option('--d-gp',            'd_gp', help='Weight of a WGAN-GP gradient penalty on the critic (0: none, as in the stated method; 10 is the usual value; it steadies short image runs)', metavar='FLOAT', type=FiniteFloat(min=0), default=0, show_default=True)
 @click.option('--d-gp-every',      'd_gp_every', help='Lazy penalty: apply --d-gp on every Nth critic step only, weighted N x (StyleGAN2\'s lazy regularisation)', metavar='N', type=click.IntRange(min=1, max=MAX_ITERS), default=1, show_default=True)
+@click.option('--reuse-g-output',  'reuse_g_output', help='The f- and D-steps train on the latest G-step\'s inputs and outputs instead of a batch and a G pass of their own (one G pass per G-step; each G-step then comes before its f-steps)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--lr-d',            'lr_d', help='Learning rate of D  [default: 3e-4 for --kind=eot on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
 @click.option('--lr-f',            'lr_f', help='Learning rate of f  [default: 1e-3 with --g-loss=light, 3e-4 for other G-steps on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
 @click.option('--adam-betas',      help='Adam\'s betas of G, f and D (0.5,0.9 or 0,0.9 are WGAN-GP\'s usual; they steadied the demo)', metavar='B1,B2', type=AdamBetas(), default='0.9,0.999', show_default=True)

@@ -25,17 +25,16 @@ from training.trainer import DataStream, cpu_copy
 #----------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def frozen(*modules):
-    """Temporarily disable parameter gradients (for networks used but not trained in a phase)."""
-    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
-    for m in modules:
-        m.requires_grad_(False)
+def frozen(params):
+    """Temporarily disable the gradients of `params` (of networks used but not trained in a phase)."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
     try:
         yield
     finally:
-        for m, fl in zip(modules, flags):
-            for p, flag in zip(m.parameters(), fl):
-                p.requires_grad_(flag)
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 class EOTTask:
     """One-step EOT in the shared training loop: datasets, networks G, f, D and one outer iteration.
@@ -43,6 +42,10 @@ class EOTTask:
     One iteration: `G_iters` x (`f_iters` f-steps, one G-step), then `D_iters` D-steps; every step
     draws fresh batches. G runs under no_grad in f- and D-steps (no graph through G there), and f and
     D are called outside their DDP wrappers with frozen parameters in the G-step (they get no gradients).
+    With `reuse_G_output` an iteration is `G_iters` x (one G-step, `f_iters` f-steps), then `D_iters` D-steps,
+    and the f- and D-steps take the latest G-step's inputs x0 and its outputs (detached) instead of a batch of
+    their own and a G pass under no_grad: one G pass per G-step instead of one per step (the same cyclic order
+    of the steps; f and D see G's outputs from before its latest update).
     `G_loss`: 'stated' (EOTLoss, docs/architecture.md) or 'kinetic' (KineticEOTLoss; f must be a velocity
     drift, see networks.eot_network_kwargs(drift='velocity')), or 'light' for vectors (LightEOTLoss): a fourth
     network V (models.light_sb.LightPotential, `V_kwargs`) learns the Schrodinger potential from the two
@@ -55,7 +58,8 @@ class EOTTask:
                  G_kwargs=None, f_kwargs=None, D_kwargs=None,
                  G_opt_kwargs=None, f_opt_kwargs=None, D_opt_kwargs=None, V_kwargs=None, V_opt_kwargs=None,
                  gamma=1.0, G_loss='stated', G_iters=10, f_iters=2, D_iters=1, D_gp=0.0, D_gp_every=1, sde_steps=10,
-                 grid_size=None, metrics=(), data2stats=None, detector=None, samples_dir_G=None, samples_dir_SDE=None):
+                 reuse_G_output=False, grid_size=None, metrics=(), data2stats=None, detector=None, samples_dir_G=None,
+                 samples_dir_SDE=None):
         self.kwargs = dnnlib.EasyDict(data1_kwargs=data1_kwargs, data2_kwargs=data2_kwargs, test1_kwargs=test1_kwargs,
                                       loader_kwargs=dict(loader_kwargs or {}))
         self.net_kwargs = dict(G=G_kwargs, f=f_kwargs, D=D_kwargs)
@@ -73,6 +77,9 @@ class EOTTask:
                              f'G_loss={G_loss!r} with V_kwargs={V_kwargs!r}')
         if V_kwargs is not None:
             self.net_kwargs['V'], self.opt_kwargs['V'] = V_kwargs, V_opt_kwargs
+        if reuse_G_output and G_loss == 'light':
+            raise ValueError('reuse_G_output (train.py --reuse-g-output) applies to the G-steps with a critic; the '
+                             'light G-step has no G outputs for f or D to reuse: leave it off with G_loss="light"')
         self.G_loss = G_loss
         self.loss = G_LOSSES[G_loss](gamma)
         self.G_iters, self.f_iters, self.D_iters = int(G_iters), int(f_iters), int(D_iters)
@@ -82,6 +89,8 @@ class EOTTask:
         if not (int(D_gp_every) == D_gp_every and D_gp_every >= 1):
             raise ValueError(f'D_gp_every (critic steps per gradient penalty) must be an int >= 1; got {D_gp_every}')
         self.D_gp_every = int(D_gp_every)
+        self.reuse_G_output = bool(reuse_G_output)
+        self._G_outputs = [] # With reuse_G_output: (x0, xN detached) of each round of the latest G-step.
         self.sde_steps = int(sde_steps)
         self.grid_size = grid_size
         self.metrics = tuple(metrics)
@@ -157,17 +166,35 @@ class EOTTask:
             self._light_iteration(trainer, G, trainer.nets['V'])
             return
         for _ in range(self.G_iters):
-            for _ in range(self.f_iters):
-                trainer.run_phase('f', lambda f_ddp: self._f_step(trainer, G, f_ddp))
+            if not self.reuse_G_output:
+                for _ in range(self.f_iters):
+                    trainer.run_phase('f', lambda f_ddp: self._f_step(trainer, f_ddp, self._batch(trainer, G)))
+            self._G_outputs = []
             # f and D are only evaluated in the G-step: their raw modules (no DDP hooks) with frozen weights.
-            with frozen(f, D):
+            with frozen(trainer.params['f'] + trainer.params['D']):
                 trainer.run_phase('G', lambda G_ddp: self._G_step(trainer, G_ddp, f, D))
+            if self.reuse_G_output:
+                for _ in range(self.f_iters):
+                    outputs = iter(self._G_outputs) # Round r of a step takes round r of the G-step.
+                    trainer.run_phase('f', lambda f_ddp: self._f_step(trainer, f_ddp, next(outputs)))
         for d in range(self.D_iters):
             # Lazy penalty: on every D_gp_every-th critic step, weighted by D_gp_every; counted from cur_nimg,
             # so a resumed run penalises the same steps.
             step = trainer.cur_nimg // trainer.batch_size * self.D_iters + d
             gp = self.D_gp * self.D_gp_every if step % self.D_gp_every == 0 else 0.0
-            trainer.run_phase('D', lambda D_ddp: self._D_step(trainer, G, D_ddp, gp))
+            outputs = iter(self._G_outputs)
+            batch = (lambda: next(outputs)) if self.reuse_G_output else (lambda: self._batch(trainer, G))
+            trainer.run_phase('D', lambda D_ddp: self._D_step(trainer, D_ddp, gp, batch()))
+        self._G_outputs = []
+
+    def _batch(self, trainer, G):
+        """(x0, xN): a fresh batch of domain 1 and its fixed target under no_grad (no graph): G's outputs or, with
+        the light G-step, a draw of V's plan."""
+        x0 = self.data1.next()
+        with torch.no_grad():
+            if self.G_loss == 'light':
+                return x0, self._teacher_sample(trainer, trainer.nets['V'], x0)
+            return x0, self._generate(trainer, G, x0)
 
     def _light_iteration(self, trainer, G, V):
         """One V-step on fresh batches of both domains, then G_iters x (f_iters f-steps, one G-step), f and G
@@ -175,7 +202,7 @@ class EOTTask:
         trainer.run_phase('V', lambda V_ddp: V_ddp(self.data1.next(), self.data2.next()))
         for _ in range(self.G_iters):
             for _ in range(self.f_iters):
-                trainer.run_phase('f', lambda f_ddp: self._f_step(trainer, G, f_ddp))
+                trainer.run_phase('f', lambda f_ddp: self._f_step(trainer, f_ddp, self._batch(trainer, G)))
             trainer.run_phase('G', lambda G_ddp: self._distill_step(trainer, G_ddp, V))
 
     def _teacher_sample(self, trainer, V, x0):
@@ -197,11 +224,9 @@ class EOTTask:
         with trainer.autocast():
             return G(x0, z).float()
 
-    def _f_step(self, trainer, G, f_ddp):
-        x0 = self.data1.next()
-        with torch.no_grad(): # G's output (or, with the light G-step, V's plan) is a fixed target: no graph.
-            xN = self._teacher_sample(trainer, trainer.nets['V'], x0) if self.G_loss == 'light' else \
-                self._generate(trainer, G, x0)
+    def _f_step(self, trainer, f_ddp, batch):
+        """`batch`: (x0, xN) with xN a fixed target, carrying no graph to G."""
+        x0, xN = batch
         t, n = self._bridge_noise(trainer, x0)
         with trainer.autocast():
             return self.loss.f_loss(f_ddp, x0, xN, t, n)
@@ -209,16 +234,17 @@ class EOTTask:
     def _G_step(self, trainer, G_ddp, f, D):
         x0 = self.data1.next()
         xN = self._generate(trainer, G_ddp, x0)
+        if self.reuse_G_output:
+            self._G_outputs.append((x0, xN.detach()))
         t, n = self._bridge_noise(trainer, x0)
         with trainer.autocast():
             loss, transport = self.loss.G_loss(f, D, x0, xN, t, n)
         training_stats.report('Loss/G_transport', transport)
         return loss
 
-    def _D_step(self, trainer, G, D_ddp, gp_weight):
-        x0, x1 = self.data1.next(), self.data2.next()
-        with torch.no_grad(): # No graph through G in the critic's step.
-            xN = self._generate(trainer, G, x0)
+    def _D_step(self, trainer, D_ddp, gp_weight, batch):
+        """`batch`: (x0, xN) as in _f_step; a fresh batch x1 of domain 2."""
+        (x0, xN), x1 = batch, self.data2.next()
         alpha = trainer.rand([x0.shape[0]]) if gp_weight else None
         with trainer.autocast():
             return self.loss.D_loss(D_ddp, xN, x1, gp_weight=gp_weight, alpha=alpha, D_penalty=trainer.nets['D'])

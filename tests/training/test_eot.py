@@ -298,6 +298,63 @@ def test_lazy_penalty_every_nth_critic_step_weighted_n_times(vector_domains):
         eot_task.EOTTask(*data, D_gp_every=0)
 
 
+def test_reuse_g_output_trains_f_and_d_on_the_g_steps_outputs(vector_domains):
+    """reuse_G_output: per iteration one G-step, its f-steps, then the D-step; f and D train on the G-step's
+    inputs and detached outputs (round r on round r), with no G pass and no domain-1 batch of their own; the
+    f- and D-step gradients equal the losses of docs/architecture.md written out on those tensors."""
+    import copy
+    from models.networks import eot_network_kwargs
+    G_kw, f_kw, D_kw = eot_network_kwargs((2,), model_channels=4)
+    sgd = dict(class_name='torch.optim.SGD', lr=1.0) # A step's parameter change is minus its gradient.
+    data = [dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=vector_domains[k])
+            for k in ('data1train', 'data2train')]
+    gamma = 0.5
+    task = eot_task.EOTTask(*data, G_kwargs=G_kw, f_kwargs=f_kw, D_kwargs=D_kw, G_opt_kwargs=sgd, f_opt_kwargs=sgd,
+                            D_opt_kwargs=sgd, gamma=gamma, G_iters=1, f_iters=2, D_iters=1, reuse_G_output=True)
+    trainer = _trainer(8, 4, lr_rampup_kimg=0, grad_clip=0)
+    task.setup(trainer, run_dir=None, seed=0)
+    task.iteration(trainer) # Past the zero-initialised output layers: every input reaches every gradient.
+    G_out, G_calls = [], []
+    def on_G(mod, inp, out):
+        G_calls.append(out.requires_grad)
+        G_out.append((inp[0], out.detach()))
+    trainer.nets['G'].register_forward_hook(on_G)
+    noise, x1s = [], []
+    orig_noise, orig_next = task._bridge_noise, task.data2.next
+    task._bridge_noise = lambda *args: noise.append(orig_noise(*args)) or noise[-1]
+    task.data2.next = lambda: x1s.append(orig_next()) or x1s[-1]
+    steps = [] # (phase, the network before the step, the network after it)
+    orig_phase = trainer.run_phase
+    def run_phase(name, fn):
+        before = copy.deepcopy(trainer.nets[name])
+        orig_phase(name, fn)
+        steps.append((name, before, copy.deepcopy(trainer.nets[name])))
+    trainer.run_phase = run_phase
+    task.iteration(trainer)
+    assert [name for name, _, _ in steps] == ['G', 'f', 'f', 'D']
+    assert G_calls == [True, True] # The G-step's 2 rounds; no G pass in the f- and D-steps.
+    assert task.data1.consumed == 16 and task.data2.consumed == 16 # Over both iterations.
+    assert len(noise) == 2 + 2 + 2 # Bridge noise of the G-step's and both f-steps' rounds.
+
+    def check_step(before, after, loss):
+        loss.backward()
+        for p0, p1 in zip(before.parameters(), after.parameters()):
+            torch.testing.assert_close(p0 - p1, p0.grad, rtol=1e-4, atol=1e-6)
+
+    for k, (_, f0, f1) in enumerate(steps[1:3]): # f-step k, round r: the G-step's round r, its own t and n.
+        losses = []
+        for r in range(2):
+            (x0, xN), (t, n) = G_out[r], noise[2 + 2 * k + r]
+            xt = x0 + t[:, None] * (xN - x0) + (gamma * t * (1 - t)).sqrt()[:, None] * n
+            losses.append((f0(xt, t) - xN).square().mean())
+        check_step(f0, f1, sum(losses) / 2)
+    _, D0, D1 = steps[3]
+    check_step(D0, D1, sum(D0(G_out[r][1]).mean() - D0(x1s[r]).mean() for r in range(2)) / 2)
+    _, f_vel, _ = eot_network_kwargs((2,), model_channels=4, drift='velocity')
+    with pytest.raises(ValueError, match='reuse_G_output'): # The light G-step has no G outputs to reuse.
+        eot_task.EOTTask(*data, f_kwargs=f_vel, G_loss='light', V_kwargs={}, reuse_G_output=True)
+
+
 def test_eot_task_kinetic_needs_a_velocity_drift(vector_domains):
     from models.networks import eot_network_kwargs
     data = [dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=vector_domains[k])

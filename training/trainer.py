@@ -122,6 +122,7 @@ class Trainer:
         self.ema_rampup_ratio = ema_rampup_ratio
         self.cur_nimg = 0
         self.nets, self.ddp, self.train_call, self.opt, self.ema, self.base_lr = {}, {}, {}, {}, {}, {}
+        self.params, self.ema_pairs = {}, {}
         # The loop's own noise (bridge times, noise inputs): one explicit stream per rank.
         self.generator = torch.Generator(device).manual_seed(seed * dist.get_world_size() + dist.get_rank())
 
@@ -142,6 +143,11 @@ class Trainer:
                                                              **multi_tensor_kwargs(optimizer_kwargs, self.device))
         self.base_lr[name] = optimizer_kwargs['lr']
         self.ema[name] = copy.deepcopy(net).eval().requires_grad_(False)
+        # The parameter and buffer lists, walked once: every step and EMA update uses them (walking the module tree
+        # of these small networks on every call was a few % of a CPU step).
+        self.params[name] = list(net.parameters())
+        self.ema_pairs[name] = (list(self.ema[name].parameters()), self.params[name],
+                                list(zip(self.ema[name].buffers(), net.buffers())))
 
     # Random numbers from the loop's generator.
     def randn(self, shape):
@@ -169,7 +175,7 @@ class Trainer:
         A non-finite loss on any rank skips the step on every rank (counted as Divergence/skipped_<name>)
         or, with nan_policy='stop', raises DivergenceError.
         """
-        net, ddp, opt = self.nets[name], self.ddp[name], self.opt[name]
+        ddp, opt = self.ddp[name], self.opt[name]
         opt.zero_grad(set_to_none=True)
         loss_ok = torch.ones([], device=self.device)
         for r in range(self.rounds):
@@ -187,7 +193,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             return
         training_stats.report(f'Divergence/skipped_{name}', 0)
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.params[name] if p.grad is not None]
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
             bad = ~torch.isfinite(flat)
@@ -208,11 +214,10 @@ class Trainer:
         if self.ema_rampup_ratio is not None:
             halflife_nimg = min(halflife_nimg, self.cur_nimg * self.ema_rampup_ratio)
         beta = 0.5 ** (self.batch_size / max(halflife_nimg, 1e-8))
-        for name, net in self.nets.items():
-            ema = self.ema[name]
+        for ema_params, params, buffers in self.ema_pairs.values():
             # One multi-tensor lerp over all parameters (the same bits as a per-parameter lerp_).
-            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - beta)
-            for b_ema, b_net in zip(ema.buffers(), net.buffers()):
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - beta)
+            for b_ema, b_net in buffers:
                 b_ema.copy_(b_net)
 
     def last_good_message(self):

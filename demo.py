@@ -57,7 +57,7 @@ FULL = dict(
     # 50); betas (0.5, 0.9), WGAN-GP's usual, gave a steady rise (seed 0: >= 95% from 45 to 56 kimg). The penalty on
     # every 4th critic step (weight x 4) learned as the penalty on every step did, 1.2x faster (docs/recipes.md).
     batch=64, model_channels=8, gamma=0.1, G_iters=1, f_iters=1, D_iters=1, lr_g=2e-4, lr_f=3e-4, lr_D=3e-4,
-    adam_betas='0.5,0.9', D_gp=10, D_gp_every=4,
+    adam_betas='0.5,0.9', D_gp=10, D_gp_every=4, reuse_G_output=True,
     net_opts={'num_blocks': 1, 'attn_resolutions': [], 'dropout': 0, 'channel_mult': [1, 2, 2],
               'G': {'residual': True}, 'D': {'model_channels': 16, 'zero_init': False}},
     kimg=50, tick_kimg=1, snap_ticks=5, ema=0.002,            # snapshots every 5 kimg: what a time limit keeps
@@ -234,6 +234,7 @@ def _train_args(cfg, paths, run_dir, threads):
             f'--g-iters={cfg["G_iters"]}', f'--f-iters={cfg["f_iters"]}', f'--d-iters={cfg["D_iters"]}',
             f'--lr-g={cfg["lr_g"]}', f'--lr-f={cfg["lr_f"]}', f'--lr-d={cfg["lr_D"]}', f'--d-gp={cfg["D_gp"]}',
             f'--d-gp-every={cfg["D_gp_every"]}', f'--adam-betas={cfg["adam_betas"]}', '--lr-rampup=0',
+            f'--reuse-g-output={cfg["reuse_G_output"]}',
             f'--ema={cfg["ema"]}',
             f'--duration={cfg["kimg"] / 1000:.6f}', f'--tick={cfg["tick_kimg"]}', f'--snap={cfg["snap_ticks"]}',
             '--dump=100000', '--workers=0', '--seed=0', '--no-tensorboard']

@@ -11,6 +11,7 @@ backward and double backward, counted by torch.utils.flop_counter) divided by th
 matrix product measured in the same rounds with the same threads: what the arithmetic alone would take.
 
     python -m benchmarks.train_speed                          # v1, same-math, demo; the demo's data built in /tmp
+    python -m benchmarks.train_speed --arms=v1,penalty,same-math,lazy4,demo --rounds=5 --iters=16
     python -m benchmarks.train_speed --data=demo-run/data --rounds=9 --arms=v1,penalty,same-math,lazy4,no-gp
     python -m benchmarks.train_speed --device=cuda --arms=demo,compile,compile-cg --batch=1024
     python -m benchmarks.train_speed --device=cuda --precision=bf16 --arms=demo
@@ -19,6 +20,9 @@ matrix product measured in the same rounds with the same threads: what the arith
 core; run without OMP_NUM_THREADS for it to mean that): on a busy machine those threads wait on each other, and
 that arm shows what the new default (the idle cores, at least 1) saves there. Its floor column uses the
 --threads matrix product, so compare its times, not its floor.
+
+Arms that change the batch (batch96, batch128) are compared per kimg: fewer, larger steps (the floor and the
+time per kimg are per image; per iteration multiply by the batch).
 
 The last line, `RESULT {...}`, holds the figures as JSON.
 """
@@ -70,18 +74,24 @@ def _net_opts(**D):
 
 # Each arm: train.py options added to the demo's (demo.FULL), and how the code differs from today's:
 # joint: the pre-issue-18 joint penalty pass; memory: the in-memory data stream; multi_tensor: foreach Adam;
-# compile: Trainer(compile_mode=...).
+# compile: Trainer(compile_mode=...). The arms before `demo` leave out its reuse of the G-step's outputs (OLD).
+OLD = ['--reuse-g-output=0']
 ARMS = {
-    'v1':        dict(options=['--d-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False, multi_tensor=False), # before issue 18
-    'v1-threads': dict(options=['--d-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False, multi_tensor=False,
-                       threads='torch'), # the same with train.py's thread count before issue 18: torch's choice
-    'penalty':   dict(options=['--d-gp-every=1'], memory=False, multi_tensor=False), # + a penalty pass of its own
-    'same-math': dict(options=['--d-gp-every=1']),         # + the in-memory data stream, foreach Adam
-    'lazy4':     dict(options=['--d-gp-every=4']),         # + the penalty every 4th critic step, weight x 4
-    'lazy16':    dict(options=['--d-gp-every=16']),
-    'no-gp':     dict(options=['--d-gp=0']),               # no penalty: the floor of any penalty schedule
-    'lazy4-d8':  dict(options=['--d-gp-every=4', _net_opts(model_channels=8)]), # + a critic of width 8, not 16
-    'demo':      dict(options=[]),                         # demo.FULL as it is
+    'v1':        dict(options=[*OLD, '--d-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False,
+                      multi_tensor=False), # before issue 18
+    'v1-threads': dict(options=[*OLD, '--d-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False,
+                       multi_tensor=False, threads='torch'), # the same with torch's thread count
+    'penalty':   dict(options=[*OLD, '--d-gp-every=1'], memory=False, multi_tensor=False), # + a penalty pass of its own
+    'same-math': dict(options=[*OLD, '--d-gp-every=1']), # + the in-memory data stream, foreach Adam
+    'lazy4':     dict(options=[*OLD, '--d-gp-every=4']), # + the penalty every 4th critic step, weight x 4
+    'lazy16':    dict(options=[*OLD, '--d-gp-every=16']),
+    'no-gp':     dict(options=[*OLD, '--d-gp=0']), # no penalty: the floor of any penalty schedule
+    'lazy4-d8':  dict(options=[*OLD, '--d-gp-every=4', _net_opts(model_channels=8)]), # + a critic of width 8
+    'demo':      dict(options=[]),                         # demo.FULL as it is: + f- and D-steps on the G-step's outputs
+    'lazy8':     dict(options=['--d-gp-every=8']),         # the demo with the penalty every 8th critic step
+    'lazy16r':   dict(options=['--d-gp-every=16']),        # ... every 16th
+    'batch96':   dict(options=['--batch=96']),             # the demo with 96 images per step (fewer steps per kimg)
+    'batch128':  dict(options=['--batch=128']),            # ... 128 images per step
     'compile':   dict(options=[], compile='default'),      # demo.FULL, trained passes through torch.compile
     'compile-cg': dict(options=[], compile='reduce-overhead'), # the same with CUDA graphs (GPU)
 }
@@ -210,9 +220,12 @@ def main(data_dir, arms, iters, rounds, threads, device, precision, batch):
 
 
 def report(built, flops, names, device, iters, rounds, threads, precision):
-    batch = built[names[0]][0].batch_size
+    batches = {name: built[name][0].batch_size for name in names}
+    batch = batches[names[0]]
     load0 = os.getloadavg()
-    print(f'Demo configuration (demo.FULL): images [3, 16, 16], batch {batch}, device {device}, {threads} thread(s), '
+    other = ', '.join(f'{n}: {b}' for n, b in batches.items() if b != batch)
+    print(f'Demo configuration (demo.FULL): images [3, 16, 16], batch {batch}{f" ({other})" if other else ""}, '
+          f'device {device}, {threads} thread(s), '
           f'{precision}; {iters} outer iterations per run, {rounds} rounds; load average {load0[0]:.2f} {load0[1]:.2f} '
           f'{load0[2]:.2f} on {os.cpu_count()} CPUs', flush=True)
     first = {}
@@ -234,8 +247,8 @@ def report(built, flops, names, device, iters, rounds, threads, precision):
             t0, c0 = time.perf_counter(), time.process_time()
             run_iterations(*built[name], iters)
             sync(device)
-            wall[name].append((time.perf_counter() - t0) / (iters * batch) * 1000)
-            cpu[name].append((time.process_time() - c0) / (iters * batch) * 1000)
+            wall[name].append((time.perf_counter() - t0) / (iters * batches[name]) * 1000)
+            cpu[name].append((time.process_time() - c0) / (iters * batches[name]) * 1000)
         torch.set_num_threads(threads)
         gflops.append(matmul_gflops(device))
     throughput = statistics.median(gflops) * 1e9
@@ -245,7 +258,7 @@ def report(built, flops, names, device, iters, rounds, threads, precision):
     print(f'{"arm":10s} {"wall s/kimg":>12s} {"CPU s/kimg":>11s} {"GFLOP/iter":>11s} {"floor s/kimg":>13s} '
           f'{"wall/floor":>11s} {"speed-up wall":>14s} {"speed-up CPU":>13s} {"first run s":>12s}')
     for name in names:
-        floor = flops[name] / throughput * 1000 / batch
+        floor = flops[name] / throughput * 1000 / batches[name]
         print(f'{name:10s} {med(wall[name]):12.3f} {med(cpu[name]):11.3f} {flops[name] / 1e9:11.2f} {floor:13.3f} '
               f'{med(wall[name]) / floor:11.2f} {med(wall[base]) / med(wall[name]):13.2f}x '
               f'{med(cpu[base]) / med(cpu[name]):12.2f}x {first[name]:12.1f}')
@@ -254,7 +267,7 @@ def report(built, flops, names, device, iters, rounds, threads, precision):
     for name in names:
         print(f'  {name:10s} wall runs (s/kimg): {", ".join(f"{t:.3f}" for t in wall[name])}')
     print(f'load average at the end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}')
-    result = dict(device=str(device), precision=precision, threads=threads, batch=batch, matmul_gflops=throughput / 1e9,
+    result = dict(device=str(device), precision=precision, threads=threads, batch=batches, matmul_gflops=throughput / 1e9,
                   load=[load0[0], load1[0]], arms={name: dict(wall_s_per_kimg=med(wall[name]), cpu_s_per_kimg=med(cpu[name]),
                                                                gflop_per_iter=flops[name] / 1e9, first_run_s=first[name])
                                                    for name in names})

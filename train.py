@@ -212,6 +212,9 @@ def _eot_task_kwargs(opts):
     """(task_kwargs, data_paths) of --kind=eot: G, f and D trained by EOTTask on two domains."""
     data = _eot_data(opts)
     metrics = _eot_metrics(opts, data)
+    if opts.reuse_g_output and opts.g_loss == 'light':
+        raise click.ClickException('--reuse-g-output=1 applies to the G-steps with a critic (--g-loss=stated or '
+                                   'kinetic); --g-loss=light has no G outputs for f or D to reuse: drop one of them')
     # The kinetic and light G-steps need f = x + (1 - t) v.
     drift = 'end_point' if opts.g_loss == 'stated' else 'velocity'
     net_opts = _net_opts(opts)

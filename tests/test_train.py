@@ -231,7 +231,9 @@ def test_light_g_loss_is_the_default_for_vectors_with_entropy(tmp_path, vector_d
                           (_args(tmp_path / 'r6', vector_domains, '--g-loss=kinetic', f'--net-opts={net_opts}'),
                            '"V" configures the potential of --g-loss=light'),
                           (_args(tmp_path / 'r7', vector_domains, '--net-opts={"V": {"components": 0}}'),
-                           '"V" takes only "components"')):
+                           '"V" takes only "components"'),
+                          (_args(tmp_path / 'r8', vector_domains, '--reuse-g-output=1'),
+                           '--g-loss=light has no G outputs for f or D to reuse')):
         res = _run(args)
         assert res.exit_code != 0 and message in res.output, res.output
         assert not os.path.exists(args[0].split('=', 1)[1])

@@ -120,7 +120,7 @@ def demo_config(data_dir, extra, device):
 def build_arm(name, data_dir, device, precision, batch=None):
     """(trainer, task) of one arm, seeded as the demo's run (seed 0)."""
     arm = ARMS[name]
-    c = demo_config(data_dir, arm['options'] + ([f'--batch={batch}'] if batch else []), device)
+    c = demo_config(data_dir, ([f'--batch={batch}'] if batch else []) + arm['options'], device) # An arm's own wins.
     tk = dnnlib.EasyDict(c.task_kwargs)
     if not arm.get('multi_tensor', True):
         for key in ('G_opt_kwargs', 'f_opt_kwargs', 'D_opt_kwargs'):
@@ -197,7 +197,7 @@ def sync(device):
 @click.option('--threads',   help='CPU threads', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--device',    help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='cpu', show_default=True)
 @click.option('--precision', help='Forward-pass precision of every arm', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True)
-@click.option('--batch',     help='Batch size instead of the demo\'s 64 (e.g. larger on a GPU)', metavar='INT', type=click.IntRange(min=1))
+@click.option('--batch',     help='Batch size instead of the demo\'s 64 (e.g. larger on a GPU); the batch arms keep theirs', metavar='INT', type=click.IntRange(min=1))
 def main(data_dir, arms, iters, rounds, threads, device, precision, batch):
     """Seconds per kimg of the demo's training, per arm, with the compute floor and the machine's load."""
     names = [a for a in arms.split(',') if a]

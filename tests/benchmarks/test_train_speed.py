@@ -32,14 +32,17 @@ def test_flop_count_matches_closed_forms_with_a_double_backward():
 def test_arms_run_and_report(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         demo.build_data(str(tmp_path), demo.QUICK)
-    res = CliRunner().invoke(train_speed.main, [f'--data={tmp_path / "data"}', '--arms=v1,lazy4', '--iters=4',
-                                                '--rounds=1', '--batch=8'])
+    res = CliRunner().invoke(train_speed.main, [f'--data={tmp_path / "data"}', '--arms=v1,lazy4,demo,batch96',
+                                                '--iters=4', '--rounds=1', '--batch=8'])
     assert res.exit_code == 0, res.output
     result = json.loads(res.output.split('RESULT ')[1])
     arms = result['arms']
-    assert set(arms) == {'v1', 'lazy4'} and result['batch'] == 8
+    assert result['batch'] == dict(v1=8, lazy4=8, demo=8, batch96=96) # A batch arm keeps its own.
     # The joint penalty pass of v1 runs the interpolates' backward over 3x the rows; lazy4 penalises 1 step in 4.
     assert arms['v1']['gflop_per_iter'] > 1.3 * arms['lazy4']['gflop_per_iter']
+    # The demo's f- and D-steps reuse the G-step's outputs: two G forward passes fewer per iteration.
+    assert arms['lazy4']['gflop_per_iter'] > 1.1 * arms['demo']['gflop_per_iter']
+    assert abs(arms['batch96']['gflop_per_iter'] / arms['demo']['gflop_per_iter'] - 12) < 1e-6 # FLOPs per image.
     assert all(a['wall_s_per_kimg'] > 0 and a['cpu_s_per_kimg'] > 0 for a in arms.values())
     res = CliRunner().invoke(train_speed.main, ['--arms=v1,fastest'])
     assert res.exit_code != 0 and 'fastest' in res.output

@@ -173,7 +173,8 @@ def _no_json_constant(name):
 
 
 def _eot_data(opts):
-    """{key: (dataset kwargs, item shape, option)} of the EOT data sets given, all checked to share one shape."""
+    """{key: (dataset kwargs, item shape, option, number of items)} of the EOT data sets given, all checked to share
+    one shape."""
     for option, value in (('--data1train', opts.data1train), ('--data2train', opts.data2train)):
         if value is None:
             raise click.ClickException(f'{option} is required for --kind=eot')
@@ -182,9 +183,10 @@ def _eot_data(opts):
                         ('test2', '--data2test')):
         kwargs = _dataset_kwargs(opts[option[2:]], opts.cache, option)
         if kwargs is not None:
-            data[key] = (kwargs, _inspect_dataset(kwargs, option, verify=not opts.dry_run)[0], option)
+            shape, num = _inspect_dataset(kwargs, option, verify=not opts.dry_run)
+            data[key] = (kwargs, shape, option, num)
     shape1 = data['data1'][1]
-    for kwargs, shape, option in data.values():
+    for kwargs, shape, option, _num in data.values():
         if shape != shape1:
             raise click.ClickException(f'{option} holds items of shape {list(shape)} but --data1train holds '
                                        f'{list(shape1)}: both domains need the same resolution, channels or dimension '
@@ -218,7 +220,7 @@ def _eot_task_kwargs(opts):
     # The kinetic and light G-steps need f = x + (1 - t) v.
     drift = 'end_point' if opts.g_loss == 'stated' else 'velocity'
     net_opts = _net_opts(opts)
-    V_kwargs = _light_potential_kwargs(opts, data['data1'][1], net_opts.pop('V', None))
+    V_kwargs = _light_potential_kwargs(opts, data['data1'][1], net_opts.pop('V', None), data['data2'][3])
     if V_kwargs is not None: # G = x + MLP(x, z) for the light G-step (the measured setting), unless set.
         net_opts['G'] = dict(net_opts.get('G', {}), residual=net_opts.get('G', {}).get('residual', True))
     try:
@@ -249,8 +251,9 @@ LIGHT_COMPONENTS = 20
 LIGHT_LR = 1e-2
 
 
-def _light_potential_kwargs(opts, shape, V_opts):
-    """The potential network V of --g-loss=light (None for the other G-steps), with --net-opts' "V" object."""
+def _light_potential_kwargs(opts, shape, V_opts, num_targets):
+    """The potential network V of --g-loss=light (None for the other G-steps), with --net-opts' "V" object; its means
+    start at the first `components` of the `num_targets` items of --data2train."""
     if opts.g_loss != 'light':
         if V_opts is not None:
             raise click.ClickException(f'--net-opts={opts.net_opts!r}: "V" configures the potential of '
@@ -267,8 +270,13 @@ def _light_potential_kwargs(opts, shape, V_opts):
     if bad or not isinstance(V_opts.get('components', 1), int) or V_opts.get('components', 1) < 1:
         raise click.ClickException(f'--net-opts={opts.net_opts!r}: "V" takes only "components", an int >= 1 '
                                    '(the potential\'s Gaussians)')
-    return dnnlib.EasyDict(class_name='models.light_sb.LightPotential', dim=shape[0],
-                           components=V_opts.get('components', LIGHT_COMPONENTS), eps=opts.gamma)
+    components = V_opts.get('components', LIGHT_COMPONENTS)
+    if num_targets < components:
+        raise click.ClickException(f'--g-loss=light: --data2train has {num_targets} items, fewer than the potential\'s '
+                                   f'{components} Gaussians; add data or set --net-opts=\'{{"V": {{"components": '
+                                   f'{max(num_targets, 1)}}}}}\'')
+    return dnnlib.EasyDict(class_name='models.light_sb.LightPotential', dim=shape[0], components=components,
+                           eps=opts.gamma)
 
 
 def _adam(lr, betas=(0.9, 0.999)):

@@ -40,7 +40,8 @@ LR_RAMPUP_DEFAULT = dict(eot=0, denoiser=10000)
 # batch 256; the image defaults (width 768 for an MLP, 164 MB training states for a 3-D toy) cost 36x the FLOPs
 # per layer and trained no better there. Images, and denoisers on any data: the seed's settings.
 # The light G-step (the vector default when --gamma > 0) trains G and f on its potential's plan, one step each per
-# iteration, with lr 1e-3 and a 200-kimg EMA (docs/eot_benchmarks.md: G at 0.8 % cBW2-UVP at D = 16 in 8000 kimg).
+# iteration, with lr 1e-3 and a 200-kimg EMA (docs/eot_benchmarks.md: G at 0.2 / 0.7 / 1.2 % cBW2-UVP at D = 16,
+# eps = 0.1 / 1 / 10, in 8000 kimg).
 SIZE_DEFAULTS = dict(
     images=dict(batch=512, model_channels=96, lr_g=1e-4, lr_f=1e-4, lr_d=1e-4, ema=0.5, g_loss='stated', g_iters=10,
                 f_iters=2),

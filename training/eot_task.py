@@ -163,7 +163,7 @@ class EOTTask:
     def iteration(self, trainer):
         G, f, D = trainer.nets['G'], trainer.nets['f'], trainer.nets['D']
         if self.G_loss == 'light':
-            self._light_iteration(trainer, G, trainer.nets['V'])
+            self._light_iteration(trainer, G)
             return
         for _ in range(self.G_iters):
             if not self.reuse_G_output:
@@ -193,25 +193,25 @@ class EOTTask:
         x0 = self.data1.next()
         with torch.no_grad():
             if self.G_loss == 'light':
-                return x0, self._teacher_sample(trainer, trainer.nets['V'], x0)
+                return x0, self._teacher_sample(trainer, x0)
             return x0, self._generate(trainer, G, x0)
 
-    def _light_iteration(self, trainer, G, V):
+    def _light_iteration(self, trainer, G):
         """One V-step on fresh batches of both domains, then G_iters x (f_iters f-steps, one G-step), f and G
         both learning from V's plan (V is evaluated under no_grad there)."""
         trainer.run_phase('V', lambda V_ddp: V_ddp(self.data1.next(), self.data2.next()))
         for _ in range(self.G_iters):
             for _ in range(self.f_iters):
                 trainer.run_phase('f', lambda f_ddp: self._f_step(trainer, f_ddp, self._batch(trainer, G)))
-            trainer.run_phase('G', lambda G_ddp: self._distill_step(trainer, G_ddp, V))
+            trainer.run_phase('G', lambda G_ddp: self._distill_step(trainer, G_ddp))
 
-    def _teacher_sample(self, trainer, V, x0):
-        """One draw of V's plan pi_V(. | x0) per row, from the loop's random stream."""
-        return V.sample(x0, trainer.rand([x0.shape[0]]), trainer.randn(x0.shape))
+    def _teacher_sample(self, trainer, x0):
+        """One draw of V's plan pi_V(. | x0) per row (the raw potential, no graph), from the loop's random stream."""
+        return trainer.nets['V'].sample(x0, trainer.rand([x0.shape[0]]), trainer.randn(x0.shape))
 
-    def _distill_step(self, trainer, G_ddp, V):
+    def _distill_step(self, trainer, G_ddp):
         x0 = self.data1.next()
-        target = self._teacher_sample(trainer, V, x0)
+        target = self._teacher_sample(trainer, x0)
         m = self.loss.SAMPLES
         xN = self._generate(trainer, G_ddp, x0.repeat(m, *([1] * (x0.ndim - 1))))
         return self.loss.energy_score(xN.reshape(m, *x0.shape), target)

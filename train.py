@@ -42,12 +42,13 @@ LR_RAMPUP_DEFAULT = dict(eot=0, denoiser=10000)
 # The light G-step (the vector default when --gamma > 0) trains G and f on its potential's plan, one step each per
 # iteration, with lr 1e-3 and a 200-kimg EMA (docs/eot_benchmarks.md: G at 0.2 / 0.7 / 1.2 % cBW2-UVP at D = 16,
 # eps = 0.1 / 1 / 10, in 8000 kimg).
+LIGHT_DECAY = 0.3 # The light G-step's default --lr-decay (docs/eot_benchmarks.md: G's plateau at D = 16, eps = 10 fell 1.25 -> 1.03 %).
 SIZE_DEFAULTS = dict(
     images=dict(batch=512, model_channels=96, lr_g=1e-4, lr_f=1e-4, lr_d=1e-4, ema=0.5, g_loss='stated', g_iters=10,
-                f_iters=2),
+                f_iters=2, lr_decay=0),
     vectors=dict(batch=256, model_channels=16, lr_g=3e-4, lr_f=3e-4, lr_d=3e-4, ema=0.01, g_loss='light', g_iters=10,
-                 f_iters=2),
-    light=dict(lr_g=1e-3, lr_f=1e-3, ema=0.2, g_iters=1, f_iters=1),
+                 f_iters=2, lr_decay=0),
+    light=dict(lr_g=1e-3, lr_f=1e-3, ema=0.2, g_iters=1, f_iters=1, lr_decay=LIGHT_DECAY),
 )
 
 
@@ -293,6 +294,7 @@ def _schedule_config(c, opts):
     c.total_kimg = max(opts.duration * 1000, 1e-3)
     c.ema_halflife_kimg = opts.ema * 1000
     c.lr_rampup_kimg = opts.lr_rampup if opts.lr_rampup is not None else LR_RAMPUP_DEFAULT[opts.kind]
+    c.lr_decay = opts.lr_decay
     c.grad_clip = opts.grad_clip
     c.precision = opts.precision
     c.compile_mode = None if opts.compile_mode == 'none' else opts.compile_mode
@@ -441,6 +443,7 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--adam-betas',      help='Adam\'s betas of G, f and D (0.5,0.9 or 0,0.9 are WGAN-GP\'s usual; they steadied the demo)', metavar='B1,B2', type=AdamBetas(), default='0.9,0.999', show_default=True)
 @click.option('--lr',              help='--kind=denoiser: learning rate of the denoiser', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)  [default: 0 for --kind=eot (every measured run, docs/eot_benchmarks.md; 10000 left short runs at a few % of the rate), 10000 for --kind=denoiser (EDM)]', metavar='KIMG', type=FiniteFloat(min=0))
+@click.option('--lr-decay',        'lr_decay', help=f'Share of --duration at its end over which every learning rate falls linearly to 0 (a resumed run with another --duration moves it)  [default: {LIGHT_DECAY:g} with --g-loss=light, else 0]', metavar='FRACTION', type=FiniteFloat(min=0, max=1), default=None)
 @click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)  [default: 0.2 with --g-loss=light, 0.01 for other G-steps on vectors (.npz), else 0.5]', metavar='MIMG', type=FiniteFloat(min=0), default=None)
 @click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=FiniteFloat(min=0), default=1.0, show_default=True)
 @click.option('--nan-policy',      help='On a non-finite loss: skip the step (counted in the tick line) or stop with the last good snapshot named', type=click.Choice(['skip', 'stop']), default='skip', show_default=True)

@@ -46,18 +46,44 @@ class EOTLoss:
     def f_loss(self, f, x0, xN, t, n):
         """|f(x_t, t) - xN|^2: f regresses the bridge's end point (xN must carry no graph to G)."""
         xt = self.bridge(x0, xN, t, n)
-        return _per_sample_mean((f(xt, t).float() - xN).square())
+        return self._f_regression(f(xt, t).float(), xN)
+
+    def _f_regression(self, f_out, xN):
+        return _per_sample_mean((f_out - xN.detach()).square())
 
     def G_loss(self, f, D, x0, xN, t, n):
         """w(t) 2 ( <f(x_t,t) - x_t, xN - x_t> - |f(x_t,t) - x_t|^2 / 2 ) - D(xN), w = transport_weight (1 here).
 
         Returns (loss, weighted transport term), both per sample; gradients reach G through xN and x_t.
         """
+        losses, transport = self.step_losses(f, D, x0, xN, t, n)
+        return losses['G'], transport
+
+    def step_losses(self, f, D, x0, xN, t, n, f_step=False, x1=None, gp_weight=0.0, alpha=None, D_penalty=None):
+        """The G-step's loss (G_loss) and, from the same passes through f and D, the f-step's and the D-step's
+        losses on the G-step's own inputs and outputs: one f pass and one D pass serve two steps.
+
+        `f_step`: add 'f', f_loss at the same bridge point x_t (xN detached as the target); `x1`: a batch of
+        the target domain, adds 'D', D_loss(D, xN, x1, gp_weight, alpha, D_penalty) with D(xN) the scores
+        G's loss uses. Returns ({'G': ..., 'f': ..., 'D': ...} per sample, weighted transport term). Each loss
+        must reach only its own network's parameters (Trainer.run_phases backpropagates it into those alone):
+        G's loss depends on f's and D's weights too.
+        """
         xt = self.bridge(x0, xN, t, n)
-        drift = f(xt, t).float() - xt
+        f_out = f(xt, t).float()
+        drift = f_out - xt
         transport = 2 * (_per_sample_mean(drift * (xN - xt)) - _per_sample_mean(drift.square()) / 2)
         transport = self.transport_weight(t).float() * transport
-        return transport - D(xN).float(), transport
+        losses = {}
+        if f_step:
+            losses['f'] = self._f_regression(f_out, xN)
+        if x1 is None:
+            scores = D(xN).float()
+        else:
+            scores = D(torch.cat([xN, x1])).float() # One pass through D (and its DDP wrapper) for both.
+            losses['D'] = self._critic(D if D_penalty is None else D_penalty, scores, xN, x1, gp_weight, alpha)
+        losses['G'] = transport - scores[:xN.shape[0]]
+        return losses, transport
 
     def D_loss(self, D, xN, x1, gp_weight=0.0, alpha=None, D_penalty=None):
         """D(xN) - D(x1): a Wasserstein critic, low on targets and high on G's outputs.
@@ -69,14 +95,18 @@ class EOTLoss:
         passes the wrapped module here (one wrapper forward per backward; the gradient hooks sit on the
         parameters, so the penalty's gradient is averaged across ranks all the same).
         """
-        n = xN.shape[0]
         scores = D(torch.cat([xN, x1])).float() # One pass through D (and its DDP wrapper) for both.
+        return self._critic(D if D_penalty is None else D_penalty, scores, xN, x1, gp_weight, alpha)
+
+    def _critic(self, D_penalty, scores, xN, x1, gp_weight, alpha):
+        """The critic's loss from the scores of cat([xN, x1]), with the penalty's own pass through D_penalty."""
+        n = xN.shape[0]
         loss = scores[:n] - scores[n:]
         if not gp_weight:
             return loss
         alpha = alpha.reshape(-1, *([1] * (xN.ndim - 1)))
         x_hat = (alpha * xN + (1 - alpha) * x1).detach().requires_grad_(True)
-        score_hat = (D if D_penalty is None else D_penalty)(x_hat).float()
+        score_hat = D_penalty(x_hat).float()
         grad, = torch.autograd.grad(score_hat.sum(), x_hat, create_graph=True)
         penalty = (grad.float().flatten(1).norm(dim=1) - 1).square()
         training_stats.report('Loss/D_gp', penalty)

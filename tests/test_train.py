@@ -85,8 +85,9 @@ def _tick_losses(run_dir):
 
 
 def test_stop_and_resume_gives_the_same_losses(tmp_path, vector_domains):
-    # Dropout on, so the resumed RNG state matters too.
-    common = ['--tick=0.004', '--snap=100', '--dump=1', '--net-opts={"depth": 2, "dropout": 0.2}']
+    # Dropout on, so the resumed RNG state matters too. No learning-rate decay: it ends with --duration, which the
+    # two runs compared here do not share until the resume.
+    common = ['--tick=0.004', '--snap=100', '--dump=1', '--net-opts={"depth": 2, "dropout": 0.2}', '--lr-decay=0']
     res = _run(_args(tmp_path / 'full', vector_domains, *common, duration_iters=4))
     assert res.exit_code == 0, res.output
     full = _tick_losses(_only_run_dir(tmp_path / 'full'))
@@ -176,10 +177,11 @@ def test_a_state_without_options_keeps_the_defaults_of_its_time(tmp_path):
     vectors = dict(kind='eot', data1train='a.npz', batch=None, model_channels=None, lr_g=None, lr_f=2e-3, lr_d=None,
                    ema=None, gamma=1.0, g_loss=None, g_iters=None, f_iters=None)
     assert train.resolve_size_defaults(vectors) == dict(vectors, batch=256, model_channels=16, lr_g=1e-3, lr_d=3e-4,
-                                                        ema=0.2, g_loss='light', g_iters=1, f_iters=1)
+                                                        ema=0.2, g_loss='light', g_iters=1, f_iters=1,
+                                                        lr_decay=train.LIGHT_DECAY)
     assert train.resolve_size_defaults(vectors, legacy=True) == dict(vectors, batch=512, model_channels=96, lr_g=1e-4,
                                                                      lr_d=1e-4, ema=0.5, g_loss='stated', g_iters=10,
-                                                                     f_iters=2)
+                                                                     f_iters=2, lr_decay=0)
 
 
 def test_size_defaults_of_images_are_the_seeds(tmp_path, image_domains):
@@ -273,9 +275,12 @@ def test_bad_input_fails_before_any_output(tmp_path, image_domains, case):
     assert not os.path.exists(tmp_path / 'runs')
 
 
-@pytest.mark.parametrize('extra', [[], ['--D-gp=10']], ids=['plain', 'gradient-penalty'])
+@pytest.mark.parametrize('extra', [[], ['--g-loss=stated', '--D-gp=10'],
+                                   ['--g-loss=stated', '--D-gp=10', '--reuse-g-output=1']],
+                         ids=['light', 'gradient-penalty', 'shared-passes'])
 def test_two_gloo_processes_train_and_stay_consistent(tmp_path, vector_domains, extra):
-    """(With --D-gp the critic's loss needs a double backward through D's DDP wrapper.)"""
+    """(With --D-gp the critic's loss needs a double backward through D's DDP wrapper; with --reuse-g-output G, f
+    and D step in one phase from shared passes through the three DDP wrappers.)"""
     args = _args(tmp_path / 'runs', vector_domains, '--batch-gpu=2', *extra, batch=8, duration_iters=2)
     res = torchrun(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'train.py'), *args, nproc=2)
     run_dir = _only_run_dir(tmp_path / 'runs')
@@ -592,7 +597,9 @@ def test_a_signal_stops_with_a_state_from_which_the_run_continues_exactly(tmp_pa
     continues within the tick to the same weights as a run never stopped."""
     import signal
     signum = getattr(signal, signame)
-    common = ['--tick=0.012', '--snap=1000', '--dump=1000', '--workers=1', '--net-opts={"depth": 2, "dropout": 0.2}']
+    # (No learning-rate decay: it ends with --duration, which differs between the stopped run and its resume.)
+    common = ['--tick=0.012', '--snap=1000', '--dump=1000', '--workers=1', '--net-opts={"depth": 2, "dropout": 0.2}',
+              '--lr-decay=0']
     args = [str(a) for a in _args(tmp_path / 'part', vector_domains, *common, duration_iters=100000)]
     log = tmp_path / 'log'
     code, out = _signal_when(_start_train(args, tmp_path, log), log, lambda: _stats_lines(tmp_path / 'part') >= 2,
@@ -866,7 +873,8 @@ def test_every_float_option_must_be_finite(tmp_path, vector_domains):
     for p in floats:
         for value in ('nan', 'inf', 'NaN', 'Infinity', '-inf'):
             res = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "runs"}', '--name=x', f'{p.opts[0]}={value}'])
-            expect = 'is not in the range' if value == '-inf' else 'is not a finite number' # (every one has a minimum)
+            beyond = value == '-inf' or (p.type.max is not None and value in ('inf', 'Infinity')) # (all have a minimum)
+            expect = 'is not in the range' if beyond else 'is not a finite number'
             assert res.exit_code == 2 and expect in res.output, (p.opts[0], value, res.output)
     res = CliRunner().invoke(train.main, _args(tmp_path / 'runs', vector_domains, '--net-opts={"dropout": NaN}'))
     assert res.exit_code != 0 and 'NaN is not a finite number' in res.output, res.output

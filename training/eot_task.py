@@ -24,6 +24,8 @@ from training.trainer import DataStream, cpu_copy
 
 #----------------------------------------------------------------------------
 
+V_INIT_ITEMS = 4096 # The light G-step's potential seeds its means among this many target items (LightPotential.init_from).
+
 @contextlib.contextmanager
 def frozen(params):
     """Temporarily disable the gradients of `params` (of networks used but not trained in a phase)."""
@@ -45,7 +47,10 @@ class EOTTask:
     With `reuse_G_output` an iteration is `G_iters` x (one G-step, `f_iters` f-steps), then `D_iters` D-steps,
     and the f- and D-steps take the latest G-step's inputs x0 and its outputs (detached) instead of a batch of
     their own and a G pass under no_grad: one G pass per G-step instead of one per step (the same cyclic order
-    of the steps; f and D see G's outputs from before its latest update).
+    of the steps; f and D see G's outputs from before its latest update). The G-step's own passes through f
+    and D then also serve the first of those f-steps (at the G-step's bridge point) and, in the last G-step,
+    the first D-step (D(xN) is one pass for both): G, f and D take those steps together (Trainer.run_phases),
+    each from its own loss, with the same weights and inputs the separate steps would see.
     `G_loss`: 'stated' (EOTLoss, docs/architecture.md) or 'kinetic' (KineticEOTLoss; f must be a velocity
     drift, see networks.eot_network_kwargs(drift='velocity')), or 'light' for vectors (LightEOTLoss): a fourth
     network V (models.light_sb.LightPotential, `V_kwargs`) learns the Schrodinger potential from the two
@@ -90,6 +95,9 @@ class EOTTask:
             raise ValueError(f'D_gp_every (critic steps per gradient penalty) must be an int >= 1; got {D_gp_every}')
         self.D_gp_every = int(D_gp_every)
         self.reuse_G_output = bool(reuse_G_output)
+        # With reuse_G_output, the G-step's passes through f and D serve an f- and a D-step too (benchmarks set
+        # False to measure what that saves).
+        self.share_passes = self.reuse_G_output
         self._G_outputs = [] # With reuse_G_output: (x0, xN detached) of each round of the latest G-step.
         self.sde_steps = int(sde_steps)
         self.grid_size = grid_size
@@ -126,9 +134,9 @@ class EOTTask:
         dist.print0('Constructing networks...')
         for name in self.net_kwargs:
             net = dnnlib.util.construct_class_by_name(**self.net_kwargs[name])
-            if name == 'V': # The potential's means start at target samples (the same ones on every rank).
-                net.init_from(to_model_space(torch.as_tensor(np.stack(
-                    [ds2[i][0] for i in range(min(len(ds2), net.means.shape[0]))])), 'cpu'))
+            if name == 'V': # The potential's means: k-means++ seeds among the first target items (alike on all ranks).
+                y = np.stack([ds2[i][0] for i in range(min(len(ds2), V_INIT_ITEMS))])
+                net.init_from(to_model_space(torch.as_tensor(y), 'cpu'), generator=torch.Generator().manual_seed(seed))
             trainer.add_network(name, net, self.opt_kwargs[name])
         # Fixed inputs and noise for figures and tick statistics (more points for vector scatter plots).
         n = self.grid_size if self.grid_size is not None else (16 if len(self.data_shape) == 3 else 1024)
@@ -161,31 +169,41 @@ class EOTTask:
     # One outer iteration --------------------------------------------------
 
     def iteration(self, trainer):
-        G, f, D = trainer.nets['G'], trainer.nets['f'], trainer.nets['D']
+        G = trainer.nets['G']
         if self.G_loss == 'light':
             self._light_iteration(trainer, G)
             return
-        for _ in range(self.G_iters):
+        shared_D = False
+        for g in range(self.G_iters):
             if not self.reuse_G_output:
                 for _ in range(self.f_iters):
                     trainer.run_phase('f', lambda f_ddp: self._f_step(trainer, f_ddp, self._batch(trainer, G)))
+            # With reuse_G_output the G-step's passes through f and D also serve the first f-step and (in the
+            # last G-step) the first D-step: those networks then train in the same phase.
+            shared = ['f'] * (self.share_passes and self.f_iters > 0)
+            shared_D = self.share_passes and self.D_iters > 0 and g == self.G_iters - 1
+            shared += ['D'] * shared_D
+            gp = self._gp_weight(trainer, 0) if shared_D else 0.0
             self._G_outputs = []
-            # f and D are only evaluated in the G-step: their raw modules (no DDP hooks) with frozen weights.
-            with frozen(trainer.params['f'] + trainer.params['D']):
-                trainer.run_phase('G', lambda G_ddp: self._G_step(trainer, G_ddp, f, D))
+            # Networks only evaluated in the G-step: their raw modules (no DDP hooks) with frozen weights.
+            with frozen([p for name in ('f', 'D') if name not in shared for p in trainer.params[name]]):
+                trainer.run_phases(['G', *shared], lambda calls: self._G_step(trainer, calls, gp))
             if self.reuse_G_output:
-                for _ in range(self.f_iters):
+                for _ in range(self.f_iters - int('f' in shared)):
                     outputs = iter(self._G_outputs) # Round r of a step takes round r of the G-step.
                     trainer.run_phase('f', lambda f_ddp: self._f_step(trainer, f_ddp, next(outputs)))
-        for d in range(self.D_iters):
-            # Lazy penalty: on every D_gp_every-th critic step, weighted by D_gp_every; counted from cur_nimg,
-            # so a resumed run penalises the same steps.
-            step = trainer.cur_nimg // trainer.batch_size * self.D_iters + d
-            gp = self.D_gp * self.D_gp_every if step % self.D_gp_every == 0 else 0.0
+        for d in range(int(shared_D), self.D_iters):
+            gp = self._gp_weight(trainer, d)
             outputs = iter(self._G_outputs)
             batch = (lambda: next(outputs)) if self.reuse_G_output else (lambda: self._batch(trainer, G))
             trainer.run_phase('D', lambda D_ddp: self._D_step(trainer, D_ddp, gp, batch()))
         self._G_outputs = []
+
+    def _gp_weight(self, trainer, d):
+        """The penalty weight of the iteration's critic step d. Lazy penalty: on every D_gp_every-th critic step,
+        weighted by D_gp_every; counted from cur_nimg, so a resumed run penalises the same steps."""
+        step = trainer.cur_nimg // trainer.batch_size * self.D_iters + d
+        return self.D_gp * self.D_gp_every if step % self.D_gp_every == 0 else 0.0
 
     def _batch(self, trainer, G):
         """(x0, xN): a fresh batch of domain 1 and its fixed target under no_grad (no graph): G's outputs or, with
@@ -231,16 +249,23 @@ class EOTTask:
         with trainer.autocast():
             return self.loss.f_loss(f_ddp, x0, xN, t, n)
 
-    def _G_step(self, trainer, G_ddp, f, D):
+    def _G_step(self, trainer, calls, gp_weight):
+        """G's loss on a fresh batch (`calls`: run_phases' networks, G's first) and, for 'f' / 'D' among `calls`,
+        the f-step's / D-step's loss (with a fresh target batch and penalty weight `gp_weight`) on its inputs
+        and outputs, from the same passes (EOTLoss.step_losses)."""
         x0 = self.data1.next()
-        xN = self._generate(trainer, G_ddp, x0)
+        xN = self._generate(trainer, calls['G'], x0)
         if self.reuse_G_output:
             self._G_outputs.append((x0, xN.detach()))
         t, n = self._bridge_noise(trainer, x0)
+        x1 = self.data2.next() if 'D' in calls else None
+        alpha = trainer.rand([x0.shape[0]]) if x1 is not None and gp_weight else None
+        f, D = (calls.get(name, trainer.nets[name]) for name in ('f', 'D'))
         with trainer.autocast():
-            loss, transport = self.loss.G_loss(f, D, x0, xN, t, n)
+            losses, transport = self.loss.step_losses(f, D, x0, xN, t, n, f_step='f' in calls, x1=x1,
+                                                      gp_weight=gp_weight, alpha=alpha, D_penalty=trainer.nets['D'])
         training_stats.report('Loss/G_transport', transport)
-        return loss
+        return losses
 
     def _D_step(self, trainer, D_ddp, gp_weight, batch):
         """`batch`: (x0, xN) as in _f_step; a fresh batch x1 of domain 2."""

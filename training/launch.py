@@ -48,6 +48,7 @@ RESUME_RULES = (
     ('lr-d', 'task_kwargs.D_opt_kwargs.lr', 'allow'),
     ('lr', 'task_kwargs.optimizer_kwargs.lr', 'allow'),
     ('lr-rampup', 'lr_rampup_kimg', 'allow'),
+    ('lr-decay', 'lr_decay', 'allow'),
     ('ema', 'ema_halflife_kimg', 'allow'),
     ('grad-clip', 'grad_clip', 'allow'),
     ('precision', 'precision', 'allow'),

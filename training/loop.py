@@ -59,6 +59,7 @@ def training_loop(
     ema_halflife_kimg   = 500,      # EMA half-life.
     ema_rampup_ratio    = 0.05,     # EMA ramp-up coefficient; None = no ramp-up.
     lr_rampup_kimg      = 10000,    # Learning-rate ramp-up duration.
+    lr_decay            = 0,        # Learning-rate decay to 0 over this share of total_kimg at its end.
     grad_clip           = 1.0,      # Element-wise gradient clip; 0 = none.
     precision           = 'fp32',   # 'fp32' or 'bf16' (autocast of forward passes).
     kimg_per_tick       = 50,       # Progress print interval.
@@ -82,6 +83,7 @@ def training_loop(
     """
     trainer, task = _build(run_dir, task_kwargs, seed, device, batch_size=batch_size, batch_gpu=batch_gpu,
                            precision=precision, grad_clip=grad_clip, lr_rampup_kimg=lr_rampup_kimg,
+                           lr_decay_kimg=lr_decay * total_kimg, total_kimg=total_kimg,
                            ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio,
                            nan_policy=nan_policy, compile_mode=compile_mode)
     cur_tick = _resume(trainer, task, resume_state, device) if resume_state is not None else 0

@@ -5,6 +5,7 @@ A *task* (training/task.py) registers its networks with `Trainer.add_network` an
 with `Trainer.run_phase`; the loop (training/loop.py) owns everything else.
 """
 
+import contextlib
 import copy
 import inspect
 
@@ -105,7 +106,7 @@ class Trainer:
 
     def __init__(self, device, batch_size, batch_gpu=None, precision='fp32', grad_clip=1.0,
                  lr_rampup_kimg=0, ema_halflife_kimg=500, ema_rampup_ratio=0.05, seed=0, nan_policy='skip',
-                 compile_mode=None):
+                 compile_mode=None, lr_decay_kimg=0, total_kimg=None):
         if nan_policy not in ('skip', 'stop'):
             raise ValueError(f'nan_policy must be "skip" or "stop", not {nan_policy!r}')
         if compile_mode not in COMPILE_MODES:
@@ -118,6 +119,9 @@ class Trainer:
         self.precision = precision
         self.grad_clip = grad_clip
         self.lr_rampup_kimg = lr_rampup_kimg
+        if lr_decay_kimg > 0 and total_kimg is None:
+            raise ValueError(f'lr_decay_kimg={lr_decay_kimg} needs total_kimg (the decay ends there)')
+        self.lr_decay_kimg, self.total_kimg = lr_decay_kimg, total_kimg
         self.ema_halflife_kimg = ema_halflife_kimg
         self.ema_rampup_ratio = ema_rampup_ratio
         self.cur_nimg = 0
@@ -161,9 +165,14 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == 'bf16')
 
     def lr_scale(self):
-        if self.lr_rampup_kimg <= 0:
-            return 1.0
-        return min(self.cur_nimg / (self.lr_rampup_kimg * 1000), 1.0)
+        """The factor of every base learning rate at cur_nimg: a linear ramp-up from 0 over lr_rampup_kimg, and a
+        linear decay to 0 over the last lr_decay_kimg before total_kimg (CycleGAN's schedule for its second half)."""
+        scale = 1.0
+        if self.lr_rampup_kimg > 0:
+            scale = min(self.cur_nimg / (self.lr_rampup_kimg * 1000), 1.0)
+        if self.lr_decay_kimg > 0:
+            scale *= min(max((self.total_kimg * 1000 - self.cur_nimg) / (self.lr_decay_kimg * 1000), 0.0), 1.0)
+        return scale
 
     def run_phase(self, name, loss_fn):
         """One optimisation step of network `name`.
@@ -175,17 +184,39 @@ class Trainer:
         A non-finite loss on any rank skips the step on every rank (counted as Divergence/skipped_<name>)
         or, with nan_policy='stop', raises DivergenceError.
         """
-        ddp, opt = self.ddp[name], self.opt[name]
-        opt.zero_grad(set_to_none=True)
-        loss_ok = torch.ones([], device=self.device)
+        self.run_phases([name], lambda calls: {name: loss_fn(calls[name])})
+
+    def run_phases(self, names, loss_fn):
+        """One optimisation step of each network in `names` from shared forward passes: `loss_fn({name: net})`
+        returns {name: per-sample losses}, and each network's loss is backpropagated into that network's
+        parameters alone (another network's loss may depend on them: the G-step's loss on f's and D's weights).
+        Otherwise each step is run_phase's: accumulation over `rounds`, the same checks, clipping and lr.
+        """
+        for name in names:
+            self.opt[name].zero_grad(set_to_none=True)
+        loss_ok = torch.ones([len(names)], device=self.device)
+        calls = {name: self.train_call[name] for name in names}
         for r in range(self.rounds):
-            with misc.ddp_sync(ddp, sync=(r == self.rounds - 1)):
-                loss = loss_fn(self.train_call[name])
-                training_stats.report(f'Loss/{name}', loss)
-                loss_ok = loss_ok * torch.isfinite(loss).all()
-                loss.float().mean().mul(1 / self.rounds).backward()
-        # One small collective so every rank takes the same decision.
-        if not bool(dist.all_reduce_(loss_ok, op='min')):
+            with contextlib.ExitStack() as syncs:
+                for name in names:
+                    syncs.enter_context(misc.ddp_sync(self.ddp[name], sync=(r == self.rounds - 1)))
+                losses = loss_fn(calls)
+                for i, name in enumerate(names):
+                    training_stats.report(f'Loss/{name}', losses[name])
+                    loss_ok[i] = loss_ok[i] * torch.isfinite(losses[name]).all()
+                    scaled = losses[name].float().mean().mul(1 / self.rounds)
+                    if len(names) == 1:
+                        scaled.backward()
+                    else: # Keep the shared graph for the losses still to come.
+                        torch.autograd.backward(scaled, inputs=self.params[name], retain_graph=i < len(names) - 1)
+        loss_ok = dist.all_reduce_(loss_ok, op='min') # One small collective so every rank takes the same decisions.
+        for name, ok in zip(names, loss_ok.tolist()):
+            self._step(name, bool(ok))
+
+    def _step(self, name, loss_ok):
+        """Skip (non-finite loss) or clean, clip and apply the accumulated gradients of network `name`."""
+        opt = self.opt[name]
+        if not loss_ok:
             training_stats.report(f'Divergence/skipped_{name}', 1)
             if self.nan_policy == 'stop':
                 raise DivergenceError(f'Non-finite loss of {name} at kimg {self.cur_nimg / 1000:.3f} '

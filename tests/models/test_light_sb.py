@@ -95,6 +95,22 @@ def test_fitted_on_marginal_samples_it_recovers_the_plan():
     assert 100 * float(bw2_squared(m1, c1, m0, c0).mean()) / pair.target_variance() > 10
 
 
+def test_init_spreads_the_means_over_the_modes():
+    """k-means++ seeding: with 3 tight clusters far apart, listed cluster by cluster (so the first K rows all lie
+    in one), the K = 3 means land one in each cluster, each at a row of y, the same for the same generator."""
+    centres = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
+    y = (centres[:, None] + 0.01 * torch.randn(3, 50, 2, generator=torch.Generator().manual_seed(1))).reshape(-1, 2)
+    V = LightPotential(2, components=3)
+    V.init_from(y, generator=torch.Generator().manual_seed(0))
+    assert all(any(torch.equal(mean, row) for row in y) for mean in V.means)
+    nearest = torch.cdist(V.means, centres).argmin(1)
+    assert sorted(nearest.tolist()) == [0, 1, 2]
+    twin = LightPotential(2, components=3)
+    twin.init_from(y, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(V.means, twin.means)
+    assert torch.allclose(V.log_vars.exp(), torch.full([3, 2], float(y.var(0).mean()) * 0.1 + 1e-2))
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match='components'):
         LightPotential(2, components=0)

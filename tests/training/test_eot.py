@@ -261,10 +261,10 @@ def test_eot_task_keeps_g_out_of_the_graph_in_f_and_d_steps(vector_domains):
         trainer.nets[name].register_forward_hook(
             lambda mod, inp, out, name=name: calls.append((name, torch.is_grad_enabled() and out.requires_grad)))
     phases = []
-    orig = trainer.run_phase
-    trainer.run_phase = lambda name, fn: (phases.append(name), orig(name, fn))
+    orig = trainer.run_phases # (run_phase calls it.)
+    trainer.run_phases = lambda names, fn: (phases.append('+'.join(names)), orig(names, fn))
     task.iteration(trainer)
-    assert phases == ['f', 'f', 'G', 'f', 'f', 'G', 'D']
+    assert phases == ['f', 'f', 'G', 'f', 'f', 'G', 'D'] # Without reuse_G_output no phase trains two networks.
     # Per phase: 2 accumulation rounds. G's output carries a graph only in G-steps.
     G_calls = [flag for name, flag in calls if name == 'G']
     assert G_calls == [False] * 4 + [True] * 2 + [False] * 4 + [True] * 2 + [False] * 2
@@ -298,10 +298,12 @@ def test_lazy_penalty_every_nth_critic_step_weighted_n_times(vector_domains):
         eot_task.EOTTask(*data, D_gp_every=0)
 
 
-def test_reuse_g_output_trains_f_and_d_on_the_g_steps_outputs(vector_domains):
-    """reuse_G_output: per iteration one G-step, its f-steps, then the D-step; f and D train on the G-step's
-    inputs and detached outputs (round r on round r), with no G pass and no domain-1 batch of their own; the
-    f- and D-step gradients equal the losses of docs/architecture.md written out on those tensors."""
+def test_reuse_g_output_trains_f_and_d_on_the_g_steps_outputs_and_passes(vector_domains):
+    """reuse_G_output: per iteration one phase in which G, f and D step together from the G-step's passes (each
+    from its own loss), then the other f-step; f and D train on the G-step's inputs and detached outputs (round
+    r on round r), with no G pass and no domain-1 batch of their own. Each network's step equals the gradient of
+    its loss of docs/architecture.md written out on those tensors with the networks before the phase (so the
+    shared passes leak no gradient from one network's loss into another's weights)."""
     import copy
     from models.networks import eot_network_kwargs
     G_kw, f_kw, D_kw = eot_network_kwargs((2,), model_channels=4)
@@ -314,42 +316,55 @@ def test_reuse_g_output_trains_f_and_d_on_the_g_steps_outputs(vector_domains):
     trainer = _trainer(8, 4, lr_rampup_kimg=0, grad_clip=0)
     task.setup(trainer, run_dir=None, seed=0)
     task.iteration(trainer) # Past the zero-initialised output layers: every input reaches every gradient.
-    G_out, G_calls = [], []
+    G_in, G_out, G_calls = [], [], []
     def on_G(mod, inp, out):
         G_calls.append(out.requires_grad)
+        G_in.append(inp)
         G_out.append((inp[0], out.detach()))
     trainer.nets['G'].register_forward_hook(on_G)
     noise, x1s = [], []
     orig_noise, orig_next = task._bridge_noise, task.data2.next
     task._bridge_noise = lambda *args: noise.append(orig_noise(*args)) or noise[-1]
     task.data2.next = lambda: x1s.append(orig_next()) or x1s[-1]
-    steps = [] # (phase, the network before the step, the network after it)
-    orig_phase = trainer.run_phase
-    def run_phase(name, fn):
-        before = copy.deepcopy(trainer.nets[name])
-        orig_phase(name, fn)
-        steps.append((name, before, copy.deepcopy(trainer.nets[name])))
-    trainer.run_phase = run_phase
+    steps = [] # (phase's networks, {name: network before the phase}, {name: network after it})
+    orig_phases = trainer.run_phases # (run_phase calls it.)
+    def run_phases(names, fn):
+        before = {name: copy.deepcopy(trainer.nets[name]) for name in ('G', 'f', 'D')}
+        orig_phases(names, fn)
+        steps.append(('+'.join(names), before, {name: copy.deepcopy(trainer.nets[name]) for name in names}))
+    trainer.run_phases = run_phases
     task.iteration(trainer)
-    assert [name for name, _, _ in steps] == ['G', 'f', 'f', 'D']
-    assert G_calls == [True, True] # The G-step's 2 rounds; no G pass in the f- and D-steps.
+    assert [names for names, _, _ in steps] == ['G+f+D', 'f']
+    assert G_calls == [True, True] # The G-step's 2 rounds; no G pass in the f-step.
     assert task.data1.consumed == 16 and task.data2.consumed == 16 # Over both iterations.
-    assert len(noise) == 2 + 2 + 2 # Bridge noise of the G-step's and both f-steps' rounds.
+    assert len(noise) == 2 + 2 # Bridge noise of the G-step's rounds (shared with the first f-step), the f-step's.
 
-    def check_step(before, after, loss):
-        loss.backward()
-        for p0, p1 in zip(before.parameters(), after.parameters()):
-            torch.testing.assert_close(p0 - p1, p0.grad, rtol=1e-4, atol=1e-6)
+    def check_step(before, after, loss): # (The loss reaches other networks' weights too: only before's count.)
+        grads = torch.autograd.grad(loss, list(before.parameters()))
+        for p0, p1, grad in zip(before.parameters(), after.parameters(), grads):
+            torch.testing.assert_close(p0 - p1, grad, rtol=1e-4, atol=1e-6)
 
-    for k, (_, f0, f1) in enumerate(steps[1:3]): # f-step k, round r: the G-step's round r, its own t and n.
-        losses = []
+    def bridge(x0, xN, t, n):
+        return x0 + t[:, None] * (xN - x0) + (gamma * t * (1 - t)).sqrt()[:, None] * n
+
+    _, nets0, nets1 = steps[0]
+    G0, f0, D0 = (nets0[name] for name in ('G', 'f', 'D'))
+    G_losses = []
+    for r in range(2):
+        (x0, z), (t, n) = G_in[r], noise[r]
+        xN = G0(x0, z)
+        xt = bridge(x0, xN, t, n)
+        drift = f0(xt, t) - xt
+        transport = 2 * ((drift * (xN - xt)).mean(1) - drift.square().mean(1) / 2)
+        G_losses.append((transport - D0(xN)).mean())
+    check_step(G0, nets1['G'], sum(G_losses) / 2)
+    for k, (f_before, f_after, first) in enumerate([(f0, nets1['f'], 0), (steps[1][1]['f'], steps[1][2]['f'], 2)]):
+        losses = [] # f-step k, round r: the G-step's round r; the first at the G-step's own t and n.
         for r in range(2):
-            (x0, xN), (t, n) = G_out[r], noise[2 + 2 * k + r]
-            xt = x0 + t[:, None] * (xN - x0) + (gamma * t * (1 - t)).sqrt()[:, None] * n
-            losses.append((f0(xt, t) - xN).square().mean())
-        check_step(f0, f1, sum(losses) / 2)
-    _, D0, D1 = steps[3]
-    check_step(D0, D1, sum(D0(G_out[r][1]).mean() - D0(x1s[r]).mean() for r in range(2)) / 2)
+            (x0, xN), (t, n) = G_out[r], noise[first + r]
+            losses.append((f_before(bridge(x0, xN, t, n), t) - xN).square().mean())
+        check_step(f_before, f_after, sum(losses) / 2)
+    check_step(D0, nets1['D'], sum(D0(G_out[r][1]).mean() - D0(x1s[r]).mean() for r in range(2)) / 2)
     _, f_vel, _ = eot_network_kwargs((2,), model_channels=4, drift='velocity')
     with pytest.raises(ValueError, match='reuse_G_output'): # The light G-step has no G outputs to reuse.
         eot_task.EOTTask(*data, f_kwargs=f_vel, G_loss='light', V_kwargs={}, reuse_G_output=True)
@@ -424,7 +439,12 @@ def test_light_iteration_fits_v_then_f_and_g_to_v_s_plan(vector_domains):
     task = _light_task(vector_domains, G_iters=2, f_iters=2, D_iters=3)
     trainer = _trainer(8, 8, lr_rampup_kimg=0)
     task.setup(trainer, run_dir=None, seed=0)
-    assert torch.equal(trainer.nets['V'].means, torch.as_tensor(np.stack([task.data2.dataset[i][0] for i in range(4)])))
+    # V's means: k-means++ seeds among the target items (tests/models/test_light_sb.py), drawn with the run's seed.
+    items = torch.as_tensor(np.stack([task.data2.dataset[i][0] for i in range(len(task.data2.dataset))]))
+    assert all(any(torch.equal(mean, item) for item in items) for mean in trainer.nets['V'].means)
+    twin = trainer.nets['V'].__class__(2, components=4, eps=0.5)
+    twin.init_from(items, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(trainer.nets['V'].means, twin.means)
     calls, samples = [], []
     trainer.nets['G'].register_forward_hook(lambda mod, inp, out: calls.append((inp[0].shape[0], out.requires_grad)))
     trainer.nets['D'].register_forward_hook(lambda mod, inp, out: calls.append(('D',)))

@@ -219,6 +219,9 @@ def _eot_task_kwargs(opts):
     if opts.reuse_g_output and opts.g_loss == 'light':
         raise click.ClickException('--reuse-g-output=1 applies to the G-steps with a critic (--g-loss=stated or '
                                    'kinetic); --g-loss=light has no G outputs for f or D to reuse: drop one of them')
+    if opts.share_passes and not opts.reuse_g_output:
+        raise click.ClickException('--share-passes=1 shares the G-step\'s passes with the f- and D-steps that reuse '
+                                   'its outputs: add --reuse-g-output=1 (or drop --share-passes)')
     # The kinetic and light G-steps need f = x + (1 - t) v.
     drift = 'end_point' if opts.g_loss == 'stated' else 'velocity'
     net_opts = _net_opts(opts)
@@ -239,7 +242,8 @@ def _eot_task_kwargs(opts):
         D_opt_kwargs=_adam(opts.lr_d, opts.adam_betas),
         **(dict(V_kwargs=V_kwargs, V_opt_kwargs=_adam(LIGHT_LR, opts.adam_betas)) if V_kwargs else {}),
         gamma=opts.gamma, G_loss=opts.g_loss, G_iters=opts.g_iters, f_iters=opts.f_iters, D_iters=opts.d_iters,
-        D_gp=opts.d_gp, D_gp_every=opts.d_gp_every, reuse_G_output=opts.reuse_g_output, sde_steps=opts.sde_steps,
+        D_gp=opts.d_gp, D_gp_every=opts.d_gp_every, reuse_G_output=opts.reuse_g_output, share_passes=opts.share_passes,
+        sde_steps=opts.sde_steps,
         metrics=metrics, data2stats=opts.data2stats, detector=opts.detector,
         samples_dir_G=opts.samples_dir_g, samples_dir_SDE=opts.samples_dir_sde)
     data_paths = dnnlib.EasyDict(data1train=opts.data1train, data2train=opts.data2train, data1test=opts.data1test,
@@ -255,7 +259,7 @@ LIGHT_LR = 1e-2
 
 def _light_potential_kwargs(opts, shape, V_opts, num_targets):
     """The potential network V of --g-loss=light (None for the other G-steps), with --net-opts' "V" object; its means
-    start at the first `components` of the `num_targets` items of --data2train."""
+    start at `components` of the `num_targets` items of --data2train (k-means++ seeds), so there must be that many."""
     if opts.g_loss != 'light':
         if V_opts is not None:
             raise click.ClickException(f'--net-opts={opts.net_opts!r}: "V" configures the potential of '
@@ -390,7 +394,7 @@ def option_name(name):
 KIND_OPTIONS = dict(
     eot=('data1train', 'data2train', 'data1test', 'data2test', 'data1stats', 'data2stats', 'samples_dir_sde',
          'samples_dir_g', 'metrics', 'detector', 'g_loss', 'g_iters', 'd_iters', 'f_iters', 'gamma', 'lr_g', 'lr_d',
-         'lr_f', 'd_gp', 'd_gp_every', 'reuse_g_output', 'sde_steps'),
+         'lr_f', 'd_gp', 'd_gp_every', 'reuse_g_output', 'share_passes', 'sde_steps'),
     denoiser=('data', 'precond', 'lr'),
 )
 
@@ -438,6 +442,7 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--d-gp',            'd_gp', help='Weight of a WGAN-GP gradient penalty on the critic (0: none, as in the stated method; 10 is the usual value; it steadies short image runs)', metavar='FLOAT', type=FiniteFloat(min=0), default=0, show_default=True)
 @click.option('--d-gp-every',      'd_gp_every', help='Lazy penalty: apply --d-gp on every Nth critic step only, weighted N x (StyleGAN2\'s lazy regularisation)', metavar='N', type=click.IntRange(min=1, max=MAX_ITERS), default=1, show_default=True)
 @click.option('--reuse-g-output',  'reuse_g_output', help='The f- and D-steps train on the latest G-step\'s inputs and outputs instead of a batch and a G pass of their own (one G pass per G-step; each G-step then comes before its f-steps)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--share-passes',    'share_passes', help='With --reuse-g-output=1: the G-step\'s passes through f and D also serve the first f-step (at the G-step\'s bridge point) and the first D-step, G, f and D stepping together (1.09x per iteration for the demo; it changes the random stream, and the demo\'s learning check did not pass with it: docs/recipes.md)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--lr-d',            'lr_d', help='Learning rate of D  [default: 3e-4 for --kind=eot on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
 @click.option('--lr-f',            'lr_f', help='Learning rate of f  [default: 1e-3 with --g-loss=light, 3e-4 for other G-steps on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
 @click.option('--adam-betas',      help='Adam\'s betas of G, f and D (0.5,0.9 or 0,0.9 are WGAN-GP\'s usual; they steadied the demo)', metavar='B1,B2', type=AdamBetas(), default='0.9,0.999', show_default=True)

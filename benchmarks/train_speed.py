@@ -11,7 +11,7 @@ backward and double backward, counted by torch.utils.flop_counter) divided by th
 matrix product measured in the same rounds with the same threads: what the arithmetic alone would take.
 
     python -m benchmarks.train_speed                          # v1, same-math, demo; the demo's data built in /tmp
-    python -m benchmarks.train_speed --arms=v1,penalty,same-math,lazy4,separate,demo --rounds=5 --iters=16
+    python -m benchmarks.train_speed --arms=v1,penalty,same-math,lazy4,demo,shared --rounds=5 --iters=16
     python -m benchmarks.train_speed --data=demo-run/data --rounds=9 --arms=v1,penalty,same-math,lazy4,no-gp
     python -m benchmarks.train_speed --device=cuda --arms=demo,compile,compile-cg --batch=1024
     python -m benchmarks.train_speed --device=cuda --precision=bf16 --arms=demo
@@ -87,8 +87,8 @@ ARMS = {
     'lazy16':    dict(options=[*OLD, '--d-gp-every=16']),
     'no-gp':     dict(options=[*OLD, '--d-gp=0']), # no penalty: the floor of any penalty schedule
     'lazy4-d8':  dict(options=[*OLD, '--d-gp-every=4', _net_opts(model_channels=8)]), # + a critic of width 8
-    'separate':  dict(options=[], share_passes=False),     # + f- and D-steps on the G-step's outputs (the demo before shared passes)
-    'demo':      dict(options=[]),                         # demo.FULL as it is: + they share the G-step's passes through f and D
+    'demo':      dict(options=[]),                         # demo.FULL as it is: + f- and D-steps on the G-step's outputs
+    'shared':    dict(options=['--share-passes=1']),       # the demo with those steps sharing the G-step's passes through f and D
     'lazy8':     dict(options=['--d-gp-every=8']),         # the demo with the penalty every 8th critic step
     'lazy16r':   dict(options=['--d-gp-every=16']),        # ... every 16th
     'batch96':   dict(options=['--batch=96']),             # the demo with 96 images per step (fewer steps per kimg)
@@ -136,7 +136,6 @@ def build_arm(name, data_dir, device, precision, batch=None):
     if arm.get('joint', False):
         task.loss = JointPenaltyEOTLoss(task.loss.gamma)
     task.data1.in_memory = task.data2.in_memory = arm.get('memory', True)
-    task.share_passes = arm.get('share_passes', task.share_passes)
     return trainer, task
 
 

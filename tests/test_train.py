@@ -235,7 +235,9 @@ def test_light_g_loss_is_the_default_for_vectors_with_entropy(tmp_path, vector_d
                           (_args(tmp_path / 'r7', vector_domains, '--net-opts={"V": {"components": 0}}'),
                            '"V" takes only "components"'),
                           (_args(tmp_path / 'r8', vector_domains, '--reuse-g-output=1'),
-                           '--g-loss=light has no G outputs for f or D to reuse')):
+                           '--g-loss=light has no G outputs for f or D to reuse'),
+                          (_args(tmp_path / 'r9', vector_domains, '--g-loss=stated', '--share-passes=1'),
+                           'add --reuse-g-output=1')):
         res = _run(args)
         assert res.exit_code != 0 and message in res.output, res.output
         assert not os.path.exists(args[0].split('=', 1)[1])
@@ -276,10 +278,10 @@ def test_bad_input_fails_before_any_output(tmp_path, image_domains, case):
 
 
 @pytest.mark.parametrize('extra', [[], ['--g-loss=stated', '--D-gp=10'],
-                                   ['--g-loss=stated', '--D-gp=10', '--reuse-g-output=1']],
+                                   ['--g-loss=stated', '--D-gp=10', '--reuse-g-output=1', '--share-passes=1']],
                          ids=['light', 'gradient-penalty', 'shared-passes'])
 def test_two_gloo_processes_train_and_stay_consistent(tmp_path, vector_domains, extra):
-    """(With --D-gp the critic's loss needs a double backward through D's DDP wrapper; with --reuse-g-output G, f
+    """(With --D-gp the critic's loss needs a double backward through D's DDP wrapper; with --share-passes G, f
     and D step in one phase from shared passes through the three DDP wrappers.)"""
     args = _args(tmp_path / 'runs', vector_domains, '--batch-gpu=2', *extra, batch=8, duration_iters=2)
     res = torchrun(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'train.py'), *args, nproc=2)

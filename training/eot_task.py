@@ -47,10 +47,11 @@ class EOTTask:
     With `reuse_G_output` an iteration is `G_iters` x (one G-step, `f_iters` f-steps), then `D_iters` D-steps,
     and the f- and D-steps take the latest G-step's inputs x0 and its outputs (detached) instead of a batch of
     their own and a G pass under no_grad: one G pass per G-step instead of one per step (the same cyclic order
-    of the steps; f and D see G's outputs from before its latest update). The G-step's own passes through f
-    and D then also serve the first of those f-steps (at the G-step's bridge point) and, in the last G-step,
-    the first D-step (D(xN) is one pass for both): G, f and D take those steps together (Trainer.run_phases),
-    each from its own loss, with the same weights and inputs the separate steps would see.
+    of the steps; f and D see G's outputs from before its latest update). With `share_passes` as well, the
+    G-step's own passes through f and D also serve the first of those f-steps (at the G-step's bridge point,
+    not a fresh one) and, in the last G-step, the first D-step (D(xN) is one pass for both): G, f and D take
+    those steps together (Trainer.run_phases), each from its own loss, with the weights and inputs the separate
+    steps would see.
     `G_loss`: 'stated' (EOTLoss, docs/architecture.md) or 'kinetic' (KineticEOTLoss; f must be a velocity
     drift, see networks.eot_network_kwargs(drift='velocity')), or 'light' for vectors (LightEOTLoss): a fourth
     network V (models.light_sb.LightPotential, `V_kwargs`) learns the Schrodinger potential from the two
@@ -63,7 +64,7 @@ class EOTTask:
                  G_kwargs=None, f_kwargs=None, D_kwargs=None,
                  G_opt_kwargs=None, f_opt_kwargs=None, D_opt_kwargs=None, V_kwargs=None, V_opt_kwargs=None,
                  gamma=1.0, G_loss='stated', G_iters=10, f_iters=2, D_iters=1, D_gp=0.0, D_gp_every=1, sde_steps=10,
-                 reuse_G_output=False, grid_size=None, metrics=(), data2stats=None, detector=None, samples_dir_G=None,
+                 reuse_G_output=False, share_passes=False, grid_size=None, metrics=(), data2stats=None, detector=None, samples_dir_G=None,
                  samples_dir_SDE=None):
         self.kwargs = dnnlib.EasyDict(data1_kwargs=data1_kwargs, data2_kwargs=data2_kwargs, test1_kwargs=test1_kwargs,
                                       loader_kwargs=dict(loader_kwargs or {}))
@@ -95,9 +96,10 @@ class EOTTask:
             raise ValueError(f'D_gp_every (critic steps per gradient penalty) must be an int >= 1; got {D_gp_every}')
         self.D_gp_every = int(D_gp_every)
         self.reuse_G_output = bool(reuse_G_output)
-        # With reuse_G_output, the G-step's passes through f and D serve an f- and a D-step too (benchmarks set
-        # False to measure what that saves).
-        self.share_passes = self.reuse_G_output
+        if share_passes and not reuse_G_output:
+            raise ValueError('share_passes (train.py --share-passes) shares the G-step\'s passes with the steps that '
+                             'reuse its outputs: it needs reuse_G_output=True')
+        self.share_passes = bool(share_passes)
         self._G_outputs = [] # With reuse_G_output: (x0, xN detached) of each round of the latest G-step.
         self.sde_steps = int(sde_steps)
         self.grid_size = grid_size

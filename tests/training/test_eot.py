@@ -246,6 +246,23 @@ def test_lr_rampup_and_ema_follow_their_formulas():
     assert torch.allclose(trainer.ema['G'].b, beta * ema_before + (1 - beta) * 1.0)
 
 
+def test_lr_decay_falls_linearly_to_zero_at_the_end_and_sets_the_step_size():
+    """lr_decay_kimg: full rate until total - decay, then linear to 0 at total (times the ramp-up); an SGD step
+    moves the weights by the decayed rate times the gradient."""
+    trainer = _trainer(10, None, lr_rampup_kimg=0.2, lr_decay_kimg=0.4, total_kimg=1.0, grad_clip=0)
+    for nimg, expect in ((100, 0.5), (400, 1.0), (600, 1.0), (700, 0.75), (900, 0.25), (1000, 0.0), (1100, 0.0)):
+        trainer.cur_nimg = nimg
+        assert trainer.lr_scale() == pytest.approx(expect), nimg
+    net = Affine(1, 0)
+    trainer.add_network('G', net, dict(class_name='torch.optim.SGD', lr=0.2))
+    trainer.cur_nimg = 800 # Rate 0.2 x 0.5.
+    before = net.b.detach().clone()
+    trainer.run_phase('G', lambda m: m.b.sum().reshape(1) * 3.0) # d loss / d b = 3 per entry.
+    assert torch.allclose(before - net.b.detach(), torch.full_like(before, 0.2 * 0.5 * 3.0))
+    with pytest.raises(ValueError, match='total_kimg'):
+        _trainer(10, None, lr_decay_kimg=0.4)
+
+
 def test_eot_task_keeps_g_out_of_the_graph_in_f_and_d_steps(vector_domains):
     from models.networks import eot_network_kwargs
     G_kw, f_kw, D_kw = eot_network_kwargs((2,), model_channels=4)
@@ -298,9 +315,69 @@ def test_lazy_penalty_every_nth_critic_step_weighted_n_times(vector_domains):
         eot_task.EOTTask(*data, D_gp_every=0)
 
 
-def test_reuse_g_output_trains_f_and_d_on_the_g_steps_outputs_and_passes(vector_domains):
-    """reuse_G_output: per iteration one phase in which G, f and D step together from the G-step's passes (each
-    from its own loss), then the other f-step; f and D train on the G-step's inputs and detached outputs (round
+def test_reuse_g_output_trains_f_and_d_on_the_g_steps_outputs(vector_domains):
+    """reuse_G_output: per iteration one G-step, its f-steps, then the D-step; f and D train on the G-step's
+    inputs and detached outputs (round r on round r), with no G pass and no domain-1 batch of their own; the
+    f- and D-step gradients equal the losses of docs/architecture.md written out on those tensors."""
+    import copy
+    from models.networks import eot_network_kwargs
+    G_kw, f_kw, D_kw = eot_network_kwargs((2,), model_channels=4)
+    sgd = dict(class_name='torch.optim.SGD', lr=1.0) # A step's parameter change is minus its gradient.
+    data = [dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=vector_domains[k])
+            for k in ('data1train', 'data2train')]
+    gamma = 0.5
+    task = eot_task.EOTTask(*data, G_kwargs=G_kw, f_kwargs=f_kw, D_kwargs=D_kw, G_opt_kwargs=sgd, f_opt_kwargs=sgd,
+                            D_opt_kwargs=sgd, gamma=gamma, G_iters=1, f_iters=2, D_iters=1, reuse_G_output=True)
+    trainer = _trainer(8, 4, lr_rampup_kimg=0, grad_clip=0)
+    task.setup(trainer, run_dir=None, seed=0)
+    task.iteration(trainer) # Past the zero-initialised output layers: every input reaches every gradient.
+    G_out, G_calls = [], []
+    def on_G(mod, inp, out):
+        G_calls.append(out.requires_grad)
+        G_out.append((inp[0], out.detach()))
+    trainer.nets['G'].register_forward_hook(on_G)
+    noise, x1s = [], []
+    orig_noise, orig_next = task._bridge_noise, task.data2.next
+    task._bridge_noise = lambda *args: noise.append(orig_noise(*args)) or noise[-1]
+    task.data2.next = lambda: x1s.append(orig_next()) or x1s[-1]
+    steps = [] # (phase, the network before the step, the network after it)
+    orig_phases = trainer.run_phases # (run_phase calls it.)
+    def run_phases(names, fn):
+        name, = names # Without share_passes every phase trains one network.
+        before = copy.deepcopy(trainer.nets[name])
+        orig_phases(names, fn)
+        steps.append((name, before, copy.deepcopy(trainer.nets[name])))
+    trainer.run_phases = run_phases
+    task.iteration(trainer)
+    assert [name for name, _, _ in steps] == ['G', 'f', 'f', 'D']
+    assert G_calls == [True, True] # The G-step's 2 rounds; no G pass in the f- and D-steps.
+    assert task.data1.consumed == 16 and task.data2.consumed == 16 # Over both iterations.
+    assert len(noise) == 2 + 2 + 2 # Bridge noise of the G-step's and both f-steps' rounds.
+
+    def check_step(before, after, loss):
+        loss.backward()
+        for p0, p1 in zip(before.parameters(), after.parameters()):
+            torch.testing.assert_close(p0 - p1, p0.grad, rtol=1e-4, atol=1e-6)
+
+    for k, (_, f0, f1) in enumerate(steps[1:3]): # f-step k, round r: the G-step's round r, its own t and n.
+        losses = []
+        for r in range(2):
+            (x0, xN), (t, n) = G_out[r], noise[2 + 2 * k + r]
+            xt = x0 + t[:, None] * (xN - x0) + (gamma * t * (1 - t)).sqrt()[:, None] * n
+            losses.append((f0(xt, t) - xN).square().mean())
+        check_step(f0, f1, sum(losses) / 2)
+    _, D0, D1 = steps[3]
+    check_step(D0, D1, sum(D0(G_out[r][1]).mean() - D0(x1s[r]).mean() for r in range(2)) / 2)
+    _, f_vel, _ = eot_network_kwargs((2,), model_channels=4, drift='velocity')
+    with pytest.raises(ValueError, match='reuse_G_output'): # The light G-step has no G outputs to reuse.
+        eot_task.EOTTask(*data, f_kwargs=f_vel, G_loss='light', V_kwargs={}, reuse_G_output=True)
+    with pytest.raises(ValueError, match='reuse_G_output=True'): # Shared passes serve the steps that reuse.
+        eot_task.EOTTask(*data, share_passes=True)
+
+
+def test_shared_passes_train_f_and_d_on_the_g_steps_outputs_and_passes(vector_domains):
+    """reuse_G_output with share_passes: per iteration one phase in which G, f and D step together from the
+    G-step's passes (each from its own loss), then the other f-step; f and D train on the G-step's inputs and detached outputs (round
     r on round r), with no G pass and no domain-1 batch of their own. Each network's step equals the gradient of
     its loss of docs/architecture.md written out on those tensors with the networks before the phase (so the
     shared passes leak no gradient from one network's loss into another's weights)."""
@@ -312,7 +389,8 @@ def test_reuse_g_output_trains_f_and_d_on_the_g_steps_outputs_and_passes(vector_
             for k in ('data1train', 'data2train')]
     gamma = 0.5
     task = eot_task.EOTTask(*data, G_kwargs=G_kw, f_kwargs=f_kw, D_kwargs=D_kw, G_opt_kwargs=sgd, f_opt_kwargs=sgd,
-                            D_opt_kwargs=sgd, gamma=gamma, G_iters=1, f_iters=2, D_iters=1, reuse_G_output=True)
+                            D_opt_kwargs=sgd, gamma=gamma, G_iters=1, f_iters=2, D_iters=1, reuse_G_output=True,
+                            share_passes=True)
     trainer = _trainer(8, 4, lr_rampup_kimg=0, grad_clip=0)
     task.setup(trainer, run_dir=None, seed=0)
     task.iteration(trainer) # Past the zero-initialised output layers: every input reaches every gradient.
@@ -365,9 +443,6 @@ def test_reuse_g_output_trains_f_and_d_on_the_g_steps_outputs_and_passes(vector_
             losses.append((f_before(bridge(x0, xN, t, n), t) - xN).square().mean())
         check_step(f_before, f_after, sum(losses) / 2)
     check_step(D0, nets1['D'], sum(D0(G_out[r][1]).mean() - D0(x1s[r]).mean() for r in range(2)) / 2)
-    _, f_vel, _ = eot_network_kwargs((2,), model_channels=4, drift='velocity')
-    with pytest.raises(ValueError, match='reuse_G_output'): # The light G-step has no G outputs to reuse.
-        eot_task.EOTTask(*data, f_kwargs=f_vel, G_loss='light', V_kwargs={}, reuse_G_output=True)
 
 
 def test_eot_task_kinetic_needs_a_velocity_drift(vector_domains):

@@ -64,8 +64,8 @@ class EOTTask:
                  G_kwargs=None, f_kwargs=None, D_kwargs=None,
                  G_opt_kwargs=None, f_opt_kwargs=None, D_opt_kwargs=None, V_kwargs=None, V_opt_kwargs=None,
                  gamma=1.0, G_loss='stated', G_iters=10, f_iters=2, D_iters=1, D_gp=0.0, D_gp_every=1, sde_steps=10,
-                 reuse_G_output=False, share_passes=False, grid_size=None, metrics=(), data2stats=None, detector=None, samples_dir_G=None,
-                 samples_dir_SDE=None):
+                 reuse_G_output=False, share_passes=False, grid_size=None, metrics=(), data2stats=None, detector=None,
+                 samples_dir_G=None, samples_dir_SDE=None):
         self.kwargs = dnnlib.EasyDict(data1_kwargs=data1_kwargs, data2_kwargs=data2_kwargs, test1_kwargs=test1_kwargs,
                                       loader_kwargs=dict(loader_kwargs or {}))
         self.net_kwargs = dict(G=G_kwargs, f=f_kwargs, D=D_kwargs)
@@ -180,8 +180,8 @@ class EOTTask:
             if not self.reuse_G_output:
                 for _ in range(self.f_iters):
                     trainer.run_phase('f', lambda f_ddp: self._f_step(trainer, f_ddp, self._batch(trainer, G)))
-            # With reuse_G_output the G-step's passes through f and D also serve the first f-step and (in the
-            # last G-step) the first D-step: those networks then train in the same phase.
+            # With share_passes the G-step's passes through f and D also serve the first f-step and (in the last
+            # G-step) the first D-step: those networks then train in the same phase.
             shared = ['f'] * (self.share_passes and self.f_iters > 0)
             shared_D = self.share_passes and self.D_iters > 0 and g == self.G_iters - 1
             shared += ['D'] * shared_D

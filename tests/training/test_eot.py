@@ -315,31 +315,55 @@ def test_lazy_penalty_every_nth_critic_step_weighted_n_times(vector_domains):
         eot_task.EOTTask(*data, D_gp_every=0)
 
 
+def _reuse_task(vector_domains, **kwargs):
+    """(task, trainer, data kwargs, gamma): reuse_G_output with SGD at lr 1 (a step's parameter change is minus its
+    gradient), 1 G-step, 2 f-steps, 1 D-step, 2 accumulation rounds, after one iteration (past the zero-initialised
+    output layers: every input reaches every gradient)."""
+    from models.networks import eot_network_kwargs
+    G_kw, f_kw, D_kw = eot_network_kwargs((2,), model_channels=4)
+    sgd = dict(class_name='torch.optim.SGD', lr=1.0)
+    data = [dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=vector_domains[k])
+            for k in ('data1train', 'data2train')]
+    gamma = 0.5
+    task = eot_task.EOTTask(*data, G_kwargs=G_kw, f_kwargs=f_kw, D_kwargs=D_kw, G_opt_kwargs=sgd, f_opt_kwargs=sgd,
+                            D_opt_kwargs=sgd, gamma=gamma, G_iters=1, f_iters=2, D_iters=1, reuse_G_output=True,
+                            **kwargs)
+    trainer = _trainer(8, 4, lr_rampup_kimg=0, grad_clip=0)
+    task.setup(trainer, run_dir=None, seed=0)
+    task.iteration(trainer)
+    return task, trainer, data, gamma
+
+
+def _record_inputs(task, trainer):
+    """Lists that fill as the task runs: G's inputs, (x0, detached output) per G call, whether its output carried
+    a graph, the bridge noise (t, n) of every draw, the domain-2 batches."""
+    G_in, G_out, G_calls, noise, x1s = [], [], [], [], []
+    def on_G(mod, inp, out):
+        G_calls.append(out.requires_grad)
+        G_in.append(inp)
+        G_out.append((inp[0], out.detach()))
+    trainer.nets['G'].register_forward_hook(on_G)
+    orig_noise, orig_next = task._bridge_noise, task.data2.next
+    task._bridge_noise = lambda *args: noise.append(orig_noise(*args)) or noise[-1]
+    task.data2.next = lambda: x1s.append(orig_next()) or x1s[-1]
+    return G_in, G_out, G_calls, noise, x1s
+
+
+def _check_step(before, after, loss):
+    """after = before - grad(loss) (an SGD step at lr 1); the loss may reach other networks' weights too."""
+    grads = torch.autograd.grad(loss, list(before.parameters()))
+    for p0, p1, grad in zip(before.parameters(), after.parameters(), grads):
+        torch.testing.assert_close(p0 - p1, grad, rtol=1e-4, atol=1e-6)
+
+
 def test_reuse_g_output_trains_f_and_d_on_the_g_steps_outputs(vector_domains):
     """reuse_G_output: per iteration one G-step, its f-steps, then the D-step; f and D train on the G-step's
     inputs and detached outputs (round r on round r), with no G pass and no domain-1 batch of their own; the
     f- and D-step gradients equal the losses of docs/architecture.md written out on those tensors."""
     import copy
     from models.networks import eot_network_kwargs
-    G_kw, f_kw, D_kw = eot_network_kwargs((2,), model_channels=4)
-    sgd = dict(class_name='torch.optim.SGD', lr=1.0) # A step's parameter change is minus its gradient.
-    data = [dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=vector_domains[k])
-            for k in ('data1train', 'data2train')]
-    gamma = 0.5
-    task = eot_task.EOTTask(*data, G_kwargs=G_kw, f_kwargs=f_kw, D_kwargs=D_kw, G_opt_kwargs=sgd, f_opt_kwargs=sgd,
-                            D_opt_kwargs=sgd, gamma=gamma, G_iters=1, f_iters=2, D_iters=1, reuse_G_output=True)
-    trainer = _trainer(8, 4, lr_rampup_kimg=0, grad_clip=0)
-    task.setup(trainer, run_dir=None, seed=0)
-    task.iteration(trainer) # Past the zero-initialised output layers: every input reaches every gradient.
-    G_out, G_calls = [], []
-    def on_G(mod, inp, out):
-        G_calls.append(out.requires_grad)
-        G_out.append((inp[0], out.detach()))
-    trainer.nets['G'].register_forward_hook(on_G)
-    noise, x1s = [], []
-    orig_noise, orig_next = task._bridge_noise, task.data2.next
-    task._bridge_noise = lambda *args: noise.append(orig_noise(*args)) or noise[-1]
-    task.data2.next = lambda: x1s.append(orig_next()) or x1s[-1]
+    task, trainer, data, gamma = _reuse_task(vector_domains)
+    G_in, G_out, G_calls, noise, x1s = _record_inputs(task, trainer)
     steps = [] # (phase, the network before the step, the network after it)
     orig_phases = trainer.run_phases # (run_phase calls it.)
     def run_phases(names, fn):
@@ -354,20 +378,15 @@ def test_reuse_g_output_trains_f_and_d_on_the_g_steps_outputs(vector_domains):
     assert task.data1.consumed == 16 and task.data2.consumed == 16 # Over both iterations.
     assert len(noise) == 2 + 2 + 2 # Bridge noise of the G-step's and both f-steps' rounds.
 
-    def check_step(before, after, loss):
-        loss.backward()
-        for p0, p1 in zip(before.parameters(), after.parameters()):
-            torch.testing.assert_close(p0 - p1, p0.grad, rtol=1e-4, atol=1e-6)
-
     for k, (_, f0, f1) in enumerate(steps[1:3]): # f-step k, round r: the G-step's round r, its own t and n.
         losses = []
         for r in range(2):
             (x0, xN), (t, n) = G_out[r], noise[2 + 2 * k + r]
             xt = x0 + t[:, None] * (xN - x0) + (gamma * t * (1 - t)).sqrt()[:, None] * n
             losses.append((f0(xt, t) - xN).square().mean())
-        check_step(f0, f1, sum(losses) / 2)
+        _check_step(f0, f1, sum(losses) / 2)
     _, D0, D1 = steps[3]
-    check_step(D0, D1, sum(D0(G_out[r][1]).mean() - D0(x1s[r]).mean() for r in range(2)) / 2)
+    _check_step(D0, D1, sum(D0(G_out[r][1]).mean() - D0(x1s[r]).mean() for r in range(2)) / 2)
     _, f_vel, _ = eot_network_kwargs((2,), model_channels=4, drift='velocity')
     with pytest.raises(ValueError, match='reuse_G_output'): # The light G-step has no G outputs to reuse.
         eot_task.EOTTask(*data, f_kwargs=f_vel, G_loss='light', V_kwargs={}, reuse_G_output=True)
@@ -377,33 +396,13 @@ def test_reuse_g_output_trains_f_and_d_on_the_g_steps_outputs(vector_domains):
 
 def test_shared_passes_train_f_and_d_on_the_g_steps_outputs_and_passes(vector_domains):
     """reuse_G_output with share_passes: per iteration one phase in which G, f and D step together from the
-    G-step's passes (each from its own loss), then the other f-step; f and D train on the G-step's inputs and detached outputs (round
-    r on round r), with no G pass and no domain-1 batch of their own. Each network's step equals the gradient of
+    G-step's passes (each from its own loss), then the other f-step; f and D train on the G-step's inputs and
+    detached outputs (round r on round r), with no G pass and no domain-1 batch of their own. Each network's step equals the gradient of
     its loss of docs/architecture.md written out on those tensors with the networks before the phase (so the
     shared passes leak no gradient from one network's loss into another's weights)."""
     import copy
-    from models.networks import eot_network_kwargs
-    G_kw, f_kw, D_kw = eot_network_kwargs((2,), model_channels=4)
-    sgd = dict(class_name='torch.optim.SGD', lr=1.0) # A step's parameter change is minus its gradient.
-    data = [dnnlib.EasyDict(class_name='data.dataset.VectorDataset', path=vector_domains[k])
-            for k in ('data1train', 'data2train')]
-    gamma = 0.5
-    task = eot_task.EOTTask(*data, G_kwargs=G_kw, f_kwargs=f_kw, D_kwargs=D_kw, G_opt_kwargs=sgd, f_opt_kwargs=sgd,
-                            D_opt_kwargs=sgd, gamma=gamma, G_iters=1, f_iters=2, D_iters=1, reuse_G_output=True,
-                            share_passes=True)
-    trainer = _trainer(8, 4, lr_rampup_kimg=0, grad_clip=0)
-    task.setup(trainer, run_dir=None, seed=0)
-    task.iteration(trainer) # Past the zero-initialised output layers: every input reaches every gradient.
-    G_in, G_out, G_calls = [], [], []
-    def on_G(mod, inp, out):
-        G_calls.append(out.requires_grad)
-        G_in.append(inp)
-        G_out.append((inp[0], out.detach()))
-    trainer.nets['G'].register_forward_hook(on_G)
-    noise, x1s = [], []
-    orig_noise, orig_next = task._bridge_noise, task.data2.next
-    task._bridge_noise = lambda *args: noise.append(orig_noise(*args)) or noise[-1]
-    task.data2.next = lambda: x1s.append(orig_next()) or x1s[-1]
+    task, trainer, data, gamma = _reuse_task(vector_domains, share_passes=True)
+    G_in, G_out, G_calls, noise, x1s = _record_inputs(task, trainer)
     steps = [] # (phase's networks, {name: network before the phase}, {name: network after it})
     orig_phases = trainer.run_phases # (run_phase calls it.)
     def run_phases(names, fn):
@@ -416,11 +415,6 @@ def test_shared_passes_train_f_and_d_on_the_g_steps_outputs_and_passes(vector_do
     assert G_calls == [True, True] # The G-step's 2 rounds; no G pass in the f-step.
     assert task.data1.consumed == 16 and task.data2.consumed == 16 # Over both iterations.
     assert len(noise) == 2 + 2 # Bridge noise of the G-step's rounds (shared with the first f-step), the f-step's.
-
-    def check_step(before, after, loss): # (The loss reaches other networks' weights too: only before's count.)
-        grads = torch.autograd.grad(loss, list(before.parameters()))
-        for p0, p1, grad in zip(before.parameters(), after.parameters(), grads):
-            torch.testing.assert_close(p0 - p1, grad, rtol=1e-4, atol=1e-6)
 
     def bridge(x0, xN, t, n):
         return x0 + t[:, None] * (xN - x0) + (gamma * t * (1 - t)).sqrt()[:, None] * n
@@ -435,14 +429,14 @@ def test_shared_passes_train_f_and_d_on_the_g_steps_outputs_and_passes(vector_do
         drift = f0(xt, t) - xt
         transport = 2 * ((drift * (xN - xt)).mean(1) - drift.square().mean(1) / 2)
         G_losses.append((transport - D0(xN)).mean())
-    check_step(G0, nets1['G'], sum(G_losses) / 2)
+    _check_step(G0, nets1['G'], sum(G_losses) / 2)
     for k, (f_before, f_after, first) in enumerate([(f0, nets1['f'], 0), (steps[1][1]['f'], steps[1][2]['f'], 2)]):
         losses = [] # f-step k, round r: the G-step's round r; the first at the G-step's own t and n.
         for r in range(2):
             (x0, xN), (t, n) = G_out[r], noise[first + r]
             losses.append((f_before(bridge(x0, xN, t, n), t) - xN).square().mean())
-        check_step(f_before, f_after, sum(losses) / 2)
-    check_step(D0, nets1['D'], sum(D0(G_out[r][1]).mean() - D0(x1s[r]).mean() for r in range(2)) / 2)
+        _check_step(f_before, f_after, sum(losses) / 2)
+    _check_step(D0, nets1['D'], sum(D0(G_out[r][1]).mean() - D0(x1s[r]).mean() for r in range(2)) / 2)
 
 
 def test_eot_task_kinetic_needs_a_velocity_drift(vector_domains):

@@ -55,7 +55,7 @@ class LightPotential(torch.nn.Module):
         `generator`: a torch.Generator for the draws (the same on every rank gives the same potential).
 
         (Means at the first K rows left a mode of the D = 2, eps = 1 benchmark target without a component in 6
-        of 8 batch orders, and V then stalled at 1.7 % cBW2-UVP; from k-means++ seeds 8 of 8 reached 0.01-0.1 %:
+        of 8 batch orders, and V then stalled at 1.7 % cBW2-UVP; from k-means++ seeds 8 of 8 ended at 0.01-0.11 %:
         docs/eot_benchmarks.md.)
         """
         k = self.means.shape[0]

@@ -26,6 +26,7 @@ from torch_utils.training_stats import wandb_module
 from training.launch import CHANGEABLE, LaunchError, check_outdir, launch_training, parse_allowed_changes
 from training.loop import TrainingStopped
 from training.resume import records_no_options
+from training.eot_task import check_step_options
 from training.trainer import DivergenceError, split_batch
 
 #----------------------------------------------------------------------------
@@ -217,12 +218,10 @@ def _eot_task_kwargs(opts):
     """(task_kwargs, data_paths) of --kind=eot: G, f and D trained by EOTTask on two domains."""
     data = _eot_data(opts)
     metrics = _eot_metrics(opts, data)
-    if opts.reuse_g_output and opts.g_loss == 'light':
-        raise click.ClickException('--reuse-g-output=1 applies to the G-steps with a critic (--g-loss=stated or '
-                                   'kinetic); --g-loss=light has no G outputs for f or D to reuse: drop one of them')
-    if opts.share_passes and not opts.reuse_g_output:
-        raise click.ClickException('--share-passes=1 shares the G-step\'s passes with the f- and D-steps that reuse '
-                                   'its outputs: add --reuse-g-output=1 (or drop --share-passes)')
+    try:
+        check_step_options(opts.g_loss, opts.reuse_g_output, opts.share_passes)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     # The kinetic and light G-steps need f = x + (1 - t) v.
     drift = 'end_point' if opts.g_loss == 'stated' else 'velocity'
     net_opts = _net_opts(opts)

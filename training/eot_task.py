@@ -26,6 +26,18 @@ from training.trainer import DataStream, cpu_copy
 
 V_INIT_ITEMS = 4096 # The light G-step's potential seeds its means among this many target items (LightPotential.init_from).
 
+def check_step_options(G_loss, reuse_G_output, share_passes):
+    """Refuse the step options that do not go together (ValueError naming the EOTTask argument and train.py's
+    option): reusing G's outputs with the light G-step, sharing passes without reusing G's outputs."""
+    if reuse_G_output and G_loss == 'light':
+        raise ValueError('reuse_G_output (train.py --reuse-g-output=1) applies to the G-steps with a critic '
+                         '(--g-loss=stated or kinetic); --g-loss=light has no G outputs for f or D to reuse: drop one '
+                         'of them')
+    if share_passes and not reuse_G_output:
+        raise ValueError('share_passes (train.py --share-passes=1) shares the G-step\'s passes with the f- and '
+                         'D-steps that reuse its outputs: it needs reuse_G_output=True (add --reuse-g-output=1, or '
+                         'drop --share-passes)')
+
 @contextlib.contextmanager
 def frozen(params):
     """Temporarily disable the gradients of `params` (of networks used but not trained in a phase)."""
@@ -83,9 +95,7 @@ class EOTTask:
                              f'G_loss={G_loss!r} with V_kwargs={V_kwargs!r}')
         if V_kwargs is not None:
             self.net_kwargs['V'], self.opt_kwargs['V'] = V_kwargs, V_opt_kwargs
-        if reuse_G_output and G_loss == 'light':
-            raise ValueError('reuse_G_output (train.py --reuse-g-output) applies to the G-steps with a critic; the '
-                             'light G-step has no G outputs for f or D to reuse: leave it off with G_loss="light"')
+        check_step_options(G_loss, reuse_G_output, share_passes)
         self.G_loss = G_loss
         self.loss = G_LOSSES[G_loss](gamma)
         self.G_iters, self.f_iters, self.D_iters = int(G_iters), int(f_iters), int(D_iters)
@@ -96,9 +106,6 @@ class EOTTask:
             raise ValueError(f'D_gp_every (critic steps per gradient penalty) must be an int >= 1; got {D_gp_every}')
         self.D_gp_every = int(D_gp_every)
         self.reuse_G_output = bool(reuse_G_output)
-        if share_passes and not reuse_G_output:
-            raise ValueError('share_passes (train.py --share-passes) shares the G-step\'s passes with the steps that '
-                             'reuse its outputs: it needs reuse_G_output=True')
         self.share_passes = bool(share_passes)
         self._G_outputs = [] # With reuse_G_output: (x0, xN detached) of each round of the latest G-step.
         self.sde_steps = int(sde_steps)

@@ -226,8 +226,11 @@ def _eot_task_kwargs(opts):
     drift = 'end_point' if opts.g_loss == 'stated' else 'velocity'
     net_opts = _net_opts(opts)
     V_kwargs = _light_potential_kwargs(opts, data['data1'][1], net_opts.pop('V', None), data['data2'][3])
-    if V_kwargs is not None: # G = x + MLP(x, z) for the light G-step (the measured setting), unless set.
-        net_opts['G'] = dict(net_opts.get('G', {}), residual=net_opts.get('G', {}).get('residual', True))
+    if V_kwargs is not None: # G = x + MLP(x, z) + s * z for the light G-step (the measured setting), unless set.
+        G_opts = net_opts.get('G', {})
+        noise_skip = G_opts.get('noise_dim', data['data1'][1][0]) == data['data1'][1][0] # Needs noise_dim = dim.
+        net_opts['G'] = dict(G_opts, residual=G_opts.get('residual', True),
+                             noise_skip=G_opts.get('noise_skip', noise_skip))
     try:
         G_kwargs, f_kwargs, D_kwargs = eot_network_kwargs(data['data1'][1], model_channels=opts.model_channels,
                                                           drift=drift, **net_opts)

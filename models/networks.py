@@ -438,20 +438,32 @@ class UNetCritic(torch.nn.Module):
 class MLPGenerator(torch.nn.Module):
     """EOT generator for vectors: G(x, z) with x [N, dim], z [N, noise_dim] (concatenated) -> [N, dim].
     `G.z_shape = (noise_dim,)`, noise_dim = dim by default (fewer noise dimensions cap the rank of the conditional
-    law y | x at noise_dim: docs/eot_benchmarks.md). With `residual`, returns x + MLP."""
+    law y | x at noise_dim: docs/eot_benchmarks.md). With `residual`, returns x + MLP. With `noise_skip`, adds
+    s * z, s a learned per-dimension scale (zero at start; needs noise_dim = dim): a direct path for the spread
+    that every conditional law y | x of an entropic plan has in every direction, which the MLP, its noise mixed
+    with x in `width` hidden units, otherwise squeezes into a few directions at large dim (docs/eot_benchmarks.md,
+    "The noise path")."""
 
-    def __init__(self, dim, noise_dim=None, width=256, depth=4, dropout=0.0, zero_init=True, residual=False):
+    def __init__(self, dim, noise_dim=None, width=256, depth=4, dropout=0.0, zero_init=True, residual=False,
+                 noise_skip=False):
         super().__init__()
         noise_dim = dim if noise_dim is None else int(noise_dim)
         if noise_dim < 1:
             raise ValueError(f'noise_dim must be >= 1 (G needs noise to be stochastic); got {noise_dim}')
+        if noise_skip and noise_dim != dim:
+            raise ValueError(f'noise_skip adds s * z to G\'s output and needs noise_dim = dim = {dim}; got '
+                             f'noise_dim={noise_dim} (drop noise_dim or set noise_skip to false)')
         self.dim, self.data_shape, self.z_shape = dim, (dim,), (noise_dim,)
         self.residual = residual
         self.net = MLP(dim + noise_dim, dim, width, depth, embedding_type=None, dropout=dropout, zero_init=zero_init)
+        self.noise_scale = torch.nn.Parameter(torch.zeros(dim)) if noise_skip else None
 
     def forward(self, x, z=None):
         _check_input(x, self.data_shape, 'G')
-        out = self.net(torch.cat([x, _noise(x, z, self.z_shape)], dim=1))
+        z = _noise(x, z, self.z_shape)
+        out = self.net(torch.cat([x, z], dim=1))
+        if self.noise_scale is not None:
+            out = out + self.noise_scale.to(out.dtype) * z
         return x + out if self.residual else out
 
 

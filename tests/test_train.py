@@ -135,7 +135,8 @@ def test_lr_rampup_defaults_by_kind(tmp_path, vector_domains):
 
 def test_size_defaults_by_data(tmp_path, vector_domains):
     """EOT on vectors defaults to the measured vector settings (width-128 MLPs, batch 256; with the light G-step, the
-    default there, lr 1e-3, a 200-kimg EMA, one G- and one f-step per iteration and a residual G; with the other
+    default there, lr 1e-3, a 200-kimg EMA, one G- and one f-step per iteration and a residual G with a noise skip,
+    which fewer noise dimensions than data dimensions turn off; with the other
     G-steps lr 3e-4, a 10-kimg EMA, 10 G-steps of 2 f-steps each); images and denoisers keep the seed's; an option
     given wins."""
     base = ['--outdir=' + str(tmp_path / 'runs'), '--name=t', '--gamma=1', '--device=cpu']
@@ -143,12 +144,15 @@ def test_size_defaults_by_data(tmp_path, vector_domains):
     task = vec['task_kwargs']
     assert (vec['batch_size'], vec['ema_halflife_kimg'], task['G_iters'], task['f_iters']) == (256, 200, 1, 1)
     assert task['G_kwargs']['width'] == 128 and task['f_kwargs']['width'] == 128 and task['D_kwargs']['width'] == 256
-    assert task['G_kwargs']['residual'] is True
+    assert task['G_kwargs']['residual'] is True and task['G_kwargs']['noise_skip'] is True
+    few = _dry_run_options(base + [f'--{k}={v}' for k, v in vector_domains.items()] +
+                           ['--net-opts={"G": {"noise_dim": 1}}'])
+    assert few['task_kwargs']['G_kwargs']['noise_skip'] is False
     assert [task[f'{n}_opt_kwargs']['lr'] for n in 'GfD'] == [1e-3, 1e-3, 3e-4]
     kin = _dry_run_options(base + [f'--{k}={v}' for k, v in vector_domains.items()] + ['--g-loss=kinetic'])
     assert (kin['ema_halflife_kimg'], kin['task_kwargs']['G_iters'], kin['task_kwargs']['f_iters']) == (10, 10, 2)
     assert [kin['task_kwargs'][f'{n}_opt_kwargs']['lr'] for n in 'GfD'] == [3e-4] * 3
-    assert 'residual' not in kin['task_kwargs']['G_kwargs']
+    assert 'residual' not in kin['task_kwargs']['G_kwargs'] and 'noise_skip' not in kin['task_kwargs']['G_kwargs']
     given = _dry_run_options(base + [f'--{k}={v}' for k, v in vector_domains.items()] +
                              ['--batch=64', '--model-channels=4', '--lr-g=2e-3', '--ema=0.5', '--g-iters=3',
                               '--net-opts={"G": {"residual": false}}'])

@@ -109,6 +109,23 @@ def test_velocity_drift_is_x_plus_one_minus_t_times_the_plain_drift(shape):
         networks.eot_network_kwargs(shape, drift='score')
 
 
+def test_noise_skip_adds_a_learned_scale_of_z():
+    """With noise_skip, G(x, z) = x + MLP(x, z) + s * z: written out with the MLP's own output; s starts at zero and
+    gets a gradient; noise_dim != dim is refused."""
+    torch.manual_seed(0)
+    G = networks.MLPGenerator(3, width=8, depth=2, zero_init=False, residual=True, noise_skip=True)
+    assert torch.equal(G.noise_scale, torch.zeros(3))
+    with torch.no_grad():
+        G.noise_scale.copy_(torch.tensor([0.5, -2.0, 3.0]))
+    x, z = torch.randn(4, 3), torch.randn(4, 3)
+    expected = x + G.net(torch.cat([x, z], dim=1)) + torch.tensor([0.5, -2.0, 3.0]) * z
+    assert torch.allclose(G(x, z), expected)
+    G(x, z).square().sum().backward()
+    assert G.noise_scale.grad is not None and G.noise_scale.grad.abs().min() > 0
+    with pytest.raises(ValueError, match='noise_dim=2'):
+        networks.MLPGenerator(3, noise_dim=2, noise_skip=True)
+
+
 def test_input_errors_name_the_problem():
     G, f, D = _eot((3, 16, 16), **TINY)
     with pytest.raises(ValueError, match=r'\[N, 3, 16, 16\]; got \[2, 3, 8, 8\]'):

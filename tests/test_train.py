@@ -787,6 +787,26 @@ def test_resume_auto_with_changed_options_says_so_and_stops(tmp_path, vector_dom
     assert res.exit_code == 0 and 'Resuming from' in res.output and _only_run_dir(tmp_path / 'runs') == run_dir
 
 
+def test_resume_builds_networks_without_the_arguments_the_state_does_not_record(tmp_path, vector_domains):
+    """A light run trained before G had a noise path records no noise_skip and holds no noise_scale: resumed with
+    today's defaults (noise_skip on) its G is built as it was, with a note, instead of refusing the state."""
+    run_dir, state_path = _state_of_a_run(tmp_path, vector_domains, '--dump=1',
+                                          '--net-opts={"depth": 2, "G": {"noise_skip": false}}')
+    state = torch.load(state_path, weights_only=False)
+    assert 'noise_scale' not in state['trainer']['nets']['G']
+    del state['options']['task_kwargs']['G_kwargs']['noise_skip']     # as the code before the noise path wrote it
+    torch.save(state, state_path)
+    res = _run(_args(tmp_path / 'first', vector_domains, '--dump=1', '--resume=auto', duration_iters=2))
+    assert res.exit_code == 0 and 'Resuming from' in res.output, res.output
+    assert "records no 'noise_skip' for G: G is built as that run built it" in res.output, res.output
+    assert 'noise_skip' not in json.load(open(os.path.join(run_dir, 'training_options.json')))['task_kwargs']['G_kwargs']
+    from training.runs import find_latest_state
+    assert 'noise_scale' not in torch.load(find_latest_state(run_dir), weights_only=False)['trainer']['nets']['G']
+    fresh = _run(_args(tmp_path / 'new', vector_domains, '--dump=1'))    # A new run gets the noise path.
+    assert fresh.exit_code == 0, fresh.output
+    assert 'noise_scale' in torch.load(find_latest_state(_only_run_dir(tmp_path / 'new')), weights_only=False)['trainer']['nets']['G']
+
+
 @pytest.mark.parametrize('case', ['denoiser-state', 'truncated', 'other-dimension', 'old-state-other-dimension',
                                   'old-denoiser-state'])
 def test_incompatible_or_truncated_states_are_refused_before_any_output(tmp_path, vector_domains, case):

@@ -5,6 +5,7 @@ Everything that can refuse a run does so before the run directory exists (or, fo
 directory, before anything in it changes), with a LaunchError naming the option, the values and the fix.
 """
 
+import copy
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training.loop import TrainingStopped, training_loop, write_options
-from training.resume import StateError, check_networks, compare_options, load_state, state_options
+from training.resume import StateError, check_networks, compare_options, load_state, network_names, state_options
 from training.runs import (RunDirError, RunLock, claim_run_dir, file_nimg, find_latest_state, next_run_dir, run_ids,
                            set_aside_later_files)
 
@@ -106,7 +107,12 @@ def launch_training(c, device, outdir, desc, nosubdir=False, resume=None, allow_
         raise LaunchError(f'--resume="{resume}" must be a training-state-*.pt file of an earlier run, or auto')
     run_dir, c.resume_state = _on_rank0(_run_to_continue, c, outdir, nosubdir, resume)
     if c.resume_state is not None:
-        c.seed = _on_rank0(_check_state, c, c.resume_state, seed, allow_change, run_dir if resume == 'auto' else None)
+        c.seed, unrecorded = _on_rank0(_check_state, c, c.resume_state, seed, allow_change,
+                                       run_dir if resume == 'auto' else None)
+        for name, key in unrecorded:
+            dist.print0(f'Note: {os.path.basename(c.resume_state)} records no {key!r} for {name}: {name} is built '
+                        f'as that run built it (without the argument)')
+            del c.task_kwargs[f'{name}_kwargs'][key]
     else:
         c.seed = dist.agree_on_seed(seed)
     c.run_dir = run_dir or (outdir if nosubdir else next_run_dir(outdir, desc))
@@ -236,8 +242,10 @@ def _claim_run_dir(outdir, desc, nosubdir, run_dir, resume):
 # The state to resume.
 
 def _check_state(c, path, seed, allow_change, auto_run_dir):
-    """Rank 0: check the training state at `path` against config `c`; returns the seed to use (the state's,
-    unless `seed` asks for another and 'seed' is allowed to change)."""
+    """Rank 0: check the training state at `path` against config `c`. Returns the seed to use (the state's,
+    unless `seed` asks for another and 'seed' is allowed to change) and the network arguments the state's
+    options do not record (`unrecorded_network_args`), which the run then leaves out."""
+    unrecorded = []
     try:
         state = load_state(path)
         own_seed = state.get('seed')
@@ -250,10 +258,28 @@ def _check_state(c, path, seed, allow_change, auto_run_dir):
         if problems:
             raise LaunchError(_mismatch_message(path, problems, auto_run_dir, c.name))
         if options is not None:  # Also when the options agree: the code may build other networks from them.
-            check_networks(state, path, c.task_kwargs)
+            unrecorded = unrecorded_network_args(options, c.task_kwargs, network_names(state))
+            task_kwargs = copy.deepcopy(c.task_kwargs)
+            for name, key in unrecorded:
+                del task_kwargs[f'{name}_kwargs'][key]
+            check_networks(state, path, task_kwargs)
     except StateError as err:
         raise LaunchError(f'--resume: {err}') from None
-    return int(seed) if seed is not None else int.from_bytes(os.urandom(4), 'little') & 0x7fffffff
+    return int(seed) if seed is not None else int.from_bytes(os.urandom(4), 'little') & 0x7fffffff, unrecorded
+
+
+def unrecorded_network_args(options, task_kwargs, names):
+    """[(network, argument)]: arguments of the networks `names` in `task_kwargs` that the options of the state
+    (`options`, its training_options.json) do not record for that network. The code that wrote the state did
+    not pass them, so its networks took the class's default: a resumed run builds them the same way (an argument
+    added since with another setting, such as MLPGenerator's noise_skip, would build other networks)."""
+    recorded = options.get('task_kwargs') or {}
+    found = []
+    for name in names:
+        old, new = recorded.get(f'{name}_kwargs'), task_kwargs.get(f'{name}_kwargs')
+        if isinstance(old, dict) and isinstance(new, dict) and old.get('class_name') == new.get('class_name'):
+            found += [(name, key) for key in new if key not in old]
+    return found
 
 
 def _mismatch_message(path, problems, auto_run_dir, name):

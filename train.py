@@ -42,7 +42,7 @@ LR_RAMPUP_DEFAULT = dict(eot=0, denoiser=10000)
 # per layer and trained no better there. Images, and denoisers on any data: the seed's settings.
 # The light G-step (the vector default when --gamma > 0) trains G and f on its potential's plan, one step each per
 # iteration, with lr 1e-3 decaying to 0 over the last 30 % of the run and a 200-kimg EMA (docs/eot_benchmarks.md: G at
-# 0.19 / 0.55 / 0.96 % cBW2-UVP at D = 16, eps = 0.1 / 1 / 10, in 8000 kimg; without the decay G's plateau at
+# 0.14 / 0.44 / 0.94 % cBW2-UVP at D = 16, eps = 0.1 / 1 / 10, in 8000 kimg; without the decay G's plateau at
 # eps = 10 was 1.1-1.3 %).
 LIGHT_DECAY = 0.3
 SIZE_DEFAULTS = dict(
@@ -227,8 +227,8 @@ def _eot_task_kwargs(opts):
     net_opts = _net_opts(opts)
     V_kwargs = _light_potential_kwargs(opts, data['data1'][1], net_opts.pop('V', None), data['data2'][3])
     if V_kwargs is not None: # G = x + MLP(x, z) + s * z for the light G-step (the measured setting), unless set.
-        G_opts = net_opts.get('G', {})
-        noise_skip = G_opts.get('noise_dim', data['data1'][1][0]) == data['data1'][1][0] # Needs noise_dim = dim.
+        G_opts, dim = net_opts.get('G', {}), data['data1'][1][0]
+        noise_skip = G_opts.get('noise_dim', dim) == dim # (It needs noise_dim = dim.)
         net_opts['G'] = dict(G_opts, residual=G_opts.get('residual', True),
                              noise_skip=G_opts.get('noise_skip', noise_skip))
     try:
@@ -445,7 +445,7 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--d-gp',            'd_gp', help='Weight of a WGAN-GP gradient penalty on the critic (0: none, as in the stated method; 10 is the usual value; it steadies short image runs)', metavar='FLOAT', type=FiniteFloat(min=0), default=0, show_default=True)
 @click.option('--d-gp-every',      'd_gp_every', help='Lazy penalty: apply --d-gp on every Nth critic step only, weighted N x (StyleGAN2\'s lazy regularisation)', metavar='N', type=click.IntRange(min=1, max=MAX_ITERS), default=1, show_default=True)
 @click.option('--reuse-g-output',  'reuse_g_output', help='The f- and D-steps train on the latest G-step\'s inputs and outputs instead of a batch and a G pass of their own (one G pass per G-step; each G-step then comes before its f-steps)', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--share-passes',    'share_passes', help='With --reuse-g-output=1: the G-step\'s passes through f and D also serve the first f-step (at the G-step\'s bridge point) and the first D-step, G, f and D stepping together (1.13x per kimg for the demo; it changes the random stream, and the demo\'s learning check did not pass with it: docs/recipes.md)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--share-passes',    'share_passes', help='With --reuse-g-output=1: the G-step\'s passes through f and D also serve the first f-step (at the G-step\'s bridge point) and the first D-step, G, f and D stepping together (1.13x per kimg for the demo; it changes the random stream, and with it the demo\'s verdict at 50 kimg, which moves from seed to seed: docs/recipes.md)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--lr-d',            'lr_d', help='Learning rate of D  [default: 3e-4 for --kind=eot on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
 @click.option('--lr-f',            'lr_f', help='Learning rate of f  [default: 1e-3 with --g-loss=light, 3e-4 for other G-steps on vectors (.npz), else 1e-4]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=None)
 @click.option('--adam-betas',      help='Adam\'s betas of G, f and D (0.5,0.9 or 0,0.9 are WGAN-GP\'s usual; they steadied the demo)', metavar='B1,B2', type=AdamBetas(), default='0.9,0.999', show_default=True)

@@ -112,7 +112,7 @@ def launch_training(c, device, outdir, desc, nosubdir=False, resume=None, allow_
         for name, key in unrecorded:
             dist.print0(f'Note: {os.path.basename(c.resume_state)} records no {key!r} for {name}: {name} is built '
                         f'as that run built it (without the argument)')
-            del c.task_kwargs[f'{name}_kwargs'][key]
+        c.task_kwargs = without_network_args(c.task_kwargs, unrecorded)
     else:
         c.seed = dist.agree_on_seed(seed)
     c.run_dir = run_dir or (outdir if nosubdir else next_run_dir(outdir, desc))
@@ -259,10 +259,7 @@ def _check_state(c, path, seed, allow_change, auto_run_dir):
             raise LaunchError(_mismatch_message(path, problems, auto_run_dir, c.name))
         if options is not None:  # Also when the options agree: the code may build other networks from them.
             unrecorded = unrecorded_network_args(options, c.task_kwargs, network_names(state))
-            task_kwargs = copy.deepcopy(c.task_kwargs)
-            for name, key in unrecorded:
-                del task_kwargs[f'{name}_kwargs'][key]
-            check_networks(state, path, task_kwargs)
+            check_networks(state, path, without_network_args(c.task_kwargs, unrecorded))
     except StateError as err:
         raise LaunchError(f'--resume: {err}') from None
     return int(seed) if seed is not None else int.from_bytes(os.urandom(4), 'little') & 0x7fffffff, unrecorded
@@ -280,6 +277,14 @@ def unrecorded_network_args(options, task_kwargs, names):
         if isinstance(old, dict) and isinstance(new, dict) and old.get('class_name') == new.get('class_name'):
             found += [(name, key) for key in new if key not in old]
     return found
+
+
+def without_network_args(task_kwargs, args):
+    """A copy of `task_kwargs` without the network arguments `args` [(network, argument)]."""
+    task_kwargs = copy.deepcopy(task_kwargs)
+    for name, key in args:
+        del task_kwargs[f'{name}_kwargs'][key]
+    return task_kwargs
 
 
 def _mismatch_message(path, problems, auto_run_dir, name):

@@ -11,7 +11,7 @@ backward and double backward, counted by torch.utils.flop_counter) divided by th
 matrix product measured in the same rounds with the same threads: what the arithmetic alone would take.
 
     python -m benchmarks.train_speed                          # v1, same-math, demo; the demo's data built in /tmp
-    python -m benchmarks.train_speed --arms=v1,penalty,same-math,lazy4,demo,shared --rounds=5 --iters=16
+    python -m benchmarks.train_speed --arms=v1,penalty,same-math,lazy4,reuse,demo --rounds=5 --iters=16
     python -m benchmarks.train_speed --data=demo-run/data --rounds=9 --arms=v1,penalty,same-math,lazy4,no-gp
     python -m benchmarks.train_speed --device=cuda --arms=demo,compile,compile-cg --batch=1024
     python -m benchmarks.train_speed --device=cuda --precision=bf16 --arms=demo
@@ -74,21 +74,25 @@ def _net_opts(**D):
 
 # Each arm: train.py options added to the demo's (demo.FULL), and how the code differs from today's:
 # joint: the pre-issue-18 joint penalty pass; memory: the in-memory data stream; multi_tensor: foreach Adam;
-# compile: Trainer(compile_mode=...). The arms before `demo` leave out its reuse of the G-step's outputs (OLD).
-OLD = ['--reuse-g-output=0']
+# compile: Trainer(compile_mode=...). The arms before `demo` leave out its reuse of the G-step's outputs and its
+# shared passes (OLD); every arm keeps the demo's two critic steps per iteration unless it names --d-iters.
+OLD = ['--reuse-g-output=0', '--share-passes=0']
+V1 = [*OLD, '--d-gp-every=1', '--adam-betas=0.9,0.999']
 ARMS = {
-    'v1':        dict(options=[*OLD, '--d-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False,
-                      multi_tensor=False), # before issue 18
-    'v1-threads': dict(options=[*OLD, '--d-gp-every=1', '--adam-betas=0.9,0.999'], joint=True, memory=False,
-                       multi_tensor=False, threads='torch'), # the same with torch's thread count
+    'v1':        dict(options=V1, joint=True, memory=False, multi_tensor=False), # the code before issue 18
+    'v1-threads': dict(options=V1, joint=True, memory=False, multi_tensor=False,
+                       threads='torch'), # the same with torch's thread count
+    'v1-d1':     dict(options=[*V1, '--d-iters=1'], joint=True, memory=False,
+                      multi_tensor=False), # the demo as it was before issue 18: one critic step per iteration
     'penalty':   dict(options=[*OLD, '--d-gp-every=1'], memory=False, multi_tensor=False), # + a penalty pass of its own
     'same-math': dict(options=[*OLD, '--d-gp-every=1']), # + the in-memory data stream, foreach Adam
     'lazy4':     dict(options=[*OLD, '--d-gp-every=4']), # + the penalty every 4th critic step, weight x 4
     'lazy16':    dict(options=[*OLD, '--d-gp-every=16']),
     'no-gp':     dict(options=[*OLD, '--d-gp=0']), # no penalty: the floor of any penalty schedule
     'lazy4-d8':  dict(options=[*OLD, '--d-gp-every=4', _net_opts(model_channels=8)]), # + a critic of width 8
-    'demo':      dict(options=[]),                         # demo.FULL as it is: + f- and D-steps on the G-step's outputs
-    'shared':    dict(options=['--share-passes=1']),       # the demo with those steps sharing the G-step's passes through f and D
+    'reuse':     dict(options=['--share-passes=0']),       # + the f- and D-steps on the G-step's outputs
+    'demo':      dict(options=[]),                         # demo.FULL as it is: + those steps share the G-step's passes
+    'demo-d1':   dict(options=['--d-iters=1']),            # the demo with one critic step per iteration (it hops)
     'lazy8':     dict(options=['--d-gp-every=8']),         # the demo with the penalty every 8th critic step
     'lazy16r':   dict(options=['--d-gp-every=16']),        # ... every 16th
     'batch96':   dict(options=['--batch=96']),             # the demo with 96 images per step (fewer steps per kimg)

@@ -67,6 +67,10 @@ def test_quick_demo_writes_everything_and_reports_true_figures(quick_runs):
     figure = PIL.Image.open(outdir / 'demo.png')
     assert figure.size[1] == 3 * 4 * demo.QUICK['resolution'] # Three rows of 4x upscaled images.
     assert (outdir / 'classifier.pt').is_file() and (outdir / 'train' / 'log.txt').is_file()
+    # train.py ran the demo's step settings (two critic steps per iteration, shared passes: docs/recipes.md).
+    task = json.loads((outdir / 'train' / 'training_options.json').read_text())['task_kwargs']
+    for key in ('G_iters', 'f_iters', 'D_iters', 'D_gp', 'D_gp_every', 'reuse_G_output', 'share_passes'):
+        assert task[key] == demo.QUICK[key], key
 
 
 def test_the_same_command_writes_the_same_results(quick_runs):

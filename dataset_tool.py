@@ -34,7 +34,9 @@ from data.dataset import (LABELS_FILE, MAX_IMAGE_PIXELS, DatasetError, RawFiles,
 #----------------------------------------------------------------------------
 # Sources. Each yields Items; an item's pixels are loaded only when it is written.
 
-Item = namedtuple('Item', ['name', 'load', 'label', 'attrs'])  # load() -> uint8 HWC; label int or None; attrs dict or None
+# name: shown in messages; key: the item's name within its source (not where the source lies), which --colorize
+# draws its tint from (None: the name). load() -> uint8 HWC; label int or None; attrs dict or None.
+Item = namedtuple('Item', ['name', 'load', 'label', 'attrs', 'key'], defaults=[None])
 Source = namedtuple('Source', ['kind', 'items', 'has_labels', 'notes'])
 
 SPLITS = ('train', 'val', 'test', 'all')
@@ -283,7 +285,7 @@ def open_image_files(path):
     if LABELS_FILE in raw.names:
         labels = parse_labels(raw.read(LABELS_FILE), raw.describe(LABELS_FILE), names)
     load = lambda n: decode_image(raw.read(n), raw.describe(n))
-    items = [Item(raw.describe(n), partial(load, n), None if labels is None else int(labels[i]), None)
+    items = [Item(raw.describe(n), partial(load, n), None if labels is None else int(labels[i]), None, key=n)
              for i, n in enumerate(names)]
     return Source('image ' + ('zip' if raw.kind == 'zip' else 'folder'), items, labels is not None, notes)
 
@@ -411,7 +413,8 @@ TRANSFORMS = {'center-crop': center_crop, 'center-crop-wide': center_crop_wide}
 
 
 def item_color(name, seed):
-    """The random tint of an item for --colorize: a saturated hue drawn from (seed, crc32 of its name)."""
+    """The random tint of an item for --colorize: a saturated hue drawn from (seed, crc32 of its name within its
+    source), so the same source gives the same colours wherever it lies."""
     hue = np.random.default_rng([int(seed), zlib.crc32(name.encode('utf-8', 'surrogateescape'))]).random()
     return digits.hue_colors([hue])[0]
 
@@ -428,7 +431,8 @@ def process_image(item, img, transform=None, resolution=None, colorize_seed=None
     elif resolution is not None:
         img = resize(img, *resolution)
     if colorize_seed is not None:
-        img = digits.colorize(to_grey(img)[:, :, 0], item_color(item.name, colorize_seed))
+        key = item.name if item.key is None else item.key
+        img = digits.colorize(to_grey(img)[:, :, 0], item_color(key, colorize_seed))
     return img
 
 #----------------------------------------------------------------------------
@@ -686,7 +690,7 @@ EXAMPLES
 @click.option('--classes', metavar='LIST', help='Keep only these labels, comma-separated, e.g. 2 or 2,3 (labelled sources).')
 @click.option('--colorize', is_flag=True,
               help='Tint every image: grey image times a random saturated RGB colour (seeded by --seed and the '
-                   'image), as in Colored MNIST. Output is RGB.')
+                   'image\'s name within the source, wherever the source lies), as in Colored MNIST. Output is RGB.')
 @click.option('--split', type=click.Choice(SPLITS), default='all', show_default=True,
               help="Choose the source's own split: MNIST, CIFAR-10, synthetic digits (train/test), CelebA with a "
                    'partition file (train/val/test).')

@@ -302,6 +302,34 @@ def test_colorize_is_a_seeded_tint(tmp_path):
     np.testing.assert_allclose(out[0][k] / grey[0][k], dataset_tool.item_color('mnist/train/0', 0), atol=1 / 200)
 
 
+def test_colorize_draws_from_the_name_within_the_source(tmp_path):
+    """The same image folder, or its zip, in two places gets the same tints: drawn from each file's name within
+    the source (its path inside the folder), not from where the source lies."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 4, 4), dtype=np.uint8)
+    outs = []
+    for where in ('here', 'elsewhere/deeper'):
+        names = make_image_folder(tmp_path / where / 'src', images)
+        for source in ('folder', 'zip'):
+            src = tmp_path / where / 'src'
+            if source == 'zip':
+                src = tmp_path / where / 'src.zip'
+                with zipfile.ZipFile(src, 'w') as zf:
+                    for n in names:
+                        zf.write(tmp_path / where / 'src' / n, n)
+            dest = tmp_path / where / f'{source}-out.zip'
+            result = run_tool('--source', src, '--colorize', '--seed', 3, '--dest', dest)
+            assert result.exit_code == 0, result.output
+            outs.append(read_zip_dataset(dest))
+    for _, imgs, _ in outs[1:]:
+        np.testing.assert_array_equal(imgs, outs[0][1])
+    # Each output is its grey source image times item_color(the file's name inside the source), up to rounding.
+    expected = np.stack([np.rint(img[:, :, None].astype(np.float64) * dataset_tool.item_color(n, 3)[None, None, :])
+                         for n, img in zip(names, images)])
+    dist = np.abs(expected[:, None] - outs[0][1][None].astype(np.float64)).reshape(len(names), len(names), -1).max(-1)
+    assert sorted(dist.argmin(axis=1)) == list(range(len(names))) and dist.min(axis=1).max() <= 2
+
+
 def read_idx_images(path):
     with gzip.open(path, 'rb') as f:
         data = f.read()

@@ -13,6 +13,7 @@ import train
 from tests.conftest import write_image_zip
 from tests.launch import REPO, torchrun
 from training.resume import records_no_options
+from training.runs import RunLock, file_nimg, find_latest_state
 
 TINY_UNET = '{"num_blocks": 1, "attn_resolutions": [], "dropout": 0}'
 TINY_MLP = '{"depth": 2}'
@@ -473,7 +474,6 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, image_domains):
 
 
 def test_find_latest_state_reads_image_and_kimg_names_and_ignores_unfinished_writes(tmp_path):
-    from training.runs import find_latest_state
     assert find_latest_state(str(tmp_path)) is None
     for name in ('training-state-000004.pt', 'training-state-000012.pt', '.training-state-000016.pt.abc.tmp',
                  'training-state-000020.pt.tmp', 'network-snapshot-000024.pkl'):
@@ -612,7 +612,6 @@ def test_a_signal_stops_with_a_state_from_which_the_run_continues_exactly(tmp_pa
                              signum, group=signame == 'SIGINT')
     assert code == 128 + signum and f'Stopped by {signame}' in out and 'Traceback' not in out, out
     run_dir = _only_run_dir(tmp_path / 'part')
-    from training.runs import file_nimg, find_latest_state
     stopped = file_nimg(find_latest_state(run_dir))
     assert stopped >= 16 and f'--resume={find_latest_state(run_dir)}' in out
     total_iters = stopped // 4 + 5      # on beyond the next tick boundary
@@ -652,7 +651,6 @@ def test_the_seeds_command_line_trains(tmp_path, monkeypatch):
 
 
 def test_resume_auto_refuses_a_run_directory_another_run_is_writing_into(tmp_path, vector_domains):
-    from training.runs import RunLock
     res = _run(_args(tmp_path / 'runs', vector_domains, '--dump=1'))
     assert res.exit_code == 0, res.output
     run_dir = _only_run_dir(tmp_path / 'runs')
@@ -710,7 +708,6 @@ def _state_of_a_run(tmp_path, domains, *extra, iters=1):
     res = _run(_args(tmp_path / 'first', domains, *extra, duration_iters=iters))
     assert res.exit_code == 0, res.output
     run_dir = _only_run_dir(tmp_path / 'first')
-    from training.runs import find_latest_state
     return run_dir, find_latest_state(run_dir)
 
 
@@ -800,7 +797,6 @@ def test_resume_builds_networks_without_the_arguments_the_state_does_not_record(
     assert res.exit_code == 0 and 'Resuming from' in res.output, res.output
     assert "records no 'noise_skip' for G: G is built as that run built it" in res.output, res.output
     assert 'noise_skip' not in json.load(open(os.path.join(run_dir, 'training_options.json')))['task_kwargs']['G_kwargs']
-    from training.runs import find_latest_state
     assert 'noise_scale' not in torch.load(find_latest_state(run_dir), weights_only=False)['trainer']['nets']['G']
     fresh = _run(_args(tmp_path / 'new', vector_domains, '--dump=1'))    # A new run gets the noise path.
     assert fresh.exit_code == 0, fresh.output
@@ -817,7 +813,6 @@ def test_incompatible_or_truncated_states_are_refused_before_any_output(tmp_path
                     '--batch=8', '--model_channels=4', '--workers=0', '--device=cpu', '--no-tensorboard',
                     '--duration=0.000008', '--lr-rampup=0'])
         assert res.exit_code == 0, res.output
-        from training.runs import find_latest_state
         state = find_latest_state(_only_run_dir(tmp_path / 'den'))
         expect = ('--kind is DenoiserTask there and EOTTask here' if case == 'denoiser-state' else
                   'holds the networks denoiser, but this run trains D, G, f')

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import PIL.Image
+import psutil
 import pytest
 
 import demo
@@ -68,7 +69,9 @@ def test_quick_demo_writes_everything_and_reports_true_figures(quick_runs):
     assert figure.size[1] == 3 * 4 * demo.QUICK['resolution'] # Three rows of 4x upscaled images.
     assert (outdir / 'classifier.pt').is_file() and (outdir / 'train' / 'log.txt').is_file()
     # train.py ran the demo's step settings (two critic steps per iteration, shared passes: docs/recipes.md).
-    task = json.loads((outdir / 'train' / 'training_options.json').read_text())['task_kwargs']
+    options = json.loads((outdir / 'train' / 'training_options.json').read_text())
+    assert options['world_size'] == 2 # --procs' default: two processes under torchrun, one per core.
+    task = options['task_kwargs']
     for key in ('G_iters', 'f_iters', 'D_iters', 'D_gp', 'D_gp_every', 'reuse_G_output', 'share_passes'):
         assert task[key] == demo.QUICK[key], key
 
@@ -92,11 +95,16 @@ def test_the_same_command_writes_the_same_results(quick_runs):
 
 
 def test_time_limit_stops_training_and_says_undertrained(tmp_path, capsys):
-    """At the deadline train.py is stopped (train() returns False); the report then says UNDERTRAINED."""
+    """At the deadline train.py is stopped (train() returns False) with its torchrun workers, the snapshots written
+    so far kept; the report then says UNDERTRAINED."""
     paths = demo.build_data(str(tmp_path), demo.QUICK)
+    run_dir = tmp_path / 'train'
     t0 = time.time()
-    assert demo.train(dict(demo.QUICK, kimg=1000), paths, str(tmp_path / 'train'), 1, deadline=t0 + 2) is False
+    assert demo.train(dict(demo.QUICK, kimg=1000), paths, str(run_dir), 1, deadline=t0 + 15, procs=2) is False
     assert time.time() - t0 < 60
+    assert all(demo.snapshot_kimg(path) >= 0 for path in demo.snapshots(str(run_dir))) # Whole pickles, if any.
+    workers = [p for p in psutil.process_iter(['cmdline']) if str(run_dir) in ' '.join(p.info['cmdline'] or [])]
+    assert not workers, workers
     report = dict(test_inputs=2, judge='a judge', classifier_accuracy=0.5, kimg=5, planned_kimg=50, undertrained=True,
                   reference=dict(real_3s_read_as_3=1, input_2s_read_as_3=0, cost_2s_to_random_3s=0.1),
                   untrained=dict(transport_cost=0, read_as_3=0), trained=dict(transport_cost=0.1, read_as_3=0.5))

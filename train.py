@@ -300,6 +300,7 @@ def _schedule_config(c, opts):
     """Schedule, precision and I/O options, shared by every --kind."""
     c.total_kimg = max(opts.duration * 1000, 1e-3)
     c.ema_halflife_kimg = opts.ema * 1000
+    c.ema_rampup_ratio = opts.ema_rampup or None
     c.lr_rampup_kimg = opts.lr_rampup if opts.lr_rampup is not None else LR_RAMPUP_DEFAULT[opts.kind]
     c.lr_decay = opts.lr_decay
     c.grad_clip = opts.grad_clip
@@ -453,6 +454,7 @@ def _refuse_options_of_the_other_kind(ctx, kind):
 @click.option('--lr-rampup',       help='Learning-rate ramp-up duration (linear from 0)  [default: 0 for --kind=eot (every measured run, docs/eot_benchmarks.md; 10000 left short runs at a few % of the rate), 10000 for --kind=denoiser (EDM)]', metavar='KIMG', type=FiniteFloat(min=0))
 @click.option('--lr-decay',        'lr_decay', help=f'Share of --duration at its end over which every learning rate falls linearly to 0 (a resumed run with another --duration moves it)  [default: {LIGHT_DECAY:g} with --g-loss=light, else 0]', metavar='FRACTION', type=FiniteFloat(min=0, max=1), default=None)
 @click.option('--ema',             help='EMA half-life of the trained networks (G, f and D, or the denoiser)  [default: 0.2 with --g-loss=light, 0.01 for other G-steps on vectors (.npz), else 0.5]', metavar='MIMG', type=FiniteFloat(min=0), default=None)
+@click.option('--ema-rampup',      'ema_rampup', help='EMA ramp-up: the half-life is at most this share of the images seen so far, so early weights are forgotten (EDM\'s 0.05; 0 = the --ema half-life from the start)', metavar='RATIO', type=FiniteFloat(min=0), default=0.05, show_default=True)
 @click.option('--grad-clip',       help='Element-wise gradient clip (0 = off)', metavar='FLOAT', type=FiniteFloat(min=0), default=1.0, show_default=True)
 @click.option('--nan-policy',      help='On a non-finite loss: skip the step (counted in the tick line) or stop with the last good snapshot named', type=click.Choice(['skip', 'stop']), default='skip', show_default=True)
 @click.option('--sde-steps',       help='Euler-Maruyama steps of the SDE sampler (figures, metrics, snapshots)', metavar='INT', type=click.IntRange(min=1, max=MAX_STEPS), default=10, show_default=True)

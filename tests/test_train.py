@@ -158,6 +158,10 @@ def test_size_defaults_by_data(tmp_path, vector_domains):
                              ['--batch=64', '--model-channels=4', '--lr-g=2e-3', '--ema=0.5', '--g-iters=3',
                               '--net-opts={"G": {"residual": false}}'])
     assert (given['batch_size'], given['ema_halflife_kimg'], given['task_kwargs']['G_kwargs']['width']) == (64, 500, 32)
+    assert vec['ema_rampup_ratio'] == 0.05 and given['ema_rampup_ratio'] == 0.05 # EDM's ramp-up unless given.
+    for value, ratio in (('0.2', 0.2), ('0', None)):
+        ramp = _dry_run_options(base + [f'--{k}={v}' for k, v in vector_domains.items()] + [f'--ema-rampup={value}'])
+        assert ramp['ema_rampup_ratio'] == ratio
     assert [given['task_kwargs'][f'{n}_opt_kwargs']['lr'] for n in 'GfD'] == [2e-3, 1e-3, 3e-4]
     assert given['task_kwargs']['G_iters'] == 3 and given['task_kwargs']['G_kwargs']['residual'] is False
     den = _dry_run_options(['--kind=denoiser', f'--data={vector_domains["data1train"]}', '--name=d',

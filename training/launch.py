@@ -51,6 +51,7 @@ RESUME_RULES = (
     ('lr-rampup', 'lr_rampup_kimg', 'allow'),
     ('lr-decay', 'lr_decay', 'allow'),
     ('ema', 'ema_halflife_kimg', 'allow'),
+    ('ema-rampup', 'ema_rampup_ratio', 'allow'),
     ('grad-clip', 'grad_clip', 'allow'),
     ('precision', 'precision', 'allow'),
     ('data1train', 'data_paths.data1train', 'path'),

@@ -244,6 +244,17 @@ def test_lr_rampup_and_ema_follow_their_formulas():
     trainer.update_ema()
     beta = 0.5 ** (10 / 500)
     assert torch.allclose(trainer.ema['G'].b, beta * ema_before + (1 - beta) * 1.0)
+    # With a ramp-up ratio the half-life is min(500, 0.2 * 250) = 50 images at 250 images seen.
+    ramped = _trainer(10, None, ema_halflife_kimg=0.5, ema_rampup_ratio=0.2)
+    net = Affine(2, 0)
+    ramped.add_network('G', net, dict(class_name='torch.optim.SGD', lr=0.2))
+    ramped.cur_nimg = 250
+    with torch.no_grad():
+        net.b.fill_(1.0)
+    ema_before = ramped.ema['G'].b.clone()
+    ramped.update_ema()
+    beta = 0.5 ** (10 / 50)
+    assert torch.allclose(ramped.ema['G'].b, beta * ema_before + (1 - beta) * 1.0)
 
 
 def test_lr_decay_falls_linearly_to_zero_at_the_end_and_sets_the_step_size():

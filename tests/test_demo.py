@@ -70,7 +70,8 @@ def test_quick_demo_writes_everything_and_reports_true_figures(quick_runs):
     assert (outdir / 'classifier.pt').is_file() and (outdir / 'train' / 'log.txt').is_file()
     # train.py ran the demo's step settings (two critic steps per iteration, shared passes: docs/recipes.md).
     options = json.loads((outdir / 'train' / 'training_options.json').read_text())
-    assert options['world_size'] == 2 # --procs' default: two processes under torchrun, one per core.
+    assert options['world_size'] == demo.QUICK['procs'] == 2 # Two processes under torchrun, one per core.
+    assert (options['ema_halflife_kimg'], options['ema_rampup_ratio']) == (1000 * demo.QUICK['ema'], demo.QUICK['ema_rampup'])
     task = options['task_kwargs']
     for key in ('G_iters', 'f_iters', 'D_iters', 'D_gp', 'D_gp_every', 'reuse_G_output', 'share_passes'):
         assert task[key] == demo.QUICK[key], key
@@ -100,7 +101,7 @@ def test_time_limit_stops_training_and_says_undertrained(tmp_path, capsys):
     paths = demo.build_data(str(tmp_path), demo.QUICK)
     run_dir = tmp_path / 'train'
     t0 = time.time()
-    assert demo.train(dict(demo.QUICK, kimg=1000), paths, str(run_dir), 1, deadline=t0 + 15, procs=2) is False
+    assert demo.train(dict(demo.QUICK, kimg=1000), paths, str(run_dir), 1, deadline=t0 + 15) is False
     assert time.time() - t0 < 60
     assert all(demo.snapshot_kimg(path) >= 0 for path in demo.snapshots(str(run_dir))) # Whole pickles, if any.
     workers = [p for p in psutil.process_iter(['cmdline']) if str(run_dir) in ' '.join(p.info['cmdline'] or [])]

@@ -25,6 +25,7 @@ import os
 import pickle
 import queue
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -299,7 +300,8 @@ def train(cfg, paths, run_dir, threads, deadline, progress_interval=30, procs=No
     log = os.path.join(os.path.dirname(run_dir), 'train-console.txt')
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
     procs = cfg['procs'] if procs is None else procs
-    proc = subprocess.Popen(train_command(cfg, paths, run_dir, threads, procs), cwd=ROOT, env=env,
+    cmd = train_command(cfg, paths, run_dir, threads, procs)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)], daemon=True)
@@ -307,6 +309,7 @@ def train(cfg, paths, run_dir, threads, deadline, progress_interval=30, procs=No
     progress = TrainingProgress(cfg['kimg'], progress_interval)
     finished, tail = False, []
     with open(log, 'w', encoding='utf-8') as f:
+        f.write(f'$ {shlex.join(cmd)}\n') # The command line, to rerun or vary (e.g. --seed).
         while not finished:
             if time.time() >= deadline:
                 proc.terminate() # The time limit: the snapshots written so far are kept.

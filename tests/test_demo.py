@@ -68,6 +68,8 @@ def test_quick_demo_writes_everything_and_reports_true_figures(quick_runs):
     figure = PIL.Image.open(outdir / 'demo.png')
     assert figure.size[1] == 3 * 4 * demo.QUICK['resolution'] # Three rows of 4x upscaled images.
     assert (outdir / 'classifier.pt').is_file() and (outdir / 'train' / 'log.txt').is_file()
+    command = (outdir / 'train-console.txt').read_text().splitlines()[0] # The training command line comes first.
+    assert command.startswith('$ ') and '--nproc_per_node=2 train.py --name=demo' in command
     # train.py ran the demo's step settings (two critic steps per iteration, shared passes: docs/recipes.md).
     options = json.loads((outdir / 'train' / 'training_options.json').read_text())
     assert options['world_size'] == demo.QUICK['procs'] == 2 # Two processes under torchrun, one per core.

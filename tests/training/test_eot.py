@@ -233,28 +233,21 @@ def test_run_phase_accumulates_clips_and_counts_nonfinite():
 
 
 def test_lr_rampup_and_ema_follow_their_formulas():
-    trainer = _trainer(10, None, lr_rampup_kimg=1, ema_halflife_kimg=0.5, ema_rampup_ratio=None)
-    net = Affine(2, 0)
-    trainer.add_network('G', net, dict(class_name='torch.optim.SGD', lr=0.2))
+    trainer = _trainer(10, None, lr_rampup_kimg=1)
     trainer.cur_nimg = 250
     assert trainer.lr_scale() == 0.25
-    with torch.no_grad():
-        net.b.fill_(1.0)
-    ema_before = trainer.ema['G'].b.clone()
-    trainer.update_ema()
-    beta = 0.5 ** (10 / 500)
-    assert torch.allclose(trainer.ema['G'].b, beta * ema_before + (1 - beta) * 1.0)
-    # With a ramp-up ratio the half-life is min(500, 0.2 * 250) = 50 images at 250 images seen.
-    ramped = _trainer(10, None, ema_halflife_kimg=0.5, ema_rampup_ratio=0.2)
-    net = Affine(2, 0)
-    ramped.add_network('G', net, dict(class_name='torch.optim.SGD', lr=0.2))
-    ramped.cur_nimg = 250
-    with torch.no_grad():
-        net.b.fill_(1.0)
-    ema_before = ramped.ema['G'].b.clone()
-    ramped.update_ema()
-    beta = 0.5 ** (10 / 50)
-    assert torch.allclose(ramped.ema['G'].b, beta * ema_before + (1 - beta) * 1.0)
+    # The EMA's half-life: 500 images, or with a ramp-up ratio at most 0.2 x the 250 images seen (50 images).
+    for ratio, halflife in ((None, 500), (0.2, 50)):
+        trainer = _trainer(10, None, ema_halflife_kimg=0.5, ema_rampup_ratio=ratio)
+        net = Affine(2, 0)
+        trainer.add_network('G', net, dict(class_name='torch.optim.SGD', lr=0.2))
+        trainer.cur_nimg = 250
+        with torch.no_grad():
+            net.b.fill_(1.0)
+        ema_before = trainer.ema['G'].b.clone()
+        trainer.update_ema()
+        beta = 0.5 ** (10 / halflife)
+        assert torch.allclose(trainer.ema['G'].b, beta * ema_before + (1 - beta) * 1.0), ratio
 
 
 def test_lr_decay_falls_linearly_to_zero_at_the_end_and_sets_the_step_size():

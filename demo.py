@@ -1,6 +1,6 @@
 """The main job on the embedded default data: coloured digits 2 -> 3, one-step EOT, trained on the CPU.
 
-    python3 dev.py demo                     # runs this file in .venv; about 4 minutes on 2 quiet CPU cores
+    python3 dev.py demo                     # runs this file in .venv; about 3 minutes on 2 quiet CPU cores
     python demo.py --outdir=demo-run --minutes=30
     python demo.py --quick                  # a tiny smoke version (seconds; used by tests/test_demo.py)
 
@@ -76,8 +76,8 @@ FULL = dict(
     # training, only the snapshots.
     kimg=50, tick_kimg=1, snap_ticks=5, ema=0.008, ema_rampup=0.2, # snapshots every 5 kimg: what a time limit keeps
     # Two training processes (torchrun, gloo), each with half of the batch: the second core was idle, and two
-    # processes train 1.45x faster per kimg (benchmarks/demo_procs.py). A fixed count, not the machine's: each process
-    # draws its own random numbers, so the figures depend on it.
+    # processes train 1.45-1.48x faster per kimg (benchmarks/demo_procs.py). A fixed count, not the machine's: each
+    # process draws its own random numbers, so the figures depend on it.
     procs=2,
 )
 # Few large steps (1 kimg in 8 iterations: per-step overhead dominates tiny networks), snapshots at kimg 0 and 1.
@@ -434,7 +434,7 @@ def print_report(report, outdir):
 
 @click.command()
 @click.option('--outdir',  help='Where to write everything (replaced if it holds an earlier demo run)', metavar='DIR', type=str, default='demo-run', show_default=True)
-@click.option('--minutes', help='Time limit of the whole demo: training stops there, and the result is reported as undertrained. The work itself is fixed (about 4 minutes on 2 quiet cores)', metavar='FLOAT', type=click.FloatRange(min=1), default=30.0, show_default=True)
+@click.option('--minutes', help='Time limit of the whole demo: training stops there, and the result is reported as undertrained. The work itself is fixed (about 3 minutes on 2 quiet cores)', metavar='FLOAT', type=click.FloatRange(min=1), default=30.0, show_default=True)
 @click.option('--quick',   help='A tiny smoke version (a few training steps; the numbers mean nothing)', is_flag=True)
 @click.option('--threads', help='CPU threads per process (the figures depend on it in the last digits; 1 is fastest on a busy machine)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--procs',   help=f'Training processes (torchrun, gloo), each with its share of the batch. The figures depend on it (each process draws its own random numbers)  [default: {FULL["procs"]}]', metavar='INT', type=click.IntRange(min=1))

@@ -4,8 +4,8 @@ scikit-learn's `load_digits` holds 1797 handwritten digits, 8x8 pixels with 17 g
 recognition set; bundled with scikit-learn, no download). This script makes them look like the demo's data with
 dataset_tool.py (--resolution=16x16 upscales with Lanczos, --colorize tints each digit with one random saturated
 colour, exactly as the demo's synthetic digits), trains the demo's model with train.py and demo.py's settings
-(demo.FULL, two processes as the demo), translates the held-out 2s with generate.py, and judges the outputs with the demo's classifier
-architecture trained on the other real digits.
+(demo.FULL, in two processes as the demo), translates the held-out 2s with generate.py, and judges the outputs
+with the demo's classifier architecture trained on the other real digits.
 
 Seeded split of every class: the 2s and the 3s go half to training the translation (train.py), a quarter to its
 test set (the 2s translated, the 3s a reference) and a quarter to the judge, which also gets every digit of the

@@ -448,6 +448,9 @@ def main(outdir, minutes, quick, threads, procs, progress_interval):
     start, cpu0 = time.time(), _cpu_seconds()
     cfg = QUICK if quick else FULL
     procs = cfg['procs'] if procs is None else procs
+    if cfg['batch'] % procs:
+        raise click.BadParameter(f'{procs}: the batch of {cfg["batch"]} images is not divisible by {procs} processes; '
+                                 f'use a divisor of {cfg["batch"]} (1, 2, 4, ...)', param_hint='--procs')
     torch.set_num_threads(threads)
     os.environ['OMP_NUM_THREADS'] = str(threads)
     outdir = os.path.abspath(outdir)

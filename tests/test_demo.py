@@ -124,6 +124,12 @@ def test_progress_bar_follows_the_tick_lines():
     assert progress.kimg == 12.032
 
 
+def test_a_process_count_that_does_not_divide_the_batch_is_refused(tmp_path):
+    res = _run_demo('--quick', '--procs=3', f'--outdir={tmp_path / "run"}')
+    assert res.returncode == 2 and '--procs: 3: the batch of 128 images is not divisible by 3' in res.stderr, res.stderr
+    assert not (tmp_path / 'run').exists() # Refused before anything was written.
+
+
 def test_outdir_rules(tmp_path):
     foreign = tmp_path / 'foreign'
     foreign.mkdir()

@@ -61,6 +61,9 @@ def main(data_dir, kimg, rounds, procs):
         counts = []
     if not counts or min(counts) < 1:
         raise click.ClickException(f'--procs={procs}: give process counts >= 1 separated by commas, e.g. 1,2')
+    batch = demo.FULL['batch']
+    if any(batch % n for n in counts):
+        raise click.ClickException(f'--procs={procs}: every count must divide the demo\'s batch of {batch}, e.g. 1,2,4')
     with tempfile.TemporaryDirectory() as tmp:
         if data_dir is None:
             data_dir = os.path.join(tmp, 'data')

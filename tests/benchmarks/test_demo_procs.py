@@ -33,3 +33,5 @@ def test_one_and_two_processes_are_timed(tmp_path):
 def test_bad_process_counts_are_refused():
     res = CliRunner().invoke(demo_procs.main, ['--procs=1,two'])
     assert res.exit_code != 0 and '--procs=1,two' in res.output
+    res = CliRunner().invoke(demo_procs.main, ['--procs=1,3'])
+    assert res.exit_code != 0 and 'must divide the demo\'s batch of 64' in res.output

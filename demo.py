@@ -94,11 +94,15 @@ def _stage(num, text):
     click.echo(f'\n[{num}/5] {text}', err=False)
 
 
+def tool_env(**extra):
+    """The environment of a toolkit script run as a subprocess (from ROOT, with ROOT importable), plus `extra`."""
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), **extra)
+
+
 def _run_tool(args, log_path=None, echo=None):
     """Run one of the toolkit's scripts with this Python; on failure raise with the tail of its output."""
     cmd = [sys.executable, *args]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1)
     lines = []
     for line in proc.stdout:
@@ -133,21 +137,25 @@ def _prepare_outdir(outdir):
 #----------------------------------------------------------------------------
 # 1. Data.
 
+def data_paths(data_dir):
+    """The demo's four image sets in `data_dir`: {'2_train' | '2_test' | '3_train' | '3_test': path of its zip}."""
+    return {f'{digit}_{split}': os.path.join(data_dir, f'{digit}_{split}.zip')
+            for digit in (2, 3) for split in ('train', 'test')}
+
+
 def build_data(outdir, cfg):
     """The four image sets, with dataset_tool.py (its click command, in this process). Returns their paths."""
     data_dir = os.path.join(outdir, 'data')
     os.makedirs(data_dir, exist_ok=True)
-    paths = {}
-    for digit in (2, 3):
-        for split, num in (('train', cfg['num_train']), ('test', cfg['num_test'])):
-            dest = os.path.join(data_dir, f'{digit}_{split}.zip')
-            args = ['--source=synthetic-digits', f'--classes={digit}', '--colorize', f'--split={split}',
-                    f'--num={num}', f'--resolution={cfg["resolution"]}x{cfg["resolution"]}', f'--dest={dest}']
-            try:
-                dataset_tool.main(args, standalone_mode=False)
-            except click.ClickException as err:
-                raise click.ClickException(f'dataset_tool.py {" ".join(args)}: {err.message}') from None
-            paths[f'{digit}_{split}'] = dest
+    paths = data_paths(data_dir)
+    for key, dest in paths.items():
+        digit, split = key.split('_')
+        args = ['--source=synthetic-digits', f'--classes={digit}', '--colorize', f'--split={split}',
+                f'--num={cfg[f"num_{split}"]}', f'--resolution={cfg["resolution"]}x{cfg["resolution"]}', f'--dest={dest}']
+        try:
+            dataset_tool.main(args, standalone_mode=False)
+        except click.ClickException as err:
+            raise click.ClickException(f'dataset_tool.py {" ".join(args)}: {err.message}') from None
     return paths
 
 #----------------------------------------------------------------------------
@@ -298,10 +306,9 @@ def train(cfg, paths, run_dir, threads, deadline, progress_interval=30, procs=No
     Returns True if it finished, False if it was stopped at the deadline (the snapshots so far remain).
     """
     log = os.path.join(os.path.dirname(run_dir), 'train-console.txt')
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
     procs = cfg['procs'] if procs is None else procs
     cmd = train_command(cfg, paths, run_dir, threads, procs)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=tool_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)], daemon=True)

@@ -20,7 +20,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -34,11 +33,9 @@ TICK = re.compile(r'tick (\d+)\s+kimg \S+\s+time .*?sec/kimg (\S+)')
 def time_training(data_dir, run_dir, cfg, procs):
     """(steady s/kimg, seconds from the launch to the end of training) of one train.py run of the demo's config
     `cfg` (demo.FULL with its kimg) in `procs` processes."""
-    paths = {k: os.path.join(data_dir, f'{k}.zip') for k in ('2_train', '2_test', '3_train', '3_test')}
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=demo.ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
     t0 = time.perf_counter()
-    res = subprocess.run(demo.train_command(cfg, paths, run_dir, 1, procs), cwd=demo.ROOT, env=env,
-                         capture_output=True, text=True)
+    res = subprocess.run(demo.train_command(cfg, demo.data_paths(data_dir), run_dir, 1, procs), cwd=demo.ROOT,
+                         env=demo.tool_env(OMP_NUM_THREADS='1'), capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if res.returncode != 0:
         raise click.ClickException(f'train.py with {procs} process(es) failed:\n{(res.stdout + res.stderr)[-3000:]}')

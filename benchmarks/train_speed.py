@@ -114,8 +114,7 @@ def arm_threads(name, threads):
 
 def demo_config(data_dir, extra, device):
     """train.py's config of the demo (demo.FULL) on the data in `data_dir`, with `extra` options."""
-    paths = {k: os.path.join(data_dir, f'{k}.zip') for k in ('2_train', '2_test', '3_train', '3_test')}
-    args = demo._train_args(demo.FULL, paths, os.path.join(data_dir, 'unused-run'), 1)
+    args = demo._train_args(demo.FULL, demo.data_paths(data_dir), os.path.join(data_dir, 'unused-run'), 1)
     args = [a for a in args[1:] if not a.startswith(('--device=', '--threads='))] + [f'--device={device.type}', *extra]
     opts = dnnlib.EasyDict(train.main.make_context('train.py', args).params)
     with contextlib.redirect_stdout(io.StringIO()): # The data checks' lines, once per arm.
